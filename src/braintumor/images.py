@@ -1,0 +1,130 @@
+"""Image decoding and normalisation shared by every stage (and by inference later).
+
+Sources mix JPEG/PNG, RGB/grayscale/palette/RGBA and 8/16-bit images of any size. Everything that
+looks at pixels goes through `load_grayscale` (one 8-bit grayscale channel) so that hashing, the model
+arrays and prediction see the same picture; hashing then centres on the head, the model crops to it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+# Pixels less than this fraction of the way from the image's dark to its bright level are background.
+BACKGROUND_FRACTION = 0.1
+# A row or column belongs to the head when at least this fraction of its pixels are foreground;
+# this ignores thin text labels and scanner annotations in the corners.
+MIN_FOREGROUND_SHARE = 0.02
+# Half-side of the hashing window in radii of gyration of the head (a uniform disc has radius 1.41 of them).
+HASH_WINDOW_RADII = 2.0
+
+
+class ImageReadError(ValueError):
+    """An image that cannot be decoded; `reason` is a short machine-readable tag."""
+
+    def __init__(self, path: str | Path, reason: str, detail: str):
+        super().__init__(f"{path}: {reason} ({detail})")
+        self.path = str(path)
+        self.reason = reason
+        self.detail = detail
+
+
+def open_image(path: str | Path, draft_size: int | None = None) -> Image.Image:
+    """Fully decode an image file, raising `ImageReadError` with a reason instead of PIL's zoo of errors.
+
+    `draft_size` lets the JPEG decoder scale down while decoding (1/2 to 1/8), which is several
+    times faster when only a small version of the image is needed (hashing).
+    """
+    path = Path(path)
+    try:
+        if path.stat().st_size == 0:
+            raise ImageReadError(path, "empty_file", "file has 0 bytes")
+        with Image.open(path) as img:
+            if draft_size is not None and img.format == "JPEG":
+                img.draft("L", (draft_size, draft_size))
+            img.load()
+            return img.copy() if img.mode != "P" else img.convert("RGBA")
+    except ImageReadError:
+        raise
+    except UnidentifiedImageError as err:
+        raise ImageReadError(path, "not_an_image", str(err)) from err
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+        raise ImageReadError(path, "truncated_or_corrupt", str(err)) from err
+
+
+def to_grayscale(img: Image.Image) -> np.ndarray:
+    """8-bit grayscale array of any PIL image: alpha is composited on black, high bit depths rescaled."""
+    if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        pixels = np.asarray(img, dtype=np.float64)
+        lo, hi = float(pixels.min()), float(pixels.max())
+        scaled = (pixels - lo) / (hi - lo) * 255.0 if hi > lo else np.zeros_like(pixels)
+        return np.round(scaled).astype(np.uint8)
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        black = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
+        img = Image.alpha_composite(black, rgba)
+    return np.asarray(img.convert("L"), dtype=np.uint8)
+
+
+def foreground(gray: np.ndarray) -> np.ndarray:
+    """Mask of the head: pixels clearly brighter than the image's own dark level (robust to contrast changes)."""
+    dark, bright = np.percentile(gray, [1, 99])
+    return gray > dark + BACKGROUND_FRACTION * (bright - dark) + 2
+
+
+def crop_to_content(gray: np.ndarray) -> np.ndarray:
+    """Crop the dark background around the head, so borders and padding do not matter."""
+    mask = foreground(gray)
+    rows = np.flatnonzero(mask.mean(axis=1) >= MIN_FOREGROUND_SHARE)
+    cols = np.flatnonzero(mask.mean(axis=0) >= MIN_FOREGROUND_SHARE)
+    if rows.size < 2 or cols.size < 2:
+        return gray
+    return gray[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
+
+
+def center_on_head(gray: np.ndarray) -> np.ndarray:
+    """Square window centred on the head's centroid, its half-side twice the head's radius of gyration.
+
+    Moments move little when a copy is cropped, shifted or padded (a bounding box jumps as soon as the
+    skull touches the frame), so hashes of such copies stay close. Used for hashing only.
+    """
+    ys, xs = np.nonzero(foreground(gray))
+    if ys.size < 16:
+        return gray
+    cy, cx = ys.mean(), xs.mean()
+    half = max(4, int(round(HASH_WINDOW_RADII * np.sqrt(((ys - cy) ** 2 + (xs - cx) ** 2).mean()))))
+    padded = np.pad(gray, half)
+    top, left = int(round(cy)), int(round(cx))
+    return padded[top : top + 2 * half, left : left + 2 * half]
+
+
+def load_grayscale(path: str | Path, draft_size: int | None = None) -> np.ndarray:
+    """Decode and convert to 8-bit grayscale."""
+    return to_grayscale(open_image(path, draft_size))
+
+
+def square_resize(gray: np.ndarray, size: int) -> np.ndarray:
+    """Pad to a square (keeping the aspect ratio) and resize to `size`×`size`, 3 identical channels, uint8."""
+    h, w = gray.shape
+    side = max(h, w)
+    canvas = np.zeros((side, side), dtype=np.uint8)
+    top, left = (side - h) // 2, (side - w) // 2
+    canvas[top : top + h, left : left + w] = gray
+    resized = Image.fromarray(canvas).resize((size, size), Image.Resampling.BILINEAR)
+    return np.repeat(np.asarray(resized)[:, :, None], 3, axis=2)
+
+
+def model_input(path: str | Path, size: int) -> np.ndarray:
+    """The model-ready array of one image file: (size, size, 3) uint8. Training and inference share it."""
+    return square_resize(crop_to_content(load_grayscale(path)), size)
+
+
+def pixel_digest(path: str | Path) -> str:
+    """sha256 of the fully decoded pixels (mode, size and bytes): equal digests mean identical images."""
+    img = open_image(path)
+    digest = hashlib.sha256(f"{img.mode}:{img.size}:".encode())
+    digest.update(img.tobytes())
+    return digest.hexdigest()

@@ -1,0 +1,128 @@
+"""Load params.yaml and validate it before any work starts, naming the offending param in every error."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+SOURCE_NAMES = ("kaggle2018", "kaggle2020", "ixi", "local")
+IXI_PLANES = ("axial", "coronal", "sagittal")
+SPLIT_NAMES = ("train", "val", "test")
+
+
+class ParamError(ValueError):
+    """A missing or invalid entry of params.yaml."""
+
+
+def load_params(path: str | Path = "params.yaml") -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ParamError(f"{path}: params file not found; run from the repository root or pass --params")
+    params = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(params, dict):
+        raise ParamError(f"{path}: expected a mapping at the top level")
+    return params
+
+
+def _get(params: dict, dotted: str) -> Any:
+    node: Any = params
+    for key in dotted.split("."):
+        if not isinstance(node, dict) or key not in node:
+            raise ParamError(f"params.yaml: missing `{dotted}`")
+        node = node[key]
+    return node
+
+
+def _int(params: dict, dotted: str, minimum: int, maximum: int | None = None) -> int:
+    value = _get(params, dotted)
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum or (
+        maximum is not None and value > maximum
+    ):
+        bound = f">= {minimum}" if maximum is None else f"between {minimum} and {maximum}"
+        raise ParamError(f"params.yaml: `{dotted}` must be an integer {bound} (got {value!r})")
+    return value
+
+
+def _workers(params: dict, dotted: str) -> int | None:
+    value = _get(params, dotted)
+    if value is None:
+        return None
+    return _int(params, dotted, 1)
+
+
+def _bool(params: dict, dotted: str) -> bool:
+    value = _get(params, dotted)
+    if not isinstance(value, bool):
+        raise ParamError(f"params.yaml: `{dotted}` must be true or false (got {value!r})")
+    return value
+
+
+def validate_fetch(params: dict) -> dict:
+    sources = _get(params, "fetch.sources")
+    if not isinstance(sources, dict):
+        raise ParamError("params.yaml: `fetch.sources` must be a mapping of source name to settings")
+    for name in sources:
+        if name not in SOURCE_NAMES:
+            raise ParamError(
+                f"params.yaml: unknown source `fetch.sources.{name}`; known sources: {', '.join(SOURCE_NAMES)}"
+            )
+    enabled = [name for name in sources if _bool(params, f"fetch.sources.{name}.enabled")]
+    if not enabled:
+        raise ParamError("params.yaml: every source in `fetch.sources` is disabled; enable at least one")
+    for name in ("kaggle2018", "kaggle2020"):
+        if name in enabled:
+            handle = _get(params, f"fetch.sources.{name}.handle")
+            if not isinstance(handle, str) or "/versions/" not in handle:
+                raise ParamError(
+                    f"params.yaml: `fetch.sources.{name}.handle` must pin a version, "
+                    f"like owner/dataset/versions/N (got {handle!r})"
+                )
+    if "ixi" in enabled:
+        urls = _get(params, "fetch.sources.ixi.urls")
+        if not isinstance(urls, list) or not urls or not all(isinstance(u, str) for u in urls):
+            raise ParamError("params.yaml: `fetch.sources.ixi.urls` must be a non-empty list of tar URLs")
+        _int(params, "fetch.sources.ixi.max_subjects", 1)
+        _int(params, "fetch.sources.ixi.slices_per_volume", 1)
+        _int(params, "fetch.sources.ixi.timeout_s", 1)
+        planes = _get(params, "fetch.sources.ixi.planes")
+        if not isinstance(planes, list) or not planes or any(p not in IXI_PLANES for p in planes):
+            raise ParamError(
+                f"params.yaml: `fetch.sources.ixi.planes` must be a non-empty list of {', '.join(IXI_PLANES)} "
+                f"(got {planes!r})"
+            )
+    if "local" in enabled and not isinstance(_get(params, "fetch.sources.local.path"), str):
+        raise ParamError("params.yaml: `fetch.sources.local.path` must be a folder path")
+    _workers(params, "fetch.workers")
+    return params["fetch"]
+
+
+def validate_dedup(params: dict) -> dict:
+    hash_size = _int(params, "dedup.hash_size", 8, 64)
+    if hash_size % 8:
+        raise ParamError(f"params.yaml: `dedup.hash_size` must be a multiple of 8 (got {hash_size})")
+    bits = hash_size * hash_size
+    _int(params, "dedup.phash_max_distance", 0, bits)
+    _int(params, "dedup.dhash_max_distance", 0, bits)
+    _int(params, "dedup.review_pairs", 0)
+    _workers(params, "dedup.workers")
+    return params["dedup"]
+
+
+def validate_split(params: dict) -> dict:
+    fractions = _get(params, "split.fractions")
+    if not isinstance(fractions, dict) or set(fractions) != set(SPLIT_NAMES):
+        raise ParamError(f"params.yaml: `split.fractions` must have exactly the keys {', '.join(SPLIT_NAMES)}")
+    for name in SPLIT_NAMES:
+        value = fractions[name]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
+            raise ParamError(f"params.yaml: `split.fractions.{name}` must be a number between 0 and 1 (got {value!r})")
+    total = sum(fractions.values())
+    if not math.isclose(total, 1.0, abs_tol=1e-6):
+        raise ParamError(f"params.yaml: `split.fractions` must sum to 1 (they sum to {total:g})")
+    _int(params, "split.image_size", 32, 1024)
+    _workers(params, "split.workers")
+    _int(params, "seed", 0)
+    return params["split"]

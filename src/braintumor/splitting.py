@@ -1,0 +1,109 @@
+"""The `split` stage: a seeded, label-stratified, group-aware train/val/test split and model-ready arrays.
+
+Groups (a dedup cluster, or an IXI subject whose slices are separate images) never straddle two splits.
+Each split's images are prepared once (grayscale, cropped to the head, padded square, resized to
+`split.image_size`, 3 identical channels, uint8) into `artifacts/split/<split>.npz`, which loads in a
+fraction of a second on any machine, a GPU host included. `metrics/split.json` reports a computed
+leakage check: validation and test images with a near duplicate (by the dedup criterion) in train.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from braintumor.atomic import atomic_path, write_csv, write_json
+from braintumor.dedup import read_manifest
+from braintumor.hashing import Hashes, near_pairs
+from braintumor.images import model_input
+from braintumor.parallel import parallel_map
+from braintumor.params import SPLIT_NAMES, validate_dedup, validate_split
+
+log = logging.getLogger(__name__)
+
+
+def assign_splits(frame: pd.DataFrame, fractions: dict[str, float], seed: int) -> pd.Series:
+    """Split name per row. Within each label, groups in seeded random order go to the split furthest below
+    its share of that label's images, so every split gets each class in proportion and no group is cut."""
+    rng = np.random.default_rng(seed)
+    assignment: dict[tuple[int, str], str] = {}
+    for label in sorted(frame.label.unique()):
+        sizes = frame[frame.label == label].groupby("group").size()
+        order = sizes.index.to_numpy()[rng.permutation(len(sizes))]
+        total = sizes.sum()
+        filled = dict.fromkeys(SPLIT_NAMES, 0)
+        for group in order:
+            target = max(SPLIT_NAMES, key=lambda name: fractions[name] * total - filled[name])
+            filled[target] += sizes[group]
+            assignment[(label, group)] = target
+    return pd.Series([assignment[key] for key in zip(frame.label, frame.group)], index=frame.index)
+
+
+def leakage(hashes: Hashes, split: pd.Series, max_p: int, max_d: int) -> dict[str, int]:
+    """Validation and test images that have a near duplicate in train, by the dedup thresholds."""
+    train = hashes.take(np.flatnonzero(split == "train"))
+    counts = {}
+    for name in ("val", "test"):
+        pairs = near_pairs(hashes.take(np.flatnonzero(split == name)), max_p, max_d, base=train)
+        counts[f"{name}_in_train"] = int(np.unique(pairs.i).size)
+    return counts
+
+
+def split(
+    params: dict,
+    dedup_dir: str | Path = "artifacts/dedup",
+    out_dir: str | Path = "artifacts/split",
+    metrics_path: str | Path = "metrics/split.json",
+) -> dict:
+    """Run the split stage: `out_dir/manifest.csv`, `out_dir/{train,val,test}.npz` and `metrics_path`."""
+    config = validate_split(params)
+    dedup_config = validate_dedup(params)
+    dedup_dir = Path(dedup_dir)
+    frame = read_manifest(dedup_dir / "manifest.csv")
+    stored = np.load(dedup_dir / "hashes.npz")
+    hashes = Hashes(stored["phash"], stored["dhash"])
+    if len(hashes) != len(frame):
+        raise ValueError(f"{dedup_dir}: hashes.npz and manifest.csv disagree in length; re-run `dvc repro dedup`")
+
+    frame["split"] = assign_splits(frame, config["fractions"], params["seed"])
+    straddling = int((frame.groupby("group")["split"].nunique() > 1).sum())
+    if straddling:  # cannot happen by construction; checked because leakage is the costliest bug here
+        raise AssertionError(f"{straddling} groups straddle two splits")
+    checks = leakage(hashes, frame.split, dedup_config["phash_max_distance"], dedup_config["dhash_max_distance"])
+
+    size = config["image_size"]
+    arrays = parallel_map(functools.partial(model_input, size=size), frame.path.tolist(),
+                          config.get("workers"), desc="split: prepare arrays")
+    images = np.stack(arrays) if arrays else np.zeros((0, size, size, 3), dtype=np.uint8)
+    with atomic_path(out_dir) as staging:
+        staging.mkdir()
+        write_csv(staging / "manifest.csv", frame)
+        for name in SPLIT_NAMES:
+            rows = np.flatnonzero(frame.split == name)
+            np.savez(staging / f"{name}.npz", x=images[rows], y=frame.label.to_numpy()[rows].astype(np.int8),
+                     subtype=frame.subtype.to_numpy()[rows].astype(str), path=frame.path.to_numpy()[rows].astype(str))
+    metrics = {
+        "images": len(frame),
+        "image_size": size,
+        "leakage": checks,
+        "groups_in_two_splits": straddling,
+        "per_split": {
+            name: {
+                "images": int((frame.split == name).sum()),
+                "tumor": int(((frame.split == name) & (frame.label == 1)).sum()),
+                "no_tumor": int(((frame.split == name) & (frame.label == 0)).sum()),
+                "by_subtype": frame[frame.split == name].subtype.value_counts().sort_index().to_dict(),
+                "by_source": frame[frame.split == name].source.value_counts().sort_index().to_dict(),
+            }
+            for name in SPLIT_NAMES
+        },
+    }
+    write_json(metrics_path, metrics)
+    log.info("split: %s; leakage val/test in train: %d/%d",
+             ", ".join(f"{n} {metrics['per_split'][n]['images']}" for n in SPLIT_NAMES),
+             checks["val_in_train"], checks["test_in_train"])
+    return metrics
