@@ -61,53 +61,45 @@ def write_altered_copies(paths: list[str], out_dir: Path) -> pd.DataFrame:
             img.load()
             for name, alter in ALTERATIONS.items():
                 target = out_dir / f"{index:05d}-{name}.png"
-                alter(img).save(target)
+                alter(img).save(target, compress_level=1)
                 rows.append({"original": index, "alteration": name, "path": str(target)})
     return pd.DataFrame(rows)
 
 
-def calibrate(
-    originals: list[str], classes: list[str], altered: pd.DataFrame, hash_size: int,
-    max_phash: int, max_dhash: int, workers: int | None = None,
-) -> dict:
-    """Detection rate on altered copies and false-merge rates between different classes."""
+def hash_calibration_set(
+    originals: list[str], altered: pd.DataFrame, hash_size: int, workers: int | None = None
+) -> tuple[Hashes, Hashes]:
+    """Hashes of the originals and of their altered copies (rows of `altered`)."""
     base, errors = hash_images(originals, hash_size, workers)
     copies, copy_errors = hash_images(altered["path"].tolist(), hash_size, workers)
     if errors or copy_errors:
         raise ValueError(f"calibration images failed to decode: {[str(e) for e in errors + copy_errors][:3]}")
+    return base, copies
+
+
+def rates(
+    base: Hashes, copies: Hashes, altered: pd.DataFrame, classes: list[str], max_phash: int, max_dhash: int
+) -> dict:
+    """Detection rate on altered copies and false-merge rates between images of different classes."""
     index = altered["original"].to_numpy()
     dp = hamming(copies.phash, base.phash[index])
     dd = hamming(copies.dhash, base.dhash[index])
     caught = (dp <= max_phash) & (dd <= max_dhash)
-    per_alteration = (
-        pd.DataFrame({"alteration": altered["alteration"], "caught": caught, "phash": dp, "dhash": dd})
-        .groupby("alteration")
-        .agg(detection_rate=("caught", "mean"), phash_p95=("phash", lambda s: s.quantile(0.95)),
-             dhash_p95=("dhash", lambda s: s.quantile(0.95)))
-    )
-    pairs = near_pairs(base, max_phash, max_dhash, workers=workers)
+    per_alteration = pd.Series(caught).groupby(altered["alteration"].to_numpy()).mean().round(3)
+    pairs = near_pairs(base, max_phash, max_dhash)
     labels = np.asarray(classes)
     false = labels[pairs.i] != labels[pairs.j]
-    n = len(originals)
-    counts = pd.Series(labels).value_counts()
-    cross_class_pairs = (n * n - int((counts**2).sum())) // 2
+    n = len(labels)
+    cross_class_pairs = (n * n - int((pd.Series(labels).value_counts() ** 2).sum())) // 2
     with_twin = np.zeros(n, dtype=bool)
     with_twin[pairs.i[false]] = with_twin[pairs.j[false]] = True
     return {
-        "images": n,
-        "altered_copies": len(altered),
-        "detection_rate": float(caught.mean()),
-        "per_alteration": per_alteration.round(3).to_dict(orient="index"),
+        "phash_max_distance": max_phash,
+        "dhash_max_distance": max_dhash,
+        "detection_rate": round(float(caught.mean()), 4),
+        "per_alteration": per_alteration.to_dict(),
         "cross_class_pairs": cross_class_pairs,
         "false_merge_pairs": int(false.sum()),
         "false_merge_rate": float(false.sum() / max(cross_class_pairs, 1)),
-        "images_with_false_twin": float(with_twin.mean()),
+        "images_with_false_twin": round(float(with_twin.mean()), 4),
     }
-
-
-def distance_profile(hashes: Hashes, originals: np.ndarray, copies: Hashes) -> pd.DataFrame:
-    """pHash/dHash distances of each altered copy to its original (for threshold sweeps)."""
-    return pd.DataFrame({
-        "phash": hamming(copies.phash, hashes.phash[originals]),
-        "dhash": hamming(copies.dhash, hashes.dhash[originals]),
-    })

@@ -8,7 +8,8 @@ Rules:
 - A cluster whose members disagree on tumor / no tumor is a label conflict: every member is dropped.
 - A kept image takes the cluster's tumor subtype when its members name exactly one (a 2018 "yes" copy of
   a 2020 glioma scan is a glioma); members naming two subtypes make it "unknown" (a subtype conflict).
-- A dropped image is an exact duplicate when its decoded pixels equal its representative's, else near.
+- A dropped image is an exact duplicate when its decoded pixels equal those of the representative or of
+  another member listed before it; otherwise it is a near duplicate.
 """
 
 from __future__ import annotations
@@ -100,7 +101,7 @@ def dedup(
     kept["group"] = [g if g else f"cluster-{c:05d}" for g, c in zip(kept.group, kept.cluster)]
 
     dropped = pd.concat([
-        duplicate_rows(clean[~clean._row.isin(reps)], frame, reps, good),
+        duplicate_rows(clean[~clean._row.isin(reps)], clean, reps, good),
         conflict_rows(frame[conflict], good),
         pd.DataFrame([
             {"path": p, "source": s, "label": l, "subtype": t, "reason": "unreadable", "detail": unreadable[p].detail}
@@ -131,25 +132,38 @@ def dedup(
     return metrics
 
 
+def pixel_keys(frame: pd.DataFrame, hashes: Hashes) -> pd.Series:
+    """A key equal for images with identical decoded pixels: the file's sha256, or the pixel digest for the
+    few images whose hashes equal another file's in their cluster (identical pixels need identical hashes)."""
+    words = pd.Series([h.tobytes() for h in np.hstack([hashes.phash, hashes.dhash])[frame._row]], index=frame.index)
+    same_hash = frame.groupby([frame.cluster, words])["sha256"].transform("nunique") > 1
+    keys = frame.sha256.copy()
+    keys[same_hash] = [pixel_digest(path) for path in frame.path[same_hash]]
+    return keys
+
+
 def duplicate_rows(members: pd.DataFrame, frame: pd.DataFrame, reps: pd.Series, hashes: Hashes) -> pd.DataFrame:
-    """Rows for images dropped in favour of their cluster's representative, with distances and reason."""
+    """Rows for images dropped in favour of their cluster's representative, with distances and reason.
+
+    Within a cluster, images with the pixels of the representative or of an image listed before them are
+    exact duplicates; the first image of each other set of identical pixels is a near duplicate.
+    """
+    keys = pixel_keys(frame, hashes)
+    is_rep = frame._row.isin(reps)
+    order = frame.assign(_key=keys, _rep=~is_rep).sort_values(["cluster", "_rep", "path"])
+    exact_rows = set(order._row[order.duplicated(["cluster", "_key"])])
     rep_rows = reps.loc[members.cluster].to_numpy()
     rows = members._row.to_numpy()
     rep = frame.loc[rep_rows]
-    dp = hamming(hashes.phash[rows], hashes.phash[rep_rows])
-    dd = hamming(hashes.dhash[rows], hashes.dhash[rep_rows])
-    same_file = members.sha256.to_numpy() == rep.sha256.to_numpy()
-    # Equal hashes are necessary for equal pixels; only those few candidates are decoded in full.
-    exact = same_file | [
-        bool(p == 0 and d == 0 and pixel_digest(a) == pixel_digest(b))
-        for p, d, a, b in zip(dp, dd, members.path, rep.path)
-    ]
+    exact = members._row.isin(exact_rows).to_numpy()
     return pd.DataFrame({
         "path": members.path.to_numpy(), "source": members.source.to_numpy(), "label": members.label.to_numpy(),
         "subtype": members.subtype.to_numpy(), "reason": np.where(exact, "exact_duplicate", "near_duplicate"),
         "representative": rep.path.to_numpy(), "representative_source": rep.source.to_numpy(),
-        "phash_distance": dp, "dhash_distance": dd, "cluster": members.cluster.to_numpy(),
-        "detail": np.where(same_file, "identical file", ""),
+        "phash_distance": hamming(hashes.phash[rows], hashes.phash[rep_rows]),
+        "dhash_distance": hamming(hashes.dhash[rows], hashes.dhash[rep_rows]),
+        "cluster": members.cluster.to_numpy(),
+        "detail": np.where(members.sha256.to_numpy() == rep.sha256.to_numpy(), "same file as representative", ""),
     })
 
 

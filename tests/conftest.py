@@ -1,0 +1,72 @@
+"""Shared fixtures: synthetic brain-like images and a copy of a small subset of the real Kaggle mirror."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from scipy import ndimage
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_KAGGLE = REPO.parent / "shared" / "kagglehub"
+KAGGLE2018 = "navoneel/brain-mri-images-for-brain-tumor-detection/versions/1"
+KAGGLE2020 = "sartajbhuvaji/brain-tumor-classification-mri/versions/2"
+
+
+def brain_image(seed: int, size: int = 96) -> np.ndarray:
+    """A dark frame with a bright textured ellipse: distinct seeds give images that no hash confuses."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:size, :size] / size
+    cy, cx = 0.5 + rng.uniform(-0.05, 0.05, 2)
+    head = ((yy - cy) / 0.38) ** 2 + ((xx - cx) / 0.32) ** 2 < 1
+    texture = ndimage.gaussian_filter(rng.random((size, size)), sigma=size / 16)
+    texture = (texture - texture.min()) / (texture.max() - texture.min())
+    return np.where(head, 60 + 190 * texture, 0).astype(np.uint8)
+
+
+def save(path: Path, pixels: np.ndarray, mode: str = "L", fmt: str | None = None) -> Path:
+    """Write `pixels` (grayscale uint8) as an image of `mode`, creating folders."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img = Image.fromarray(pixels)
+    if mode == "I;16":
+        img = Image.fromarray(pixels.astype(np.uint16) * 257)
+    elif mode != "L":
+        img = img.convert(mode)
+    img.save(path, format=fmt)
+    return path
+
+
+def kaggle_cache(root: Path, handle: str, files: dict[str, Path]) -> Path:
+    """A kagglehub cache (the layout kagglehub writes) holding `files` (relative name -> source file)."""
+    owner, name, _, version = handle.split("/")
+    base = root / "datasets" / owner / name
+    for rel, src in files.items():
+        target = base / "versions" / version / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src, target)
+    (base / f"{version}.complete").touch()
+    return root
+
+
+def real_subset(per_folder: int) -> dict[str, dict[str, Path]]:
+    """The first `per_folder` files of every class folder of both real Kaggle datasets."""
+    if not SHARED_KAGGLE.is_dir():
+        pytest.skip(f"real Kaggle mirror not found at {SHARED_KAGGLE}")
+    subset = {}
+    for handle in (KAGGLE2018, KAGGLE2020):
+        root = SHARED_KAGGLE / "datasets" / handle
+        files = {}
+        for folder in sorted({p.parent for p in root.rglob("*") if p.is_file()}):
+            for path in sorted(folder.iterdir())[:per_folder]:
+                files[str(path.relative_to(root))] = path
+        subset[handle] = files
+    return subset
+
+
+@pytest.fixture
+def in_tmp(tmp_path, monkeypatch) -> Path:
+    monkeypatch.chdir(tmp_path)
+    return tmp_path

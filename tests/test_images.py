@@ -1,0 +1,62 @@
+import numpy as np
+import pytest
+from PIL import Image
+
+from braintumor.images import ImageReadError, center_on_head, crop_to_content, model_input, open_image, to_grayscale
+from conftest import brain_image, save
+
+
+@pytest.mark.parametrize("mode", ["L", "RGB", "RGBA", "P", "I;16", "LA"])
+def test_every_mode_becomes_the_same_8bit_grayscale(tmp_path, mode):
+    pixels = brain_image(1)
+    path = save(tmp_path / f"scan.png", pixels, mode)
+    gray = to_grayscale(open_image(path))
+    assert gray.dtype == np.uint8 and gray.shape == pixels.shape
+    # 16-bit is rescaled min..max, palettes quantise: all stay within a few levels of the original.
+    assert np.abs(gray.astype(int) - pixels.astype(int)).mean() < 6
+
+
+def test_transparent_background_is_composited_on_black(tmp_path):
+    rgba = np.zeros((32, 32, 4), dtype=np.uint8)
+    rgba[..., :3] = 255  # white but fully transparent...
+    rgba[8:24, 8:24, 3] = 255  # ...except an opaque square
+    path = tmp_path / "alpha.png"
+    Image.fromarray(rgba, "RGBA").save(path)
+    gray = to_grayscale(open_image(path))
+    assert gray[0, 0] == 0 and gray[16, 16] == 255
+
+
+@pytest.mark.parametrize(
+    "content, reason",
+    [(b"", "empty_file"), (b"not an image at all", "not_an_image")],
+)
+def test_unreadable_files_raise_with_a_reason(tmp_path, content, reason):
+    path = tmp_path / "bad.jpg"
+    path.write_bytes(content)
+    with pytest.raises(ImageReadError) as err:
+        open_image(path)
+    assert err.value.reason == reason and str(path) in str(err.value)
+
+
+def test_truncated_jpeg_is_reported_as_corrupt(tmp_path):
+    path = save(tmp_path / "full.jpg", brain_image(2, 256))
+    cut = tmp_path / "cut.jpg"
+    cut.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(ImageReadError) as err:
+        open_image(cut)
+    assert err.value.reason == "truncated_or_corrupt"
+
+
+def test_model_input_is_square_uint8_with_three_equal_channels(tmp_path):
+    pixels = np.pad(brain_image(3, 80), ((10, 10), (40, 0)))  # off-centre, non-square frame
+    path = save(tmp_path / "scan.png", pixels, "RGB")
+    arr = model_input(path, 64)
+    assert arr.shape == (64, 64, 3) and arr.dtype == np.uint8
+    assert (arr[..., 0] == arr[..., 1]).all() and (arr[..., 1] == arr[..., 2]).all()
+
+
+def test_crop_and_centre_ignore_padding():
+    pixels = brain_image(4, 64)
+    padded = np.pad(pixels, ((30, 5), (0, 50)))
+    assert crop_to_content(padded).shape == crop_to_content(pixels).shape
+    assert center_on_head(padded).shape == center_on_head(pixels).shape

@@ -1,0 +1,64 @@
+import copy
+
+import pytest
+import yaml
+
+from braintumor.params import ParamError, load_params, validate_dedup, validate_fetch, validate_split
+from conftest import REPO
+
+
+@pytest.fixture
+def params():
+    return load_params(REPO / "params.yaml")
+
+
+def test_shipped_params_are_valid(params):
+    validate_fetch(params)
+    validate_dedup(params)
+    validate_split(params)
+
+
+@pytest.mark.parametrize(
+    "path, value, validator, names",
+    [
+        ("split.fractions.test", 0.3, validate_split, "split.fractions"),
+        ("split.image_size", 8, validate_split, "split.image_size"),
+        ("dedup.hash_size", 12, validate_dedup, "dedup.hash_size"),
+        ("dedup.phash_max_distance", -1, validate_dedup, "dedup.phash_max_distance"),
+        ("fetch.sources.kaggle2018.handle", "navoneel/brain-mri-images-for-brain-tumor-detection",
+         validate_fetch, "fetch.sources.kaggle2018.handle"),
+        ("fetch.sources.ixi.planes", ["diagonal"], validate_fetch, None),
+        ("fetch.workers", 0, validate_fetch, "fetch.workers"),
+    ],
+)
+def test_bad_values_name_the_param(params, path, value, validator, names):
+    bad = copy.deepcopy(params)
+    node = bad
+    *parents, leaf = path.split(".")
+    for key in parents:
+        node = node[key]
+    node[leaf] = value
+    bad["fetch"]["sources"]["ixi"]["enabled"] = True  # so that ixi settings are checked too
+    with pytest.raises(ParamError) as err:
+        validator(bad)
+    assert (names or path) in str(err.value)
+
+
+def test_unknown_source_and_all_disabled(params):
+    bad = copy.deepcopy(params)
+    bad["fetch"]["sources"]["kaggle2019"] = {"enabled": True}
+    with pytest.raises(ParamError, match="fetch.sources.kaggle2019"):
+        validate_fetch(bad)
+    off = copy.deepcopy(params)
+    for source in off["fetch"]["sources"].values():
+        source["enabled"] = False
+    with pytest.raises(ParamError, match="disabled"):
+        validate_fetch(off)
+
+
+def test_missing_params_file_says_where(tmp_path):
+    with pytest.raises(ParamError, match="params file not found"):
+        load_params(tmp_path / "params.yaml")
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"seed": 1}))
+    with pytest.raises(ParamError, match="missing `split"):
+        validate_split(load_params(tmp_path / "params.yaml"))

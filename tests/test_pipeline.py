@@ -1,0 +1,75 @@
+"""End to end: `dvc repro` of fetch -> dedup -> split on a small subset of the real Kaggle mirror."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+import yaml
+
+from conftest import KAGGLE2018, KAGGLE2020, REPO, kaggle_cache, real_subset
+
+pytestmark = pytest.mark.real_data
+
+
+def dvc(repo, *args):
+    env = {**os.environ, "PATH": f"{os.path.dirname(sys.executable)}{os.pathsep}{os.environ['PATH']}"}
+    result = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=repo, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory):
+    subset = real_subset(per_folder=12)
+    root = tmp_path_factory.mktemp("pipeline")
+    cache = root / "kagglehub"
+    for handle in (KAGGLE2018, KAGGLE2020):
+        kaggle_cache(cache, handle, subset[handle])
+    repo = root / "repo"
+    repo.mkdir()
+    for name in ("dvc.yaml", "params.yaml"):
+        shutil.copy(REPO / name, repo / name)
+    for name in ("stages", "src"):
+        shutil.copytree(REPO / name, repo / name, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    (repo / "data").mkdir()
+    subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
+    dvc(repo, "init", "-q")
+    os.environ["KAGGLEHUB_CACHE"] = str(cache)
+    yield repo
+    os.environ.pop("KAGGLEHUB_CACHE")
+
+
+def ran(output):
+    return [line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage")]
+
+
+def test_repro_runs_all_stages_then_nothing_then_only_what_a_param_touches(repo):
+    assert ran(dvc(repo, "repro")) == ["fetch", "dedup", "split"]
+
+    fetched = json.loads((repo / "metrics/fetch.json").read_text())
+    assert fetched["per_source"]["kaggle2018"]["images"] == 12 * 4
+    assert fetched["per_source"]["kaggle2020"]["images"] == 12 * 8
+    dedup = json.loads((repo / "metrics/dedup.json").read_text())
+    # the 2018 archive ships every image twice: at least one exact duplicate per pair
+    assert dedup["exact_duplicates"] >= 24
+    assert dedup["images_in"] == dedup["images_out"] + dedup["exact_duplicates"] + dedup["near_duplicates"] \
+        + dedup["label_conflicts"] + dedup["unreadable"]
+    split = json.loads((repo / "metrics/split.json").read_text())
+    assert split["leakage"] == {"val_in_train": 0, "test_in_train": 0}
+    manifest = pd.read_csv(repo / "artifacts/split/manifest.csv", keep_default_na=False)
+    assert {"path", "label", "subtype", "source", "group", "split"} <= set(manifest.columns)
+    assert all((repo / path).is_file() for path in manifest.path)
+    assert set(manifest.split) == {"train", "val", "test"} and set(manifest.label) == {0, 1}
+    assert (manifest.groupby("group")["split"].nunique() == 1).all()
+    assert len(manifest) == dedup["images_out"] == split["images"]
+
+    assert ran(dvc(repo, "repro")) == []
+
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["dedup"]["phash_max_distance"] -= 4
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    assert ran(dvc(repo, "repro")) == ["dedup", "split"]
