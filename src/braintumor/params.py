@@ -126,3 +126,70 @@ def validate_split(params: dict) -> dict:
     _workers(params, "split.workers")
     _int(params, "seed", 0)
     return params["split"]
+
+
+MODEL_NAMES = ("seed_fsm", "seed_cnn", "small_xception", "efficientnetb0", "resnet50", "vgg16")
+# Smallest image side of models that need more than the split's minimum of 32 (which keras.applications
+# backbones also need): seed_cnn's valid convolutions and three poolings leave nothing below 40.
+MIN_IMAGE_SIZE = {"seed_cnn": 40}
+
+
+def _number(params: dict, dotted: str, low: float, high: float) -> float:
+    value = _get(params, dotted)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+        raise ParamError(f"params.yaml: `{dotted}` must be a number between {low:g} and {high:g} (got {value!r})")
+    return value
+
+
+def _choice(params: dict, dotted: str, choices: tuple) -> str:
+    value = _get(params, dotted)
+    if value not in choices:
+        raise ParamError(f"params.yaml: `{dotted}` must be one of {', '.join(map(str, choices))} (got {value!r})")
+    return value
+
+
+def validate_train(params: dict) -> dict:
+    model = _choice(params, "train.model", MODEL_NAMES)
+    _choice(params, "train.task", ("binary", "multiclass"))
+    _int(params, "train.epochs", 1)
+    _int(params, "train.batch_size", 1)
+    _number(params, "train.learning_rate", 1e-7, 1.0)
+    _number(params, "train.dropout", 0.0, 0.9)
+    _choice(params, "train.class_weight", ("balanced", "none"))
+    _int(params, "train.early_stopping_patience", 1)
+    _int(params, "train.reduce_lr_patience", 1)
+    _bool(params, "train.mixed_precision")
+    _bool(params, "train.augment.horizontal_flip")
+    for name in ("rotation", "zoom", "translation", "brightness", "contrast"):
+        _number(params, f"train.augment.{name}", 0.0, 0.5)
+    widths = _get(params, "train.small_xception.widths")
+    if not isinstance(widths, list) or not widths or not all(isinstance(w, int) and w > 0 for w in widths):
+        raise ParamError(f"params.yaml: `train.small_xception.widths` must be a list of positive integers (got {widths!r})")
+    _choice(params, "train.transfer.weights", ("imagenet", None))
+    _int(params, "train.transfer.fine_tune_layers", 0)
+    _int(params, "train.transfer.fine_tune_epochs", 0)
+    _number(params, "train.transfer.fine_tune_learning_rate", 1e-8, 1.0)
+    size = _int(params, "split.image_size", 32, 1024)
+    if size < MIN_IMAGE_SIZE.get(model, 1):
+        raise ParamError(f"params.yaml: `split.image_size` {size} is too small for train.model {model}; "
+                         f"it needs at least {MIN_IMAGE_SIZE[model]}")
+    if model == "small_xception" and size < 2 ** (len(widths) + 1):
+        raise ParamError(f"params.yaml: `split.image_size` {size} is too small for {len(widths)} blocks of "
+                         f"`train.small_xception.widths`")
+    _int(params, "seed", 0)
+    return params["train"]
+
+
+def validate_evaluate(params: dict) -> dict:
+    _number(params, "evaluate.target_recall", 0.5, 1.0)
+    _int(params, "evaluate.threshold_folds", 2, 20)
+    _int(params, "evaluate.bootstrap", 100)
+    _int(params, "evaluate.gallery", 0)
+    return params["evaluate"]
+
+
+def validate_explain(params: dict) -> dict:
+    _int(params, "explain.images", 1, 50)
+    _int(params, "explain.lime_samples", 10)
+    _int(params, "explain.lime_superpixels", 2)
+    return params["explain"]

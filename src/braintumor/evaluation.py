@@ -1,0 +1,195 @@
+"""The `evaluate` stage: choose the operating threshold out of fold, measure the test split, ship the model.
+
+The decision threshold aims at `evaluate.target_recall` (a missed tumor is the costly error) with the best
+specificity. The validation split alone holds too few healthy scans to place it, so the threshold comes
+from out-of-fold predictions: k group-aware stratified folds over train+val, each fold model trained for
+the final model's best epoch count. The spread of the per-fold thresholds is reported. Test metrics are
+given at the chosen threshold and at 0.5. The deployable copy of the model, with the threshold in its
+`model.json`, is written to `models/`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+from sklearn import metrics as skm
+from sklearn.model_selection import StratifiedGroupKFold
+
+from braintumor.atomic import atomic_path, write_json
+from braintumor.params import validate_evaluate, validate_train
+from braintumor.training import fit, load_split
+
+log = logging.getLogger(__name__)
+
+
+def tumor_probability(model, x: np.ndarray, class_names: list[str], batch_size: int = 64) -> np.ndarray:
+    """P(tumor) per image: the sigmoid output, or 1 - P(no_tumor) for the multiclass model."""
+    probs = np.asarray(model.predict(x.astype("float32"), batch_size=batch_size, verbose=0), dtype=np.float64)
+    if probs.shape[1] == 1:
+        return probs[:, 0]
+    return 1.0 - probs[:, class_names.index("no_tumor")]
+
+
+def threshold_for_recall(y: np.ndarray, p: np.ndarray, target_recall: float) -> float:
+    """The highest threshold whose recall is at least `target_recall` (so the best specificity there)."""
+    positives = np.sort(p[y == 1])[::-1]
+    if positives.size == 0:
+        raise ValueError("no tumor images to place the threshold on")
+    needed = min(positives.size, math.ceil(target_recall * positives.size - 1e-9))
+    return float(positives[needed - 1])
+
+
+def binary_metrics(y: np.ndarray, p: np.ndarray, threshold: float) -> dict[str, float]:
+    predicted = (p >= threshold).astype(int)
+    tn, fp, fn, tp = skm.confusion_matrix(y, predicted, labels=[0, 1]).ravel()
+    both = len(np.unique(y)) == 2
+    result = {
+        "accuracy": (tp + tn) / len(y),
+        "recall": tp / (tp + fn) if tp + fn else float("nan"),
+        "specificity": tn / (tn + fp) if tn + fp else float("nan"),
+        "precision": tp / (tp + fp) if tp + fp else float("nan"),
+        "f1": skm.f1_score(y, predicted, zero_division=0),
+        "roc_auc": skm.roc_auc_score(y, p) if both else float("nan"),
+        "pr_auc": skm.average_precision_score(y, p) if both else float("nan"),
+        "brier": skm.brier_score_loss(y, p),
+        "tp": int(tp), "fn": int(fn), "tn": int(tn), "fp": int(fp),
+    }
+    return {k: (round(float(v), 4) if isinstance(v, float | np.floating) else v) for k, v in result.items()}
+
+
+def bootstrap_intervals(y: np.ndarray, p: np.ndarray, threshold: float, resamples: int, seed: int) -> dict:
+    """95 % percentile intervals of recall and accuracy over `resamples` bootstrap resamples of the test set."""
+    rng = np.random.default_rng(seed)
+    predicted = p >= threshold
+    recalls, accuracies = [], []
+    for _ in range(resamples):
+        pick = rng.integers(0, len(y), len(y))
+        yy, pp = y[pick], predicted[pick]
+        if (yy == 1).any():
+            recalls.append(pp[yy == 1].mean())
+        accuracies.append((pp == yy).mean())
+    return {name: [round(float(np.percentile(values, 2.5)), 4), round(float(np.percentile(values, 97.5)), 4)]
+            for name, values in (("recall", recalls), ("accuracy", accuracies))}
+
+
+def out_of_fold(params: dict, pool: dict, groups: np.ndarray, epochs: int, class_names: list[str]) -> tuple:
+    """Out-of-fold P(tumor) for every train+val image, and the fold index of each."""
+    folds = validate_evaluate(params)["threshold_folds"]
+    splitter = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=params["seed"])
+    oof = np.zeros(len(pool["y"]))
+    fold_of = np.zeros(len(pool["y"]), dtype=int)
+    for fold, (fit_rows, held_rows) in enumerate(splitter.split(pool["x"], pool["label"], groups)):
+        log.info("evaluate: threshold fold %d/%d, training on %d images for %d epochs", fold + 1, folds,
+                 len(fit_rows), epochs)
+        model, _ = fit(params, {k: v[fit_rows] for k, v in pool.items()}, None, epochs=epochs, verbose=0)
+        oof[held_rows] = tumor_probability(model, pool["x"][held_rows], class_names)
+        fold_of[held_rows] = fold
+    return oof, fold_of
+
+
+def evaluate(params: dict, split_dir: str | Path = "artifacts/split", train_dir: str | Path = "artifacts/train",
+             model_dir: str | Path = "models", metrics_path: str | Path = "metrics/evaluate.json",
+             plots_dir: str | Path = "plots/evaluate") -> dict:
+    """Run the evaluate stage (see the module docstring)."""
+    import keras
+
+    config = validate_evaluate(params)
+    task = validate_train(params)["task"]
+    train_dir, plots_dir = Path(train_dir), Path(plots_dir)
+    info = json.loads((train_dir / "model.json").read_text())
+    model = keras.saving.load_model(train_dir / "model.keras")
+    names = info["class_names"]
+
+    pool_parts = [load_split(split_dir, name, task) for name in ("train", "val")]
+    pool = {key: np.concatenate([part[key] for part in pool_parts]) for key in pool_parts[0]}
+    manifest = pd.read_csv(Path(split_dir) / "manifest.csv", keep_default_na=False)
+    groups = pool["path"].astype(object)
+    groups = manifest.set_index("path").loc[groups, "group"].to_numpy()
+    oof, fold_of = out_of_fold(params, pool, groups, info["best_epoch"], names)
+    target = config["target_recall"]
+    threshold = threshold_for_recall(pool["label"], oof, target)
+    fold_thresholds = [threshold_for_recall(pool["label"][fold_of == f], oof[fold_of == f], target)
+                       for f in range(config["threshold_folds"])]
+
+    test = load_split(split_dir, "test", task)
+    p = tumor_probability(model, test["x"], names)
+    y = test["label"]
+    chosen = binary_metrics(y, p, threshold)
+    sources = manifest.set_index("path").loc[test["path"].astype(object), "source"].to_numpy()
+    result = {
+        **{k: chosen[k] for k in ("recall", "accuracy", "specificity", "precision", "f1", "roc_auc", "pr_auc",
+                                  "brier")},
+        "threshold": round(threshold, 6),
+        "test_images": len(y),
+        "confusion": {k: chosen[k] for k in ("tp", "fn", "tn", "fp")},
+        "ci95": bootstrap_intervals(y, p, threshold, config["bootstrap"], params["seed"]),
+        "at_0.5": binary_metrics(y, p, 0.5),
+        "threshold_selection": {
+            "target_recall": target, "folds": config["threshold_folds"], "images": len(oof),
+            "fold_thresholds": [round(t, 6) for t in fold_thresholds],
+            "fold_threshold_spread": round(max(fold_thresholds) - min(fold_thresholds), 6),
+            "out_of_fold": {k: v for k, v in binary_metrics(pool["label"], oof, threshold).items()
+                            if k in ("recall", "specificity", "accuracy", "roc_auc")},
+        },
+        "per_source": {source: binary_metrics(y[sources == source], p[sources == source], threshold)
+                       for source in sorted(set(sources))},
+    }
+    if task == "multiclass":
+        probs = model.predict(test["x"].astype("float32"), verbose=0)
+        result["multiclass_accuracy"] = round(float((probs.argmax(1) == test["y"]).mean()), 4)
+
+    with atomic_path(model_dir) as staging:
+        staging.mkdir()
+        shutil.copy(train_dir / "model.keras", staging / "model.keras")
+        (staging / "model.json").write_text(json.dumps(
+            {**info, "threshold": threshold, "target_recall": target,
+             "test_metrics": {k: result[k] for k in ("recall", "accuracy", "specificity", "roc_auc")}},
+            indent=2) + "\n")
+    write_json(metrics_path, result)
+    write_plots(plots_dir, y, p, threshold, test["x"], test["path"], config["gallery"])
+    log.info("evaluate: threshold %.4f (folds %s); test recall %.4f, specificity %.4f, accuracy %.4f "
+             "(at 0.5: %.4f / %.4f / %.4f)", threshold, result["threshold_selection"]["fold_thresholds"],
+             result["recall"], result["specificity"], result["accuracy"], result["at_0.5"]["recall"],
+             result["at_0.5"]["specificity"], result["at_0.5"]["accuracy"])
+    return result
+
+
+def write_plots(plots_dir: Path, y, p, threshold, images, paths, gallery: int) -> None:
+    """DVC plot data (confusion, ROC, PR) and a gallery PNG of misclassified test images."""
+    label = np.array(["no_tumor", "tumor"])
+    fpr, tpr, _ = skm.roc_curve(y, p)
+    precision, recall, _ = skm.precision_recall_curve(y, p)
+    with atomic_path(plots_dir) as staging:
+        staging.mkdir()
+        (staging / "confusion.json").write_text(json.dumps(
+            [{"actual": a, "predicted": b} for a, b in zip(label[y], label[(p >= threshold).astype(int)])]))
+        (staging / "roc.json").write_text(json.dumps(
+            [{"fpr": round(float(f), 5), "tpr": round(float(t), 5)} for f, t in zip(fpr, tpr)]))
+        (staging / "pr.json").write_text(json.dumps(
+            [{"recall": round(float(r), 5), "precision": round(float(q), 5)} for r, q in zip(recall, precision)]))
+        wrong = np.flatnonzero((p >= threshold).astype(int) != y)
+        wrong = wrong[np.argsort(-np.abs(p[wrong] - threshold))][:gallery]
+        columns = max(1, min(8, len(wrong)))
+        rows = max(1, math.ceil(len(wrong) / columns))
+        fig, axes = plt.subplots(rows, columns, figsize=(1.8 * columns, 2.0 * rows), squeeze=False)
+        for ax in axes.ravel():
+            ax.axis("off")
+        for ax, index in zip(axes.ravel(), wrong):
+            ax.imshow(images[index][..., 0], cmap="gray")
+            ax.set_title(f"true {label[y[index]]}\nP(tumor)={p[index]:.2f}\n{Path(str(paths[index])).name[:18]}",
+                         fontsize=6)
+        fig.suptitle(f"misclassified test images at threshold {threshold:.3f} ({len(wrong)} shown, most confident "
+                     f"first)" if len(wrong) else "no misclassified test images", fontsize=8)
+        fig.tight_layout()
+        fig.savefig(staging / "misclassified.png", dpi=110)
+        plt.close(fig)

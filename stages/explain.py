@@ -1,0 +1,8 @@
+"""DVC stage `explain`: see dvc.yaml; the logic lives in the braintumor package."""
+
+import sys
+
+from braintumor.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main(["explain", *sys.argv[1:]]))

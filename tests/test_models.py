@@ -1,0 +1,77 @@
+import numpy as np
+import pytest
+
+import keras
+
+from braintumor.models import BUILDERS, augmentation, build_model
+from braintumor.params import ParamError, validate_train
+from conftest_split import tiny_params
+
+
+@pytest.mark.parametrize("name", sorted(BUILDERS))
+@pytest.mark.parametrize("outputs", [1, 4])
+def test_every_variant_builds_and_predicts_probabilities(name, outputs):
+    config = tiny_params(name)["train"]
+    model, optimizer = build_model(name, 48, outputs, config, seed=0)
+    x = np.random.default_rng(0).integers(0, 256, (2, 48, 48, 3)).astype("float32")
+    p = keras.ops.convert_to_numpy(model(x, training=False))
+    assert p.shape == (2, outputs) and optimizer in ("adam", "rmsprop")
+    assert ((p >= 0) & (p <= 1)).all()
+    if outputs > 1:
+        np.testing.assert_allclose(p.sum(axis=1), 1, rtol=1e-5)
+
+
+def test_seed_models_match_the_reference_architecture():
+    config = tiny_params()["train"]
+    config["augment"] = dict.fromkeys(config["augment"], 0) | {"horizontal_flip": False}
+    fsm, _ = build_model("seed_fsm", 48, 1, config, 0)
+    kinds = [type(layer).__name__ for layer in fsm.layers]
+    assert kinds == ["InputLayer", "Rescaling", "Conv2D", "Flatten", "Dense"]
+    cnn, optimizer = build_model("seed_cnn", 48, 1, config, 0)
+    convs = [(layer.filters, layer.kernel_size, layer.activation.__name__)
+             for layer in cnn.layers if isinstance(layer, keras.layers.Conv2D)]
+    assert convs == [(32, (3, 3), "relu"), (64, (2, 2), "relu"), (64, (3, 3), "relu"), (64, (3, 3), "selu")]
+    assert [layer.rate for layer in cnn.layers if isinstance(layer, keras.layers.Dropout)] == [0.15, 0.2, 0.1]
+    assert optimizer == "rmsprop"
+
+
+def test_augmentation_amounts_of_zero_leave_layers_out_and_inference_is_untouched():
+    config = {"horizontal_flip": False, "rotation": 0.1, "zoom": 0, "translation": 0, "brightness": 0.2,
+              "contrast": 0}
+    assert [type(layer).__name__ for layer in augmentation(config, 0)] == ["RandomRotation", "RandomBrightness"]
+    params = tiny_params("small_xception")
+    model, _ = build_model("small_xception", 48, 1, params["train"], 0)
+    x = np.random.default_rng(1).integers(0, 256, (4, 48, 48, 3)).astype("float32")
+    first = keras.ops.convert_to_numpy(model(x, training=False))
+    np.testing.assert_array_equal(first, keras.ops.convert_to_numpy(model(x, training=False)))
+    assert not np.allclose(first, keras.ops.convert_to_numpy(model(x, training=True)))
+
+
+def test_saved_model_reloads_with_the_same_predictions(tmp_path):
+    model, _ = build_model("resnet50", 48, 1, tiny_params("resnet50")["train"], 0)
+    x = np.random.default_rng(2).integers(0, 256, (2, 48, 48, 3)).astype("float32")
+    model.save(tmp_path / "m.keras")
+    again = keras.saving.load_model(tmp_path / "m.keras")
+    np.testing.assert_allclose(model.predict(x, verbose=0), again.predict(x, verbose=0), rtol=1e-5)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"model": "resnet18"}, "train.model"),
+    ({"class_weight": "auto"}, "train.class_weight"),
+])
+def test_train_params_are_validated(change, message):
+    params = tiny_params(**change) if "model" not in change else tiny_params(change["model"])
+    with pytest.raises(ParamError, match=message):
+        validate_train(params)
+
+
+def test_image_too_small_for_a_model():
+    params = tiny_params("seed_cnn")
+    params["split"]["image_size"] = 36
+    with pytest.raises(ParamError, match="too small for train.model seed_cnn"):
+        validate_train(params)
+    params = tiny_params("small_xception")
+    params["split"]["image_size"] = 32
+    params["train"]["small_xception"]["widths"] = [8] * 5  # five halvings and the stem: needs 64
+    with pytest.raises(ParamError, match="too small for 5 blocks"):
+        validate_train(params)

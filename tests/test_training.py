@@ -1,0 +1,86 @@
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+from braintumor.training import class_weights, fit, load_split, train
+from conftest import REPO
+from conftest_split import make_split, tiny_params
+
+
+def test_class_weights_balance_the_classes():
+    y = np.array([0] * 10 + [1] * 30)
+    weights = class_weights(y, 2, "balanced")
+    assert weights[0] * 10 == pytest.approx(weights[1] * 30)
+    assert class_weights(y, 2, "none") is None
+
+
+def test_multiclass_keeps_only_known_subtypes(tmp_path):
+    split = make_split(tmp_path / "split")
+    np.savez(split / "extra.npz", x=np.zeros((3, 48, 48, 3), np.uint8), y=np.array([1, 1, 0], np.int8),
+             subtype=np.array(["unknown", "glioma", "none"]), path=np.array(["a", "b", "c"]))
+    data = load_split(split, "extra", "multiclass")
+    assert data["path"].tolist() == ["b", "c"] and data["y"].tolist() == [0, 2]  # glioma, no_tumor
+    assert load_split(split, "extra", "binary")["y"].tolist() == [1, 1, 0]
+
+
+def test_a_small_model_learns_the_synthetic_lesions(tmp_path):
+    split = make_split(tmp_path / "split")
+    params = tiny_params("seed_cnn", epochs=12, early_stopping_patience=12)
+    model, summary = fit(params, load_split(split, "train", "binary"), load_split(split, "val", "binary"), verbose=0)
+    test = load_split(split, "test", "binary")
+    accuracy = ((model.predict(test["x"].astype("float32"), verbose=0)[:, 0] >= 0.5) == test["y"]).mean()
+    assert accuracy >= 0.85
+    assert 1 <= summary["best_epoch"] <= summary["epochs_run"] <= 12 and summary["train_images_per_second"] > 0
+
+
+def test_train_stage_writes_model_info_metrics_and_live_curves(in_tmp):
+    make_split(in_tmp / "artifacts/split")
+    metrics = train(tiny_params("small_xception", epochs=2))
+    info = json.loads((in_tmp / "artifacts/train/model.json").read_text())
+    assert info["class_names"] == ["no_tumor", "tumor"] and info["image_size"] == 48
+    assert (in_tmp / "artifacts/train/model.keras").stat().st_size > 0
+    assert json.loads((in_tmp / "metrics/train.json").read_text()) == metrics
+    live = json.loads((in_tmp / "metrics/train/metrics.json").read_text())
+    assert {"train", "val"} <= set(live)
+    curve = (in_tmp / "metrics/train/plots/metrics/val/loss.tsv").read_text().splitlines()
+    assert curve[0].split("\t") == ["step", "loss"] and len(curve) == 1 + metrics["epochs_run"]
+
+
+SECOND_BACKEND = textwrap.dedent("""
+    import json, sys
+    import keras
+    from braintumor.explanation import grad_cam
+    from braintumor.training import fit, load_split
+    sys.path.insert(0, sys.argv[2])
+    from conftest_split import make_split, tiny_params
+    from pathlib import Path
+    split = make_split(Path(sys.argv[1]))
+    model, summary = fit(tiny_params("small_xception", epochs=2), load_split(split, "train", "binary"),
+                         load_split(split, "val", "binary"), verbose=0)
+    test = load_split(split, "test", "binary")
+    cams = grad_cam(model, test["x"][:2], ["no_tumor", "tumor"])
+    model.save(Path(sys.argv[1]) / "m.keras")
+    again = keras.saving.load_model(Path(sys.argv[1]) / "m.keras")
+    print(json.dumps({"backend": keras.backend.backend(), "epochs": summary["epochs_run"],
+                      "cam_shape": list(cams.shape), "cam_max": float(cams.max()),
+                      "reloaded": float(abs(again.predict(test["x"][:4].astype("float32"), verbose=0)
+                                            - model.predict(test["x"][:4].astype("float32"), verbose=0)).max())}))
+""")
+
+
+@pytest.mark.parametrize("backend", ["torch"])
+def test_training_and_grad_cam_run_on_a_second_keras_backend(tmp_path, backend):
+    pytest.importorskip(backend)
+    env = {**os.environ, "KERAS_BACKEND": backend}
+    result = subprocess.run([sys.executable, "-c", SECOND_BACKEND, str(tmp_path / "split"), str(REPO / "tests")],
+                            env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["backend"] == backend and report["epochs"] == 2
+    assert report["cam_shape"] == [2, 48, 48] and 0.99 <= report["cam_max"] <= 1.0 + 1e-6
+    assert report["reloaded"] < 1e-5
