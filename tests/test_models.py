@@ -4,7 +4,7 @@ import pytest
 import keras
 
 from braintumor.models import BUILDERS, augmentation, build_model
-from braintumor.params import ParamError, validate_train
+from braintumor.params import MODEL_NAMES, ParamError, validate_train
 from conftest_split import tiny_params
 
 
@@ -19,6 +19,10 @@ def test_every_variant_builds_and_predicts_probabilities(name, outputs):
     assert ((p >= 0) & (p <= 1)).all()
     if outputs > 1:
         np.testing.assert_allclose(p.sum(axis=1), 1, rtol=1e-5)
+
+
+def test_params_know_every_model_variant():
+    assert sorted(MODEL_NAMES) == sorted(BUILDERS)  # params.py lists them without importing Keras
 
 
 def test_seed_models_match_the_reference_architecture():

@@ -43,6 +43,7 @@ def test_local_source_reads_every_mode_and_reports_bad_files(in_tmp, params):
     assert by_name.loc["b.png", ["label", "subtype", "mode"]].tolist() == [1, "glioma", "I;16"]
     assert by_name.loc["a.png", ["label", "subtype", "mode"]].tolist() == [1, "unknown", "RGBA"]
     assert by_name.loc["c.jpg", ["label", "subtype"]].tolist() == [0, "none"]
+    assert by_name.loc["d.png", "mode"] == "P"  # the file's own mode, not what decoding converts it to
     for path in manifest.path:  # copies live in the stage output, paths relative to the repository root
         assert path.startswith("artifacts/fetch/images/local/") and (in_tmp / path).is_file()
     skipped = pd.read_csv("artifacts/fetch/skipped.csv")

@@ -2,8 +2,8 @@
 
 For correctly classified tumor and healthy scans and for misclassified ones, a panel shows the image, the
 LIME superpixels that support the predicted class, and the Grad-CAM overlay of the last convolutional
-features. Grad-CAM needs gradients, which Keras 3 leaves to the backend: `feature_gradients` asks the
-active backend (TensorFlow, JAX or PyTorch) for them; everything else is backend-agnostic.
+features. Grad-CAM needs gradients, which Keras 3 leaves to the backend: `gradient` asks the active
+backend (TensorFlow, JAX or PyTorch) for them; everything else is backend-agnostic.
 """
 
 from __future__ import annotations

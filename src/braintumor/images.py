@@ -8,6 +8,7 @@ arrays and prediction see the same picture; hashing then centres on the head, th
 from __future__ import annotations
 
 import hashlib
+import io
 from pathlib import Path
 
 import numpy as np
@@ -32,21 +33,22 @@ class ImageReadError(ValueError):
         self.detail = detail
 
 
-def open_image(path: str | Path, draft_size: int | None = None) -> Image.Image:
+def open_image(path: str | Path, draft_size: int | None = None, data: bytes | None = None) -> Image.Image:
     """Fully decode an image file, raising `ImageReadError` with a reason instead of PIL's zoo of errors.
 
     `draft_size` lets the JPEG decoder scale down while decoding (1/2 to 1/8), which is several
-    times faster when only a small version of the image is needed (hashing).
+    times faster when only a small version of the image is needed (hashing). `data`, the file's bytes
+    when the caller has read them already, saves reading the file again; `path` then only names it.
     """
     path = Path(path)
     try:
-        if path.stat().st_size == 0:
+        if (len(data) if data is not None else path.stat().st_size) == 0:
             raise ImageReadError(path, "empty_file", "file has 0 bytes")
-        with Image.open(path) as img:
+        with Image.open(io.BytesIO(data) if data is not None else path) as img:
             if draft_size is not None and img.format == "JPEG":
                 img.draft("L", (draft_size, draft_size))
             img.load()
-            return img.copy() if img.mode != "P" else img.convert("RGBA")
+            return img.copy()
     except ImageReadError:
         raise
     except UnidentifiedImageError as err:

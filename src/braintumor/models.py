@@ -12,8 +12,8 @@ from collections.abc import Callable
 import keras
 from keras import layers
 
-# keras.applications backbones: constructor and smallest input side it accepts.
-BACKBONES = {"efficientnetb0": ("EfficientNetB0", 32), "resnet50": ("ResNet50", 32), "vgg16": ("VGG16", 32)}
+# keras.applications backbones by model name.
+BACKBONES = {"efficientnetb0": "EfficientNetB0", "resnet50": "ResNet50", "vgg16": "VGG16"}
 # ResNet50 and VGG16 expect "caffe" inputs: BGR minus the ImageNet mean. Our three channels are equal, so the
 # channel swap is a no-op and a Normalization layer (serialisable, unlike a Lambda) does the rest.
 # EfficientNet scales its inputs itself.
@@ -109,7 +109,7 @@ def transfer(name: str) -> Callable:
     The backbone is built on the model's own tensors, so its layers are layers of the saved model (Grad-CAM
     reaches its last convolution) and `fine_tune_layers` can unfreeze the last N of them.
     """
-    constructor, _ = BACKBONES[name]
+    constructor = BACKBONES[name]
 
     def build(inputs, outputs: int, config: dict):
         x = inputs

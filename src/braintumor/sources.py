@@ -112,7 +112,7 @@ def check_and_copy(candidate: Candidate) -> dict:
     """Decode one file fully; copy its bytes to `dest` when it is a readable image, else report why not."""
     try:
         data = Path(candidate.src).read_bytes()
-        img = open_image(candidate.src)
+        img = open_image(candidate.src, data=data)
     except ImageReadError as err:
         return _skip(candidate.source, candidate.src, err.reason, err.detail)
     except OSError as err:

@@ -16,7 +16,7 @@ import keras
 import numpy as np
 
 from braintumor.atomic import atomic_path, write_json
-from braintumor.models import build_model
+from braintumor.models import BACKBONES, build_model
 from braintumor.params import validate_train
 
 log = logging.getLogger(__name__)
@@ -89,8 +89,7 @@ def fit(params: dict, train: dict, val: dict | None, epochs: int | None = None, 
     image_size = train["x"].shape[1]
     outputs = 1 if classes == 2 else classes  # one sigmoid unit for the binary task
     model, optimizer = build_model(config["model"], image_size, outputs, config, params["seed"])
-    transfer = config["model"] in ("efficientnetb0", "resnet50", "vgg16")
-    pretrained = transfer and config["transfer"]["weights"] is not None
+    pretrained = config["model"] in BACKBONES and config["transfer"]["weights"] is not None
     if pretrained:  # phase 1: only the new head learns
         for layer in model.layers[:-3]:
             layer.trainable = False
