@@ -15,6 +15,8 @@ SHARED_KAGGLE = REPO.parent / "shared" / "kagglehub"
 KAGGLE2018 = "navoneel/brain-mri-images-for-brain-tumor-detection/versions/1"
 KAGGLE2020 = "sartajbhuvaji/brain-tumor-classification-mri/versions/2"
 
+pytest_plugins = ["conftest_mlflow"]  # MLflow server and trained-state fixtures
+
 
 def brain_image(seed: int, size: int = 96) -> np.ndarray:
     """A dark frame with a bright textured ellipse: distinct seeds give images that no hash confuses."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -39,7 +40,7 @@ def make_split(root: Path, size: int = 48, counts=(("train", 96), ("val", 32), (
             subtype.append(SUBTYPES[k // 2 % 3] if tumor else "none")
             path.append(f"artifacts/fetch/images/synthetic/{split}-{k:03d}.png")
             rows.append({"path": path[-1], "label": y[-1], "subtype": subtype[-1], "source": "synthetic",
-                         "group": f"g{seed}", "split": split})
+                         "group": f"g{seed}", "split": split, "sha256": hashlib.sha256(x[-1].tobytes()).hexdigest()})
         np.savez(root / f"{split}.npz", x=np.stack(x), y=np.array(y, dtype=np.int8), subtype=np.array(subtype),
                  path=np.array(path))
     pd.DataFrame(rows).to_csv(root / "manifest.csv", index=False)

@@ -1,12 +1,14 @@
-"""The `braintumor` command: one subcommand per pipeline stage (the DVC stages call these)."""
+"""The `braintumor` command: one subcommand per pipeline stage (the DVC stages call these), and `predict`."""
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import logging
 import sys
 import time
+from pathlib import Path
 
 from braintumor.errors import SourceError
 from braintumor.params import ParamError, load_params
@@ -22,7 +24,51 @@ STAGES = {
     "train": ("braintumor.training", "train"),
     "evaluate": ("braintumor.evaluation", "evaluate"),
     "explain": ("braintumor.explanation", "explain"),
+    "register": ("braintumor.registry", "register"),
 }
+
+
+def add_predict(sub) -> None:
+    predict = sub.add_parser("predict", help="classify image files with a shipped or registered model",
+                             description="Print P(tumor) and the label at the model's threshold for each image.")
+    predict.add_argument("paths", nargs="+", help="image files, or folders (every image under them)")
+    predict.add_argument("--model", default="models:/brain-tumor-classifier@champion",
+                         help="models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID/model, an MLflow model "
+                              "folder, or a .keras file with model.json beside it (default: %(default)s)")
+    predict.add_argument("--json", action="store_true", help="one JSON object per line")
+    predict.add_argument("--explain", metavar="DIR", help="write a Grad-CAM overlay PNG per image into DIR")
+    predict.add_argument("--batch-size", type=int, default=32)
+
+
+def run_predict(args) -> int:
+    """Exit status 0 when every file was classified, 1 when some could not be read (they are reported)."""
+    from braintumor.prediction import ModelLoadError, image_files, load, predict, write_grad_cams
+
+    files = image_files(args.paths)
+    if not files:
+        print(f"braintumor predict: error: no image files in {' '.join(args.paths)}", file=sys.stderr)
+        return 2
+    try:
+        loaded = load(args.model)
+    except ModelLoadError as err:
+        print(f"braintumor predict: error: {err}", file=sys.stderr)
+        return 2
+    results = predict(loaded, files, args.batch_size)
+    for result in results:
+        public = {k: v for k, v in result.items() if not k.startswith("_")}
+        if args.json:
+            print(json.dumps(public), flush=True)
+        elif "error" in public:
+            print(f"{public['path']}\terror: {public['error']}")
+        else:
+            print(f"{public['path']}\t{public['probability']:.4f}\t{'tumor' if public['label'] else 'no_tumor'}")
+    if args.explain:
+        written = write_grad_cams(loaded, results, Path(args.explain))
+        log.info("predict: %d Grad-CAM overlays in %s", len(written), args.explain)
+    failed = sum("error" in r for r in results)
+    log.info("predict: %d images, %d tumor, %d unreadable (threshold %.4f)", len(results) - failed,
+             sum(r.get("label", 0) for r in results), failed, loaded.threshold)
+    return 1 if failed else 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,8 +77,12 @@ def main(argv: list[str] | None = None) -> int:
     for name, (module, _) in STAGES.items():
         stage = sub.add_parser(name, help=f"run the `{name}` stage ({module})")
         stage.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    add_predict(sub)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr)
+    if args.command == "predict":
+        return run_predict(args)
     started = time.perf_counter()
     try:
         module, function = STAGES[args.command]

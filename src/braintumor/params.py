@@ -193,3 +193,19 @@ def validate_explain(params: dict) -> dict:
     _int(params, "explain.lime_samples", 10)
     _int(params, "explain.lime_superpixels", 2)
     return params["explain"]
+
+
+def _name(params: dict, dotted: str) -> str:
+    value = _get(params, dotted)
+    if not isinstance(value, str) or not value.strip() or "'" in value:
+        raise ParamError(f"params.yaml: `{dotted}` must be a non-empty name without quotes (got {value!r})")
+    return value
+
+
+def validate_register(params: dict) -> dict:
+    _name(params, "register.experiment")
+    _name(params, "register.model_name")
+    _number(params, "register.min_accuracy", 0.0, 1.0)
+    _number(params, "register.min_specificity", 0.0, 1.0)
+    _choice(params, "register.champion_on_new_data", ("keep", "replace"))
+    return params["register"]
