@@ -6,8 +6,10 @@ import shutil
 import subprocess
 import sys
 
+import mlflow
 import pandas as pd
 import pytest
+from mlflow import MlflowClient
 import yaml
 
 from conftest import KAGGLE2018, KAGGLE2020, REPO, kaggle_cache, real_subset
@@ -23,7 +25,7 @@ def dvc(repo, *args):
 
 
 @pytest.fixture(scope="module")
-def repo(tmp_path_factory):
+def repo(tmp_path_factory, mlflow_server):
     subset = real_subset(per_folder=12)
     root = tmp_path_factory.mktemp("pipeline")
     cache = root / "kagglehub"
@@ -41,15 +43,18 @@ def repo(tmp_path_factory):
     params["train"].update(model="seed_fsm", epochs=2)
     params["evaluate"].update(threshold_folds=2, bootstrap=100)
     params["explain"].update(images=1, lime_samples=20)
+    params["register"].update(experiment="pipeline", model_name="pipeline-model", min_accuracy=0.0,
+                              min_specificity=0.0, champion_on_new_data="replace")
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     git = ["git", "-c", "user.name=test", "-c", "user.email=test@localhost"]
     subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
     dvc(repo, "init", "-q")
     subprocess.run(git + ["add", "-A"], cwd=repo, check=True)
     subprocess.run(git + ["commit", "-qm", "pipeline"], cwd=repo, check=True)
-    os.environ["KAGGLEHUB_CACHE"] = str(cache)
+    os.environ.update(KAGGLEHUB_CACHE=str(cache), MLFLOW_TRACKING_URI=mlflow_server)
     yield repo
     os.environ.pop("KAGGLEHUB_CACHE")
+    os.environ.pop("MLFLOW_TRACKING_URI")
 
 
 def ran(output):
@@ -57,7 +62,7 @@ def ran(output):
 
 
 def test_repro_runs_all_stages_then_nothing_then_only_what_a_param_touches(repo):
-    assert ran(dvc(repo, "repro")) == ["fetch", "dedup", "split", "train", "evaluate", "explain"]
+    assert ran(dvc(repo, "repro")) == ["fetch", "dedup", "split", "train", "evaluate", "explain", "register"]
 
     fetched = json.loads((repo / "metrics/fetch.json").read_text())
     assert fetched["per_source"]["kaggle2018"]["images"] == 12 * 4
@@ -90,4 +95,20 @@ def test_repro_runs_all_stages_then_nothing_then_only_what_a_param_touches(repo)
 
     params["train"]["learning_rate"] /= 2
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    assert ran(dvc(repo, "repro")) == ["train", "evaluate", "explain"]
+    assert ran(dvc(repo, "repro")) == ["train", "evaluate", "explain", "register"]
+
+
+def test_exp_run_of_two_variants_leaves_the_better_as_champion(repo):
+    for model in ("seed_fsm", "seed_cnn"):
+        dvc(repo, "exp", "run", "-S", f"train.model={model}")
+    decision = json.loads((repo / "metrics/register.json").read_text())
+    runs = mlflow.search_runs(experiment_names=["pipeline"], output_format="list",
+                              filter_string=f"tags.`braintumor.data_fingerprint` = '{decision['data_fingerprint']}'")
+    assert {run.data.tags["model"] for run in runs} == {"seed_fsm", "seed_cnn"}
+    assert all(run.data.tags["dvc_experiment"] for run in runs if run.data.tags["model"] == "seed_cnn")
+    best = max(runs, key=lambda run: (run.data.metrics["recall"], run.data.metrics["accuracy"]))
+    champion = MlflowClient().get_model_version_by_alias("pipeline-model", "champion")
+    metrics = MlflowClient().get_run(champion.run_id).data.metrics
+    assert (metrics["recall"], metrics["accuracy"]) == (best.data.metrics["recall"], best.data.metrics["accuracy"])
+    assert decision["champion"]["run_id"] == champion.run_id
+    assert decision["champion"]["data_fingerprint"] == decision["data_fingerprint"]
