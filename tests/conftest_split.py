@@ -53,6 +53,7 @@ def tiny_params(model: str = "seed_fsm", **train) -> dict:
     params["split"]["image_size"] = 48
     params["train"].update({"model": model, "epochs": 6, "batch_size": 16, "early_stopping_patience": 3, **train})
     params["train"]["small_xception"]["widths"] = [8, 16]
-    params["evaluate"].update(threshold_folds=2, bootstrap=200, gallery=4)
+    params["train"]["folds"] = 2
+    params["evaluate"].update(bootstrap=200, gallery=4)
     params["explain"].update(images=1, lime_samples=20, lime_superpixels=3)
     return params

@@ -41,7 +41,8 @@ def repo(tmp_path_factory, mlflow_server):
     params = yaml.safe_load((repo / "params.yaml").read_text())
     params["split"]["image_size"] = 48
     params["train"].update(model="seed_fsm", epochs=2)
-    params["evaluate"].update(threshold_folds=2, bootstrap=100)
+    params["train"]["folds"] = 2
+    params["evaluate"].update(bootstrap=100)
     params["explain"].update(images=1, lime_samples=20)
     params["register"].update(experiment="pipeline", model_name="pipeline-model", min_accuracy=0.0,
                               min_specificity=0.0, champion_on_new_data="replace")

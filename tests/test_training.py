@@ -4,6 +4,7 @@ import subprocess
 import sys
 import textwrap
 
+import keras
 import numpy as np
 import pytest
 
@@ -38,17 +39,34 @@ def test_a_small_model_learns_the_synthetic_lesions(tmp_path):
     assert 1 <= summary["best_epoch"] <= summary["epochs_run"] <= 12 and summary["train_images_per_second"] > 0
 
 
-def test_train_stage_writes_model_info_metrics_and_live_curves(in_tmp):
+def test_train_stage_ships_the_fold_ensemble_with_out_of_fold_predictions(in_tmp):
     make_split(in_tmp / "artifacts/split")
-    metrics = train(tiny_params("small_xception", epochs=2))
+    params = tiny_params("small_xception", epochs=2)
+    metrics = train(params)
     info = json.loads((in_tmp / "artifacts/train/model.json").read_text())
-    assert info["class_names"] == ["no_tumor", "tumor"] and info["image_size"] == 48
-    assert (in_tmp / "artifacts/train/model.keras").stat().st_size > 0
+    assert info["class_names"] == ["no_tumor", "tumor"] and info["image_size"] == 48 and info["folds"] == 2
     assert json.loads((in_tmp / "metrics/train.json").read_text()) == metrics
+    assert [m["fold"] for m in metrics["members"]] == [0, 1]
+    assert sum(m["held_out"] for m in metrics["members"]) == 96 + 32  # every train+val image held out once
+
+    with np.load(in_tmp / "artifacts/train/oof.npz") as oof:
+        assert sorted(np.bincount(oof["fold"])) == sorted(m["held_out"] for m in metrics["members"])
+        assert ((oof["probability"] >= 0) & (oof["probability"] <= 1)).all()
+        assert set(oof["path"]) == {p for split in ("train", "val") for p in load_split(
+            in_tmp / "artifacts/split", split, "binary")["path"]}
+
+    ensemble = keras.saving.load_model(in_tmp / "artifacts/train/model.keras")
+    members = [layer for layer in ensemble.layers if isinstance(layer, keras.Model)]
+    assert [m.name for m in members] == ["small_xception_fold0", "small_xception_fold1"]
+    x = load_split(in_tmp / "artifacts/split", "test", "binary")["x"][:5].astype("float32")
+    mean = np.mean([m.predict(x, verbose=0) for m in members], axis=0)
+    assert ensemble.predict(x, verbose=0) == pytest.approx(mean, abs=1e-6)
+
     live = json.loads((in_tmp / "metrics/train/metrics.json").read_text())
-    assert {"train", "val"} <= set(live)
-    curve = (in_tmp / "metrics/train/plots/metrics/val/loss.tsv").read_text().splitlines()
-    assert curve[0].split("\t") == ["step", "loss"] and len(curve) == 1 + metrics["epochs_run"]
+    assert {"train", "val"} <= set(live["fold0"]) and {"train", "val"} <= set(live["fold1"])
+    curve = (in_tmp / "metrics/train/plots/metrics/fold1/val/loss.tsv").read_text().splitlines()
+    assert curve[0].split("\t") == ["step", "loss"] and len(curve) == 1 + metrics["members"][1]["epochs_run"]
+    assert curve[1].split("\t")[0] == "0"  # every fold's curve starts at step 0
 
 
 SECOND_BACKEND = textwrap.dedent("""

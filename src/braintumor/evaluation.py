@@ -2,10 +2,10 @@
 
 The decision threshold aims at `evaluate.target_recall` (a missed tumor is the costly error) with the best
 specificity. The validation split alone holds too few healthy scans to place it, so the threshold comes
-from out-of-fold predictions: k group-aware stratified folds over train+val, each fold model trained for
-the final model's best epoch count. The spread of the per-fold thresholds is reported. Test metrics are
-given at the chosen threshold and at 0.5. The deployable copy of the model, with the threshold in its
-`model.json`, is written to `models/`.
+from the out-of-fold predictions the train stage saved: every train+val image scored by the fold model
+that did not see it, i.e. by the members of the very ensemble that ships. The spread of the per-fold
+thresholds is reported. Test metrics are given at the chosen threshold and at 0.5. The deployable copy of
+the model, with the threshold in its `model.json`, is written to `models/`.
 """
 
 from __future__ import annotations
@@ -23,21 +23,12 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 from sklearn import metrics as skm
-from sklearn.model_selection import StratifiedGroupKFold
 
 from braintumor.atomic import atomic_path, write_json
-from braintumor.params import validate_evaluate, validate_train
-from braintumor.training import fit, load_split
+from braintumor.params import validate_evaluate
+from braintumor.training import load_split, tumor_probability
 
 log = logging.getLogger(__name__)
-
-
-def tumor_probability(model, x: np.ndarray, class_names: list[str], batch_size: int = 64) -> np.ndarray:
-    """P(tumor) per image: the sigmoid output, or 1 - P(no_tumor) for the multiclass model."""
-    probs = np.asarray(model.predict(x.astype("float32"), batch_size=batch_size, verbose=0), dtype=np.float64)
-    if probs.shape[1] == 1:
-        return probs[:, 0]
-    return 1.0 - probs[:, class_names.index("no_tumor")]
 
 
 def threshold_for_recall(y: np.ndarray, p: np.ndarray, target_recall: float) -> float:
@@ -82,21 +73,6 @@ def bootstrap_intervals(y: np.ndarray, p: np.ndarray, threshold: float, resample
             for name, values in (("recall", recalls), ("accuracy", accuracies))}
 
 
-def out_of_fold(params: dict, pool: dict, groups: np.ndarray, epochs: int, class_names: list[str]) -> tuple:
-    """Out-of-fold P(tumor) for every train+val image, and the fold index of each."""
-    folds = validate_evaluate(params)["threshold_folds"]
-    splitter = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=params["seed"])
-    oof = np.zeros(len(pool["y"]))
-    fold_of = np.zeros(len(pool["y"]), dtype=int)
-    for fold, (fit_rows, held_rows) in enumerate(splitter.split(pool["x"], pool["label"], groups)):
-        log.info("evaluate: threshold fold %d/%d, training on %d images for %d epochs", fold + 1, folds,
-                 len(fit_rows), epochs)
-        model, _ = fit(params, {k: v[fit_rows] for k, v in pool.items()}, None, epochs=epochs, verbose=0)
-        oof[held_rows] = tumor_probability(model, pool["x"][held_rows], class_names)
-        fold_of[held_rows] = fold
-    return oof, fold_of
-
-
 def evaluate(params: dict, split_dir: str | Path = "artifacts/split", train_dir: str | Path = "artifacts/train",
              model_dir: str | Path = "models", metrics_path: str | Path = "metrics/evaluate.json",
              plots_dir: str | Path = "plots/evaluate") -> dict:
@@ -104,27 +80,23 @@ def evaluate(params: dict, split_dir: str | Path = "artifacts/split", train_dir:
     import keras
 
     config = validate_evaluate(params)
-    task = validate_train(params)["task"]
     train_dir, plots_dir = Path(train_dir), Path(plots_dir)
     info = json.loads((train_dir / "model.json").read_text())
     model = keras.saving.load_model(train_dir / "model.keras")
     names = info["class_names"]
-
-    pool_parts = [load_split(split_dir, name, task) for name in ("train", "val")]
-    pool = {key: np.concatenate([part[key] for part in pool_parts]) for key in pool_parts[0]}
-    manifest = pd.read_csv(Path(split_dir) / "manifest.csv", keep_default_na=False)
-    groups = pool["path"].astype(object)
-    groups = manifest.set_index("path").loc[groups, "group"].to_numpy()
-    oof, fold_of = out_of_fold(params, pool, groups, info["best_epoch"], names)
+    with np.load(train_dir / "oof.npz") as data:
+        oof = {key: data[key] for key in data.files}
     target = config["target_recall"]
-    threshold = threshold_for_recall(pool["label"], oof, target)
-    fold_thresholds = [threshold_for_recall(pool["label"][fold_of == f], oof[fold_of == f], target)
-                       for f in range(config["threshold_folds"])]
+    threshold = threshold_for_recall(oof["label"], oof["probability"], target)
+    folds = sorted(set(oof["fold"].tolist()))
+    fold_thresholds = [threshold_for_recall(oof["label"][oof["fold"] == f], oof["probability"][oof["fold"] == f],
+                                            target) for f in folds]
 
-    test = load_split(split_dir, "test", task)
+    test = load_split(split_dir, "test", info["task"])
     p = tumor_probability(model, test["x"], names)
     y = test["label"]
     chosen = binary_metrics(y, p, threshold)
+    manifest = pd.read_csv(Path(split_dir) / "manifest.csv", keep_default_na=False)
     sources = manifest.set_index("path").loc[test["path"].astype(object), "source"].to_numpy()
     result = {
         **{k: chosen[k] for k in ("recall", "accuracy", "specificity", "precision", "f1", "roc_auc", "pr_auc",
@@ -135,16 +107,16 @@ def evaluate(params: dict, split_dir: str | Path = "artifacts/split", train_dir:
         "ci95": bootstrap_intervals(y, p, threshold, config["bootstrap"], params["seed"]),
         "at_0.5": binary_metrics(y, p, 0.5),
         "threshold_selection": {
-            "target_recall": target, "folds": config["threshold_folds"], "images": len(oof),
+            "target_recall": target, "folds": len(folds), "images": len(oof["label"]),
             "fold_thresholds": [round(t, 6) for t in fold_thresholds],
             "fold_threshold_spread": round(max(fold_thresholds) - min(fold_thresholds), 6),
-            "out_of_fold": {k: v for k, v in binary_metrics(pool["label"], oof, threshold).items()
+            "out_of_fold": {k: v for k, v in binary_metrics(oof["label"], oof["probability"], threshold).items()
                             if k in ("recall", "specificity", "accuracy", "roc_auc")},
         },
         "per_source": {source: binary_metrics(y[sources == source], p[sources == source], threshold)
                        for source in sorted(set(sources))},
     }
-    if task == "multiclass":
+    if info["task"] == "multiclass":
         probs = model.predict(test["x"].astype("float32"), verbose=0)
         result["multiclass_accuracy"] = round(float((probs.argmax(1) == test["y"]).mean()), 4)
 

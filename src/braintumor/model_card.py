@@ -76,9 +76,11 @@ Threshold **{result.get('threshold', float('nan')):.6f}**, placed on out-of-fold
 | Brier score | {result.get('brier', float('nan')):.4f} | |
 
 ## Training
-{info.get('model', '?')} trained with Keras {info.get('keras_version', '?')} on the {info.get('keras_backend', '?')}
-backend: {training.get('epochs_run', '?')} epochs (best {training.get('best_epoch', '?')}),
-{training.get('params', '?')} parameters, class weights {training.get('class_weight', {})}.
+The mean of {training.get('folds', '?')} {info.get('model', '?')} models, each trained on the other folds of
+train+val and early-stopped on its own, with Keras {info.get('keras_version', '?')} on the
+{info.get('keras_backend', '?')} backend: epochs per fold {[m.get('epochs_run') for m in training.get('members', [])]}
+(best {[m.get('best_epoch') for m in training.get('members', [])]}), {training.get('params', '?')} parameters in
+all, class weights {training.get('class_weight', {})}, out-of-fold ROC AUC {training.get('out_of_fold_auc', '?')}.
 
 ## Limitations
 The healthy class is small (about one scan in eight after deduplication), so specificity has wide

@@ -133,12 +133,22 @@ BUILDERS: dict[str, Callable] = {
 }
 
 
-def build_model(name: str, image_size: int, classes: int, config: dict, seed: int) -> tuple[keras.Model, str]:
-    """The Keras model `name` with augmentation in front; returns it with its optimizer's name."""
+def build_model(name: str, image_size: int, classes: int, config: dict, seed: int,
+                model_name: str | None = None) -> tuple[keras.Model, str]:
+    """The Keras model `name` (called `model_name`, default `name`) with augmentation in front; returns it
+    with its optimizer's name."""
     inputs = keras.Input((image_size, image_size, 3), name="image")
     x = inputs
     for layer in augmentation(config["augment"], seed):
         x = layer(x)
     builder_config = {**config.get(name, {}), **config.get("transfer", {}), "dropout": config["dropout"]}
     outputs, optimizer = BUILDERS[name](x, classes, builder_config)
-    return keras.Model(inputs, outputs, name=name), optimizer
+    return keras.Model(inputs, outputs, name=model_name or name), optimizer
+
+
+def average_of(members: list[keras.Model]) -> keras.Model:
+    """One model whose output is the mean of the members' outputs (the cross-validated ensemble that ships)."""
+    inputs = keras.Input(members[0].inputs[0].shape[1:], name="image")
+    outputs = [member(inputs) for member in members]
+    mean = layers.Average(name="mean_prediction", dtype="float32")(outputs) if len(outputs) > 1 else outputs[0]
+    return keras.Model(inputs, mean, name="ensemble")

@@ -151,6 +151,7 @@ def _choice(params: dict, dotted: str, choices: tuple) -> str:
 def validate_train(params: dict) -> dict:
     model = _choice(params, "train.model", MODEL_NAMES)
     _choice(params, "train.task", ("binary", "multiclass"))
+    _int(params, "train.folds", 2, 10)
     _int(params, "train.epochs", 1)
     _int(params, "train.batch_size", 1)
     _number(params, "train.learning_rate", 1e-7, 1.0)
@@ -182,7 +183,6 @@ def validate_train(params: dict) -> dict:
 
 def validate_evaluate(params: dict) -> dict:
     _number(params, "evaluate.target_recall", 0.5, 1.0)
-    _int(params, "evaluate.threshold_folds", 2, 20)
     _int(params, "evaluate.bootstrap", 100)
     _int(params, "evaluate.gallery", 0)
     return params["evaluate"]

@@ -1,4 +1,4 @@
-"""The `train` stage: fit the chosen model variant on the prepared arrays and save it for inference.
+"""The `train` stage: fit the chosen model variant, k-fold over train+val, and ship the average of the folds.
 
 Keras 3 API only (no backend imports), so the same code trains on TensorFlow (the default, on the GPU when
 there is one), JAX or PyTorch, whichever `KERAS_BACKEND` names. Per-epoch metrics go to dvclive through a
@@ -14,9 +14,12 @@ from pathlib import Path
 
 import keras
 import numpy as np
+import pandas as pd
+from sklearn.metrics import roc_auc_score
+from sklearn.model_selection import StratifiedGroupKFold
 
 from braintumor.atomic import atomic_path, write_json
-from braintumor.models import BACKBONES, build_model
+from braintumor.models import BACKBONES, average_of, build_model
 from braintumor.params import validate_train
 
 log = logging.getLogger(__name__)
@@ -44,6 +47,14 @@ def load_split(split_dir: str | Path, name: str, task: str) -> dict[str, np.ndar
     arrays = {key: value[known] for key, value in arrays.items()}
     arrays["y"] = np.array([MULTICLASS_CLASSES.index(SUBTYPE_CLASS[s]) for s in arrays["subtype"]], dtype=np.int64)
     return arrays
+
+
+def tumor_probability(model, x: np.ndarray, class_names: list[str], batch_size: int = 64) -> np.ndarray:
+    """P(tumor) per image: the sigmoid output, or 1 - P(no_tumor) for the multiclass model."""
+    probs = np.asarray(model.predict(x.astype("float32"), batch_size=batch_size, verbose=0), dtype=np.float64)
+    if probs.shape[1] == 1:
+        return probs[:, 0]
+    return 1.0 - probs[:, class_names.index("no_tumor")]
 
 
 def class_weights(y: np.ndarray, classes: int, mode: str) -> dict[int, float] | None:
@@ -79,16 +90,16 @@ def compile_model(model: keras.Model, optimizer: str, learning_rate: float, clas
 
 
 def fit(params: dict, train: dict, val: dict | None, epochs: int | None = None, callbacks: list | None = None,
-        verbose: int = 2) -> tuple[keras.Model, dict]:
-    """Build and fit the model of `params["train"]`. With `val`, early stopping restores the best epoch;
-    without it (cross-validation folds), it runs `epochs` epochs. Returns the model and a summary."""
+        verbose: int = 2, name: str | None = None) -> tuple[keras.Model, dict]:
+    """Build and fit the model of `params["train"]` (called `name`). With `val`, early stopping restores the
+    best epoch; without it, it runs `epochs` epochs. Returns the model and a summary."""
     config = validate_train(params)
     keras.utils.set_random_seed(params["seed"])
     keras.mixed_precision.set_global_policy("mixed_float16" if config["mixed_precision"] else "float32")
     classes = len(class_names(config["task"]))
     image_size = train["x"].shape[1]
     outputs = 1 if classes == 2 else classes  # one sigmoid unit for the binary task
-    model, optimizer = build_model(config["model"], image_size, outputs, config, params["seed"])
+    model, optimizer = build_model(config["model"], image_size, outputs, config, params["seed"], name)
     pretrained = config["model"] in BACKBONES and config["transfer"]["weights"] is not None
     if pretrained:  # phase 1: only the new head learns
         for layer in model.layers[:-3]:
@@ -133,32 +144,70 @@ def fit(params: dict, train: dict, val: dict | None, epochs: int | None = None, 
     return model, summary
 
 
+def cross_validation_pool(split_dir: str | Path, task: str) -> dict[str, np.ndarray]:
+    """train+val as one pool, with each image's dedup group (so near duplicates never straddle two folds)."""
+    parts = [load_split(split_dir, name, task) for name in ("train", "val")]
+    pool = {key: np.concatenate([part[key] for part in parts]) for key in parts[0]}
+    manifest = pd.read_csv(Path(split_dir) / "manifest.csv", keep_default_na=False).set_index("path")
+    pool["group"] = manifest.loc[pool["path"].astype(object), "group"].to_numpy()
+    return pool
+
+
+def folds_of(pool: dict, folds: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(fit rows, held-out rows) per fold: stratified by label, grouped by dedup cluster, seeded."""
+    splitter = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
+    return list(splitter.split(pool["x"], pool["label"], pool["group"]))
+
+
 def train(params: dict, split_dir: str | Path = "artifacts/split", model_dir: str | Path = "artifacts/train",
           metrics_path: str | Path = "metrics/train.json", live_dir: str | Path = "metrics/train") -> dict:
-    """Run the train stage: `model.keras` plus `model.json` (what inference needs but the threshold, which
-    `evaluate` chooses and adds when it writes the deployable copy to `models/`)."""
+    """Run the train stage: k fold models over train+val, each early-stopped on its held-out fold, shipped as
+    one model that averages them. The held-out predictions (out of fold) go to `oof.npz`, where `evaluate`
+    places the threshold: they come from the very models that ship, so the threshold fits the shipped model.
+
+    Writes `model.keras`, `model.json` (what inference needs but the threshold, which `evaluate` adds when it
+    writes the deployable copy to `models/`) and `oof.npz`."""
     from dvclive import Live
 
     config = validate_train(params)
-    task = config["task"]
-    train_set, val_set = load_split(split_dir, "train", task), load_split(split_dir, "val", task)
-    log.info("train: %s (%s) on %d images, validating on %d, backend %s", config["model"], task,
-             len(train_set["x"]), len(val_set["x"]), keras.backend.backend())
+    task, names = config["task"], class_names(config["task"])
+    pool = cross_validation_pool(split_dir, task)
+    folds = folds_of(pool, config["folds"], params["seed"])
+    log.info("train: %s (%s), %d fold models over %d train+val images, backend %s", config["model"], task,
+             len(folds), len(pool["x"]), keras.backend.backend())
+    members, summaries = [], []
+    oof, fold_of = np.zeros(len(pool["x"])), np.zeros(len(pool["x"]), dtype=np.int8)
     with Live(str(live_dir), dvcyaml=None, save_dvc_exp=False, report=None) as live:
-        model, summary = fit(params, train_set, val_set, callbacks=[LiveMetrics(live)])
-    val_scores = model.evaluate(val_set["x"].astype("float32"), val_set["y"], verbose=0, return_dict=True)
+        for fold, (fit_rows, held_rows) in enumerate(folds):
+            live.step = 0
+            fit_set, held_set = ({k: v[rows] for k, v in pool.items()} for rows in (fit_rows, held_rows))
+            model, summary = fit(params, fit_set, held_set, callbacks=[LiveMetrics(live, f"fold{fold}/")],
+                                 name=f"{config['model']}_fold{fold}")
+            oof[held_rows], fold_of[held_rows] = tumor_probability(model, held_set["x"], names), fold
+            members.append(model)
+            summaries.append({"fold": fold, "images": len(fit_rows), "held_out": len(held_rows), **summary})
+            log.info("train: fold %d/%d: %d epochs (best %d), %.0f images/s", fold + 1, len(folds),
+                     summary["epochs_run"], summary["best_epoch"], summary["train_images_per_second"])
+    ensemble = average_of(members)
     info = {
-        "model": config["model"], "task": task, "class_names": class_names(task),
-        "image_size": int(train_set["x"].shape[1]), "input": "uint8 RGB image scaled to image_size, 0..255 float",
-        "best_epoch": summary["best_epoch"], "keras_backend": keras.backend.backend(), "keras_version": keras.__version__,
+        "model": config["model"], "task": task, "class_names": names, "folds": len(folds),
+        "image_size": int(pool["x"].shape[1]), "input": "uint8 RGB image scaled to image_size, 0..255 float",
+        "keras_backend": keras.backend.backend(), "keras_version": keras.__version__,
     }
     with atomic_path(model_dir) as staging:
         staging.mkdir()
-        model.save(staging / "model.keras")
+        ensemble.save(staging / "model.keras")
         (staging / "model.json").write_text(json.dumps(info, indent=2) + "\n")
-    metrics = {**summary, "params": model.count_params(),
-               "val": {key: round(float(value), 4) for key, value in val_scores.items()}}
+        np.savez(staging / "oof.npz", path=pool["path"], label=pool["label"], probability=oof, fold=fold_of)
+    seconds = sum(s["train_seconds"] for s in summaries)
+    metrics = {
+        "folds": len(folds), "params": ensemble.count_params(), "train_seconds": round(seconds, 1),
+        "train_images_per_second": round(sum(s["images"] * s["epochs_run"] for s in summaries) / seconds, 1),
+        "epochs_run": sum(s["epochs_run"] for s in summaries), "class_weight": summaries[0]["class_weight"],
+        "out_of_fold_auc": round(float(roc_auc_score(pool["label"], oof)), 4),
+        "members": [{k: v for k, v in s.items() if k != "class_weight"} for s in summaries],
+    }
     write_json(metrics_path, metrics)
-    log.info("train: %s, %d epochs (best %d), %.0f images/s, val %s", config["model"], summary["epochs_run"],
-             summary["best_epoch"], summary["train_images_per_second"], metrics["val"])
+    log.info("train: %s ensemble of %d, %d epochs in all, %.0f images/s, out-of-fold ROC AUC %.4f", config["model"],
+             len(folds), metrics["epochs_run"], metrics["train_images_per_second"], metrics["out_of_fold_auc"])
     return metrics
