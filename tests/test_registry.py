@@ -75,9 +75,10 @@ def test_run_holds_params_epoch_metrics_tags_model_and_card(mlflow_server, train
     evaluated = json.loads((workspace / "metrics/evaluate.json").read_text())
     assert run.data.metrics["recall"] == evaluated["recall"]
     assert run.data.metrics["at_0.5.accuracy"] == evaluated["at_0.5"]["accuracy"]
-    history = client.get_metric_history(run.info.run_id, "epoch.train/loss")
-    epochs = json.loads((workspace / "metrics/train.json").read_text())["epochs_run"]
-    assert [m.step for m in history] == list(range(epochs))
+    members = json.loads((workspace / "metrics/train.json").read_text())["members"]
+    for member in members:
+        history = client.get_metric_history(run.info.run_id, f"epoch.fold{member['fold']}/val/loss")
+        assert [m.step for m in history] == list(range(member["epochs_run"]))
     tags = run.data.tags
     assert tags["keras_backend"] == "tensorflow" and tags["braintumor.data_fingerprint"] == data_fingerprint(
         workspace / "artifacts/split/manifest.csv")
