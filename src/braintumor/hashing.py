@@ -3,8 +3,8 @@
 Two hash families (imagehash's pHash and dHash) are computed on the same normalised picture: 8-bit
 grayscale, a square window centred on the head (`images.center_on_head`), so borders, padding, shifts,
 colour mode and bit depth matter little. Brain slices look alike, so a pair counts as near-duplicate only when *both* distances are
-within their thresholds. Hashes are packed into uint64 words; pair distances are numpy popcounts over
-blocks of rows, run in threads (numpy releases the GIL), never a Python loop over pairs.
+within their thresholds. Hashes are packed into uint64 words; pair distances are popcounts in a
+numba-compiled loop over blocks of rows, run in threads (the compiled code releases the GIL).
 """
 
 from __future__ import annotations
@@ -14,14 +14,17 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import imagehash
+import numba
 import numpy as np
+from numba import types
+from numba.extending import intrinsic
 from PIL import Image
 
 from braintumor.images import ImageReadError, center_on_head, load_grayscale
 from braintumor.parallel import parallel_map, worker_count
 
-# Rows of the left operand compared per block: a block of 256 rows × 100k columns is 25 MB of uint8.
-BLOCK_ROWS = 256
+# Query rows per task of the thread pool: small enough that the threads share the triangular self-join evenly.
+BLOCK_ROWS = 64
 
 
 @dataclass(frozen=True)
@@ -96,35 +99,66 @@ class Pairs:
         return Pairs(self.i[mask], self.j[mask], self.phash[mask], self.dhash[mask])
 
 
+@intrinsic
+def _popcount(typingctx, word):
+    """The CPU's popcount instruction on one uint64 (LLVM's ctpop)."""
+    def codegen(context, builder, signature, args):
+        return builder.ctpop(args[0])
+
+    return types.uint64(types.uint64), codegen
+
+
+@numba.njit(nogil=True, cache=True)
+def _block_pairs(qp, qd, bp, bd, start, stop, self_join, max_p, max_d):
+    """Pairs (i in start..stop of the query, j of the base) within both limits; compiled, GIL released.
+    The second half of the pHash words, and the dHash, are compared only for pairs still within the limit."""
+    capacity = 1024
+    found = np.empty((capacity, 4), dtype=np.int64)
+    n = 0
+    half = qp.shape[1] // 2
+    for i in range(start, stop):
+        for j in range(i + 1 if self_join else 0, bp.shape[0]):
+            p = 0
+            for w in range(half):
+                p += _popcount(qp[i, w] ^ bp[j, w])
+            if p > max_p:  # most pairs of unrelated scans are out after half the words
+                continue
+            for w in range(half, qp.shape[1]):
+                p += _popcount(qp[i, w] ^ bp[j, w])
+            if p > max_p:
+                continue
+            d = 0
+            for w in range(qd.shape[1]):
+                d += _popcount(qd[i, w] ^ bd[j, w])
+            if d > max_d:
+                continue
+            if n == capacity:
+                capacity *= 2
+                grown = np.empty((capacity, 4), dtype=np.int64)
+                grown[:n] = found[:n]
+                found = grown
+            found[n, 0], found[n, 1], found[n, 2], found[n, 3] = i, j, p, d
+            n += 1
+    return found[:n]
+
+
 def near_pairs(
     query: Hashes, max_phash: int, max_dhash: int, base: Hashes | None = None, workers: int | None = None
 ) -> Pairs:
     """All pairs within `max_phash` (pHash) and `max_dhash` (dHash).
 
     Without `base`, pairs within `query` itself, each once (i < j). With `base`, every (query, base) pair.
+    Every pair is compared (exact, no approximate index) by a compiled loop over blocks of query rows, run
+    in threads.
     """
     self_join = base is None
     base = query if base is None else base
-    base_words = np.ascontiguousarray(base.phash.T)  # (words, M): each word row is contiguous
+    arrays = [np.ascontiguousarray(a) for a in (query.phash, query.dhash, base.phash, base.dhash)]
 
-    def block(start: int) -> tuple[np.ndarray, np.ndarray]:
-        stop = min(start + BLOCK_ROWS, len(query))
-        first_col = start + 1 if self_join else 0
-        width = len(base) - first_col
-        distance = np.zeros((stop - start, max(width, 0)), dtype=np.uint16)
-        for word in range(base_words.shape[0]):
-            distance += np.bitwise_count(query.phash[start:stop, word, None] ^ base_words[word, None, first_col:])
-        rows, cols = np.nonzero(distance <= max_phash)
-        rows, cols = rows + start, cols + first_col
-        if self_join:
-            keep = cols > rows
-            rows, cols = rows[keep], cols[keep]
-        return rows, cols
+    def block(start: int) -> np.ndarray:
+        return _block_pairs(*arrays, start, min(start + BLOCK_ROWS, len(query)), self_join, max_phash, max_dhash)
 
     with ThreadPoolExecutor(max_workers=worker_count(workers)) as pool:
         blocks = list(pool.map(block, range(0, len(query), BLOCK_ROWS)))
-    i = np.concatenate([b[0] for b in blocks]) if blocks else np.zeros(0, dtype=np.int64)
-    j = np.concatenate([b[1] for b in blocks]) if blocks else np.zeros(0, dtype=np.int64)
-    dp = hamming(query.phash[i], base.phash[j])
-    dd = hamming(query.dhash[i], base.dhash[j])
-    return Pairs(i, j, dp, dd).where(dd <= max_dhash)
+    found = np.concatenate(blocks) if blocks else np.zeros((0, 4), dtype=np.int64)
+    return Pairs(found[:, 0], found[:, 1], found[:, 2], found[:, 3])

@@ -97,7 +97,8 @@ def image_files(paths: list[str]) -> list[Path]:
 def predict(loaded: LoadedModel, files: list[Path], batch_size: int = 32) -> list[dict]:
     """One result per file, in order: {"path", "probability", "label"}, or {"path", "error"} for a file that
     cannot be read as an image (the others are still predicted)."""
-    
+    from braintumor.training import tumor_probability
+
     size = int(loaded.info["image_size"])
     results, arrays, rows = [], [], []
     for path in files:

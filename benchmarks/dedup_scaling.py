@@ -1,0 +1,167 @@
+"""Deduplication speed and scaling, against the reference notebook's method in the same process.
+
+1. Decode-only throughput (PIL with JPEG draft mode, the fastest decode available here) and hashing
+   throughput (decode + centre + pHash + dHash) with 1 and 2 processes, on the fetched images.
+2. Time to cluster N hashes (near-pair search + connected components, as in the dedup stage) for N = the
+   real set and larger sets grown from it: each extra hash is a real one with a few random bits flipped,
+   as an altered copy would be. Reports the growth exponent between sizes, and the previous numpy search
+   (before/after ratio, same pairs) up to `--numpy-up-to`.
+3. Baseline: the notebook's method, every image's decoded pixels compared with every kept image in a
+   Python loop, on the first `--baseline-images` images; our hash + cluster on the same images; the ratio.
+
+Usage (after `dvc repro` has run fetch):
+    python benchmarks/dedup_scaling.py [--sizes 20000 100000] [--baseline-images 1000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pandas as pd
+
+from braintumor.dedup import cluster_ids
+from braintumor.hashing import Hashes, Pairs, hamming, hash_images, near_pairs
+from braintumor.images import load_grayscale
+from braintumor.params import load_params
+from braintumor.parallel import parallel_map
+
+
+def decode(path: str, draft_size: int) -> int:
+    return load_grayscale(path, draft_size=draft_size).size
+
+
+def timed(fn, *args, **kwargs):
+    started = time.perf_counter()
+    result = fn(*args, **kwargs)
+    return result, time.perf_counter() - started
+
+
+def grown(hashes: Hashes, n: int, seed: int) -> Hashes:
+    """`hashes` plus altered copies up to n rows: a random real row with 0-12 random bits flipped per hash."""
+    rng = np.random.default_rng(seed)
+    extra = n - len(hashes)
+    if extra <= 0:
+        return hashes.take(np.arange(n))
+    source = rng.integers(0, len(hashes), extra)
+    parts = []
+    for words in (hashes.phash, hashes.dhash):
+        copies = words[source].copy()
+        bits = words.shape[1] * 64
+        for row, flips in enumerate(rng.integers(0, 13, extra)):
+            for bit in rng.choice(bits, flips, replace=False):
+                copies[row, bit // 64] ^= np.uint64(1) << np.uint64(bit % 64)
+        parts.append(np.concatenate([words, copies]))
+    return Hashes(*parts)
+
+
+def numpy_near_pairs(query: Hashes, max_p: int, max_d: int, workers: int) -> Pairs:
+    """The previous search (before the compiled loop), kept here as the before/after baseline: numpy
+    popcounts of whole blocks of 256 rows against every column, in threads."""
+    base_words = np.ascontiguousarray(query.phash.T)
+
+    def block(start: int) -> tuple[np.ndarray, np.ndarray]:
+        stop = min(start + 256, len(query))
+        distance = np.zeros((stop - start, max(len(query) - start - 1, 0)), dtype=np.uint16)
+        for word in range(base_words.shape[0]):
+            distance += np.bitwise_count(query.phash[start:stop, word, None] ^ base_words[word, None, start + 1:])
+        rows, cols = np.nonzero(distance <= max_p)
+        rows, cols = rows + start, cols + start + 1
+        keep = cols > rows
+        return rows[keep], cols[keep]
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        blocks = list(pool.map(block, range(0, len(query), 256)))
+    i = np.concatenate([b[0] for b in blocks])
+    j = np.concatenate([b[1] for b in blocks])
+    dp, dd = hamming(query.phash[i], query.phash[j]), hamming(query.dhash[i], query.dhash[j])
+    return Pairs(i, j, dp, dd).where(dd <= max_d)
+
+
+def cluster(hashes: Hashes, max_p: int, max_d: int, workers: int, search=None) -> tuple[int, int]:
+    """Near-pair search then connected components, as in the dedup stage: (pairs, clusters)."""
+    pairs = (search or near_pairs)(hashes, max_p, max_d, workers=workers)
+    ids = cluster_ids(len(hashes), pairs)
+    return len(pairs), len(np.unique(ids))
+
+
+def notebook_method(paths: list[str]) -> int:
+    """The reference notebook: decode each image and compare its pixels with every kept image, in Python."""
+    kept: list[np.ndarray] = []
+    for path in paths:
+        pixels = load_grayscale(path)
+        if not any(pixels.shape == other.shape and np.array_equal(pixels, other) for other in kept):
+            kept.append(pixels)
+    return len(kept)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--manifest", default="artifacts/fetch/manifest.csv")
+    parser.add_argument("--sizes", type=int, nargs="*", default=[20_000, 100_000])
+    parser.add_argument("--baseline-images", type=int, default=1000)
+    parser.add_argument("--numpy-up-to", type=int, default=20_000, help="run the previous numpy search up to this N")
+    args = parser.parse_args()
+    config = load_params()["dedup"]
+    size, max_p, max_d = config["hash_size"], config["phash_max_distance"], config["dhash_max_distance"]
+    paths = pd.read_csv(args.manifest, keep_default_na=False)["path"].tolist()
+    cores = len(os.sched_getaffinity(0))
+    print(f"{len(paths)} fetched images, hash size {size} ({size * size} bits), {cores} cores\n")
+
+    print("1. throughput (images/s)")
+    rates = {}
+    for workers in (1, 2):
+        _, seconds = timed(parallel_map, _Decode(8 * size), paths, workers, f"decode x{workers}")
+        rates[f"decode, draft mode, {workers} proc"] = len(paths) / seconds
+        (hashes, errors), seconds = timed(hash_images, paths, size, workers)
+        rates[f"decode + pHash + dHash, {workers} proc"] = len(paths) / seconds
+    for name, rate in rates.items():
+        print(f"   {name:<38} {rate:8.0f}")
+    for workers in (1, 2):
+        ratio = rates[f"decode + pHash + dHash, {workers} proc"] / rates[f"decode, draft mode, {workers} proc"]
+        print(f"   hashing / decode-only, {workers} proc: {ratio:.2f}")
+
+    print(f"\n2. clustering N hashes (near-pair search + connected components), {cores} threads")
+    near_pairs(hashes.take(np.arange(10)), max_p, max_d)  # compile (or load) the search once, outside the timing
+    previous = None
+    for n in [len(hashes), *args.sizes]:
+        grown_set = grown(hashes, n, seed=0)
+        (pairs, clusters), seconds = timed(cluster, grown_set, max_p, max_d, cores)
+        if n <= args.numpy_up_to:
+            (old_pairs, _), old_seconds = timed(cluster, grown_set, max_p, max_d, cores, numpy_near_pairs)
+            assert old_pairs == pairs
+            print(f"   N = {n:>7}: previous numpy search {old_seconds:7.2f} s; compiled search "
+                  f"{old_seconds / seconds:.1f}x faster")
+        growth = "" if previous is None else (
+            f", growth exponent {math.log(seconds / previous[1]) / math.log(n / previous[0]):.2f} vs {previous[0]}")
+        print(f"   N = {n:>7}: {seconds:7.2f} s, {n * (n - 1) / 2 / seconds / 1e6:7.0f} M pairs/s, "
+              f"{pairs} near pairs, {clusters} clusters{growth}")
+        previous = (n, seconds)
+
+    print(f"\n3. baseline on the first {args.baseline_images} images")
+    subset = paths[: args.baseline_images]
+    kept, baseline = timed(notebook_method, subset)
+    (subset_hashes, _), hash_seconds = timed(hash_images, subset, size, cores)
+    _, cluster_seconds = timed(cluster, subset_hashes, max_p, max_d, cores)
+    ours = hash_seconds + cluster_seconds
+    print(f"   notebook method (pixel equality, Python loop): {baseline:.2f} s, {kept} kept")
+    print(f"   hash ({cores} proc) + cluster: {ours:.2f} s ({hash_seconds:.2f} + {cluster_seconds:.2f})")
+    print(f"   ratio notebook / ours: {baseline / ours:.1f}x")
+
+
+class _Decode:
+    """Picklable decode-only task for the process pool."""
+
+    def __init__(self, draft_size: int):
+        self.draft_size = draft_size
+
+    def __call__(self, path: str) -> int:
+        return decode(path, self.draft_size)
+
+
+if __name__ == "__main__":
+    main()
