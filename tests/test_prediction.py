@@ -7,7 +7,6 @@ import copy
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import keras
@@ -67,7 +66,7 @@ def test_local_model_predicts_every_readable_image_and_reports_the_rest(trained_
     workspace = trained_states["seed_cnn"][0]
     loaded = load(str(workspace / "models/model.keras"))
     files = image_files([str(scans)])
-    results = predict(loaded, files)
+    results, _ = predict(loaded, files)
     assert [r["path"] for r in results] == [str(f) for f in files]
     bad = {Path(r["path"]).name: r["error"] for r in results if "error" in r}
     assert set(bad) == {"corrupt.jpg", "empty.png"} and "empty_file" in bad["empty.png"]

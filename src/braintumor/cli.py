@@ -29,6 +29,12 @@ STAGES = {
 }
 
 
+def positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer (got {text!r})")
+    return int(text)
+
+
 def add_predict(sub) -> None:
     predict = sub.add_parser("predict", help="classify image files with a shipped or registered model",
                              description="Print P(tumor) and the label at the model's threshold for each image.")
@@ -38,7 +44,7 @@ def add_predict(sub) -> None:
                               "folder, or a .keras file with model.json beside it (default: %(default)s)")
     predict.add_argument("--json", action="store_true", help="one JSON object per line")
     predict.add_argument("--explain", metavar="DIR", help="write a Grad-CAM overlay PNG per image into DIR")
-    predict.add_argument("--batch-size", type=int, default=32)
+    predict.add_argument("--batch-size", type=positive_int, default=32, help="images per model call (default 32)")
 
 
 def run_predict(args) -> int:
@@ -56,17 +62,16 @@ def run_predict(args) -> int:
     except ModelLoadError as err:
         print(f"braintumor predict: error: {err}", file=sys.stderr)
         return 2
-    results = predict(loaded, files, args.batch_size)
+    results, images = predict(loaded, files, args.batch_size)
     for result in results:
-        public = {k: v for k, v in result.items() if not k.startswith("_")}
         if args.json:
-            print(json.dumps(public), flush=True)
-        elif "error" in public:
-            print(f"{public['path']}\terror: {public['error']}")
+            print(json.dumps(result), flush=True)
+        elif "error" in result:
+            print(f"{result['path']}\terror: {result['error']}")
         else:
-            print(f"{public['path']}\t{public['probability']:.4f}\t{'tumor' if public['label'] else 'no_tumor'}")
+            print(f"{result['path']}\t{result['probability']:.4f}\t{'tumor' if result['label'] else 'no_tumor'}")
     if args.explain:
-        written = write_grad_cams(loaded, results, Path(args.explain))
+        written = write_grad_cams(loaded, results, images, Path(args.explain))
         log.info("predict: %d Grad-CAM overlays in %s", len(written), args.explain)
     failed = sum("error" in r for r in results)
     log.info("predict: %d images, %d tumor, %d unreadable (threshold %.4f)", len(results) - failed,

@@ -147,8 +147,8 @@ def build_model(name: str, image_size: int, classes: int, config: dict, seed: in
 
 
 def average_of(members: list[keras.Model]) -> keras.Model:
-    """One model whose output is the mean of the members' outputs (the cross-validated ensemble that ships)."""
+    """One model whose output is the mean of the members' outputs (the cross-validated ensemble that ships;
+    `train.folds` >= 2, so there are always at least two)."""
     inputs = keras.Input(members[0].inputs[0].shape[1:], name="image")
-    outputs = [member(inputs) for member in members]
-    mean = layers.Average(name="mean_prediction", dtype="float32")(outputs) if len(outputs) > 1 else outputs[0]
+    mean = layers.Average(name="mean_prediction", dtype="float32")([member(inputs) for member in members])
     return keras.Model(inputs, mean, name="ensemble")

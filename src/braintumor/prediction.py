@@ -70,8 +70,9 @@ def load(reference: str) -> LoadedModel:
     from braintumor.tracking import local_store, project_root
 
     if not os.environ.get("MLFLOW_TRACKING_URI") and (project_root() / "mlflow" / "mlflow.db").is_file():
-        mlflow.set_tracking_uri(local_store()[0])  # the project's embedded store, when run inside the project
-        mlflow.set_registry_uri(local_store()[0])
+        store = local_store()[0]  # the project's embedded store, when run inside the project
+        mlflow.set_tracking_uri(store)
+        mlflow.set_registry_uri(store)
     try:
         folder = Path(mlflow.artifacts.download_artifacts(artifact_uri=reference,
                                                           dst_path=tempfile.mkdtemp(prefix="braintumor-model-")))
@@ -94,9 +95,10 @@ def image_files(paths: list[str]) -> list[Path]:
     return files
 
 
-def predict(loaded: LoadedModel, files: list[Path], batch_size: int = 32) -> list[dict]:
+def predict(loaded: LoadedModel, files: list[Path], batch_size: int = 32) -> tuple[list[dict], np.ndarray]:
     """One result per file, in order: {"path", "probability", "label"}, or {"path", "error"} for a file that
-    cannot be read as an image (the others are still predicted)."""
+    cannot be read as an image (the others are still predicted); and the prepared images of the predicted
+    files, in the same order, for Grad-CAM."""
     from braintumor.training import tumor_probability
 
     size = int(loaded.info["image_size"])
@@ -108,18 +110,17 @@ def predict(loaded: LoadedModel, files: list[Path], batch_size: int = 32) -> lis
             results.append({"path": str(path)})
         except Exception as err:  # noqa: BLE001 - any unreadable file is reported, never fatal for the rest
             results.append({"path": str(path), "error": f"{type(err).__name__}: {err}"})
-    if arrays:
-        x = np.stack(arrays)
-        probabilities = tumor_probability(loaded.model, x, loaded.info["class_names"], batch_size=batch_size)
-        for row, p in zip(rows, probabilities):
-            results[row].update(probability=round(float(p), 6), label=int(p >= loaded.threshold))
-        for row, image in zip(rows, x):
-            results[row]["_image"] = image
-    return results
+    if not arrays:
+        return results, np.zeros((0, size, size, 3), dtype=np.uint8)
+    images = np.stack(arrays)
+    probabilities = tumor_probability(loaded.model, images, loaded.info["class_names"], batch_size=batch_size)
+    for row, p in zip(rows, probabilities):
+        results[row].update(probability=round(float(p), 6), label=int(p >= loaded.threshold))
+    return results, images
 
 
-def write_grad_cams(loaded: LoadedModel, results: list[dict], folder: Path) -> list[Path]:
-    """A Grad-CAM overlay PNG per predicted image, named after its position and file name."""
+def write_grad_cams(loaded: LoadedModel, results: list[dict], images: np.ndarray, folder: Path) -> list[Path]:
+    """A Grad-CAM overlay PNG per predicted image (`predict`'s two outputs), named after its position and file."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -127,15 +128,15 @@ def write_grad_cams(loaded: LoadedModel, results: list[dict], folder: Path) -> l
 
     from braintumor.explanation import grad_cam
 
-    done = [r for r in results if "_image" in r]
-    if not done:
+    if not len(images):
         return []
-    cams = grad_cam(loaded.model, np.stack([r["_image"] for r in done]), loaded.info["class_names"])
+    done = [r for r in results if "error" not in r]
+    cams = grad_cam(loaded.model, images, loaded.info["class_names"])
     folder.mkdir(parents=True, exist_ok=True)
     written = []
-    for k, (result, cam) in enumerate(zip(done, cams)):
+    for k, (result, image, cam) in enumerate(zip(done, images, cams)):
         fig, ax = plt.subplots(figsize=(3, 3.2))
-        ax.imshow(result["_image"])
+        ax.imshow(image)
         ax.imshow(cam, cmap="jet", alpha=0.4)
         ax.set_title(f"{Path(result['path']).name[:28]}\nP(tumor)={result['probability']:.3f} "
                      f"({'tumor' if result['label'] else 'no tumor'})", fontsize=7)

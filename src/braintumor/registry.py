@@ -64,8 +64,6 @@ def registered_version(client, name: str, run):
                                     tags={"data_fingerprint": run.data.tags.get(DATA_TAG, "")})
     card = mlflow.artifacts.load_text(f"runs:/{run.info.run_id}/{CARD_FILE}")
     client.update_model_version(name, version.version, description=card)
-    if version.run_id != run.info.run_id:  # logged models carry their source run; make sure of it
-        client.set_model_version_tag(name, version.version, "run_id", run.info.run_id)
     log.info("register: %s version %s from run %s", name, version.version, run.info.run_id)
     return version
 
@@ -114,7 +112,8 @@ def register(params: dict, model_dir: str | Path = "models", split_dir: str | Pa
     with FileLock(lock):
         fingerprint = data_fingerprint(split_dir / "manifest.csv")
         card = model_card(model_dir, metrics_dir, fingerprint)
-        run = log_run(params, config["experiment"], card, model_dir, split_dir, metrics_dir, Path(plots_dir))
+        run = log_run(params, config["experiment"], fingerprint, card, model_dir, split_dir, metrics_dir,
+                      Path(plots_dir))
         client = MlflowClient()
         before_version, before_run = current_champion(client, name)
         decision = {

@@ -161,10 +161,11 @@ def existing_run(experiment: str, model_digest: str, fingerprint: str):
     return runs[0] if runs else None
 
 
-def log_run(params: dict, experiment: str, card: str, model_dir: Path = Path("models"),
+def log_run(params: dict, experiment: str, fingerprint: str, card: str, model_dir: Path = Path("models"),
             split_dir: Path = Path("artifacts/split"), metrics_dir: Path = Path("metrics"),
             plots_dir: Path = Path("plots")) -> dict:
-    """Record the current pipeline state as an MLflow run (or find the run that already did).
+    """Record the current pipeline state, trained and tested on the data `fingerprint` names, as an MLflow
+    run (or find the run that already did).
 
     Returns {"run_id", "model_uri", "data_fingerprint", "metrics", "new"}."""
     import keras
@@ -173,7 +174,6 @@ def log_run(params: dict, experiment: str, card: str, model_dir: Path = Path("mo
     from mlflow.types import Schema, TensorSpec
 
     model_digest = file_digest(model_dir / "model.keras", model_dir / "model.json")
-    fingerprint = data_fingerprint(split_dir / "manifest.csv")
     evaluation = json.loads((metrics_dir / "evaluate.json").read_text())
     found = existing_run(experiment, model_digest, fingerprint)
     if found is not None:

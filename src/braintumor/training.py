@@ -89,10 +89,10 @@ def compile_model(model: keras.Model, optimizer: str, learning_rate: float, clas
     )
 
 
-def fit(params: dict, train: dict, val: dict | None, epochs: int | None = None, callbacks: list | None = None,
-        verbose: int = 2, name: str | None = None) -> tuple[keras.Model, dict]:
-    """Build and fit the model of `params["train"]` (called `name`). With `val`, early stopping restores the
-    best epoch; without it, it runs `epochs` epochs. Returns the model and a summary."""
+def fit(params: dict, train: dict, val: dict, callbacks: list | None = None, verbose: int = 2,
+        name: str | None = None) -> tuple[keras.Model, dict]:
+    """Build and fit the model of `params["train"]` (called `name`); early stopping on `val` restores the best
+    epoch. Returns the model and a summary."""
     config = validate_train(params)
     keras.utils.set_random_seed(params["seed"])
     keras.mixed_precision.set_global_policy("mixed_float16" if config["mixed_precision"] else "float32")
@@ -106,20 +106,19 @@ def fit(params: dict, train: dict, val: dict | None, epochs: int | None = None, 
             layer.trainable = False
     compile_model(model, optimizer, config["learning_rate"], classes)
     weights = class_weights(train["y"], classes, config["class_weight"])
-    monitor = "val_loss" if val is not None else "loss"
-    schedule = [keras.callbacks.ReduceLROnPlateau(monitor=monitor, factor=0.5, patience=config["reduce_lr_patience"],
-                                                  min_lr=1e-6)]
-    if val is not None:
-        schedule.append(keras.callbacks.EarlyStopping(monitor=monitor, patience=config["early_stopping_patience"],
-                                                      restore_best_weights=True))
-    x_val = (val["x"].astype("float32"), val["y"]) if val is not None else None
+    schedule = [
+        keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.5, patience=config["reduce_lr_patience"],
+                                          min_lr=1e-6),
+        keras.callbacks.EarlyStopping(monitor="val_loss", patience=config["early_stopping_patience"],
+                                      restore_best_weights=True),
+    ]
+    x_train, x_val = train["x"].astype("float32"), (val["x"].astype("float32"), val["y"])
     started = time.perf_counter()
     history = model.fit(
-        train["x"].astype("float32"), train["y"], batch_size=config["batch_size"], epochs=epochs or config["epochs"],
-        validation_data=x_val, class_weight=weights, callbacks=schedule + (callbacks or []), verbose=verbose,
-        shuffle=True,
+        x_train, train["y"], batch_size=config["batch_size"], epochs=config["epochs"], validation_data=x_val,
+        class_weight=weights, callbacks=schedule + (callbacks or []), verbose=verbose, shuffle=True,
     )
-    losses = history.history[monitor]
+    losses = history.history["val_loss"]
     epochs_run = len(losses)
     if pretrained and config["transfer"]["fine_tune_epochs"]:  # phase 2: unfreeze the last N backbone layers
         for layer in model.layers[-3 - config["transfer"]["fine_tune_layers"] : -3]:
@@ -127,16 +126,16 @@ def fit(params: dict, train: dict, val: dict | None, epochs: int | None = None, 
                 layer.trainable = True
         compile_model(model, optimizer, config["transfer"]["fine_tune_learning_rate"], classes)
         more = model.fit(
-            train["x"].astype("float32"), train["y"], batch_size=config["batch_size"],
+            x_train, train["y"], batch_size=config["batch_size"],
             epochs=epochs_run + config["transfer"]["fine_tune_epochs"], initial_epoch=epochs_run,
             validation_data=x_val, class_weight=weights, callbacks=schedule + (callbacks or []), verbose=verbose,
         )
-        losses = losses + more.history[monitor]
+        losses = losses + more.history["val_loss"]
         epochs_run = len(losses)
     seconds = time.perf_counter() - started
     summary = {
         "epochs_run": epochs_run,
-        "best_epoch": int(np.argmin(losses)) + 1 if val is not None else epochs_run,
+        "best_epoch": int(np.argmin(losses)) + 1,
         "train_seconds": round(seconds, 1),
         "train_images_per_second": round(len(train["x"]) * epochs_run / seconds, 1),
         "class_weight": {class_names(config["task"])[c]: round(w, 4) for c, w in (weights or {}).items()},
