@@ -2,7 +2,16 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from braintumor.images import ImageReadError, center_on_head, crop_to_content, model_input, open_image, to_grayscale
+from braintumor.images import (
+    HASH_WINDOW_RADII,
+    ImageReadError,
+    center_on_head,
+    crop_to_content,
+    model_input,
+    open_image,
+    percentiles,
+    to_grayscale,
+)
 from conftest import brain_image, save
 
 
@@ -60,3 +69,25 @@ def test_crop_and_centre_ignore_padding():
     padded = np.pad(pixels, ((30, 5), (0, 50)))
     assert crop_to_content(padded).shape == crop_to_content(pixels).shape
     assert center_on_head(padded).shape == center_on_head(pixels).shape
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (3, 7), (64, 64), (173, 211)])
+def test_histogram_percentiles_equal_numpy_s(shape):
+    rng = np.random.default_rng(shape[0])
+    for gray in (rng.integers(0, 256, shape, dtype=np.uint8), np.full(shape, 9, np.uint8),
+                 (rng.random(shape) < 0.3).astype(np.uint8) * 200):
+        q = [0, 1, 37.5, 50, 99, 100]
+        assert percentiles(gray, q).tolist() == np.percentile(gray, q).tolist()  # the very same floats
+
+
+def test_head_window_equals_the_direct_moment_computation():
+    """The marginal moments and edge-aware copy give the window of the plain definition (all foreground
+    coordinates, a zero-padded frame)."""
+    for seed in range(8):
+        pixels = np.pad(brain_image(seed, 60 + 7 * seed), ((seed * 3, 11), (0, seed * 5)))
+        ys, xs = np.nonzero(pixels > np.percentile(pixels, 1) + 0.1 * np.ptp(np.percentile(pixels, [1, 99])) + 2)
+        cy, cx = ys.mean(), xs.mean()
+        half = max(4, int(round(HASH_WINDOW_RADII * np.sqrt(((ys - cy) ** 2 + (xs - cx) ** 2).mean()))))
+        top, left = int(round(cy)), int(round(cx))
+        expected = np.pad(pixels, half)[top : top + 2 * half, left : left + 2 * half]
+        assert np.array_equal(center_on_head(pixels), expected)

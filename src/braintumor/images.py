@@ -71,9 +71,21 @@ def to_grayscale(img: Image.Image) -> np.ndarray:
     return np.asarray(img.convert("L"), dtype=np.uint8)
 
 
+def percentiles(gray: np.ndarray, q: list[float]) -> np.ndarray:
+    """`np.percentile(gray, q)` of an 8-bit image, read off its histogram (same linear rule, same floats):
+    a bincount and a cumulative sum cost a fraction of the partial sort that np.percentile does."""
+    position = np.asarray(q, dtype=np.float64) / 100 * (gray.size - 1)
+    below = np.floor(position).astype(np.int64)
+    cumulative = np.cumsum(np.bincount(gray.ravel(), minlength=256))
+    a, b = (np.searchsorted(cumulative, k, side="right").astype(np.float64)
+            for k in (below, np.minimum(below + 1, gray.size - 1)))
+    t = position - below
+    return np.where(t >= 0.5, b - (b - a) * (1 - t), a + (b - a) * t)  # numpy's lerp, both branches
+
+
 def foreground(gray: np.ndarray) -> np.ndarray:
     """Mask of the head: pixels clearly brighter than the image's own dark level (robust to contrast changes)."""
-    dark, bright = np.percentile(gray, [1, 99])
+    dark, bright = percentiles(gray, [1, 99])
     return gray > dark + BACKGROUND_FRACTION * (bright - dark) + 2
 
 
@@ -93,14 +105,19 @@ def center_on_head(gray: np.ndarray) -> np.ndarray:
     Moments move little when a copy is cropped, shifted or padded (a bounding box jumps as soon as the
     skull touches the frame), so hashes of such copies stay close. Used for hashing only.
     """
-    ys, xs = np.nonzero(foreground(gray))
-    if ys.size < 16:
+    mask = foreground(gray)
+    rows, cols = np.count_nonzero(mask, axis=1), np.count_nonzero(mask, axis=0)  # moments from the marginals
+    total = int(rows.sum())
+    if total < 16:
         return gray
-    cy, cx = ys.mean(), xs.mean()
-    half = max(4, int(round(HASH_WINDOW_RADII * np.sqrt(((ys - cy) ** 2 + (xs - cx) ** 2).mean()))))
-    padded = np.pad(gray, half)
-    top, left = int(round(cy)), int(round(cx))
-    return padded[top : top + 2 * half, left : left + 2 * half]
+    y, x = np.arange(len(rows)), np.arange(len(cols))
+    cy, cx = rows @ y / total, cols @ x / total
+    half = max(4, int(round(HASH_WINDOW_RADII * np.sqrt((rows @ (y - cy) ** 2 + cols @ (x - cx) ** 2) / total))))
+    top, left = int(round(cy)) - half, int(round(cx)) - half
+    window = np.zeros((2 * half, 2 * half), dtype=gray.dtype)  # zero beyond the image's edges
+    inside = gray[max(top, 0) : top + 2 * half, max(left, 0) : left + 2 * half]
+    window[max(-top, 0) : max(-top, 0) + inside.shape[0], max(-left, 0) : max(-left, 0) + inside.shape[1]] = inside
+    return window
 
 
 def load_grayscale(path: str | Path, draft_size: int | None = None) -> np.ndarray:
