@@ -8,16 +8,28 @@ import keras
 import numpy as np
 import pytest
 
-from braintumor.training import class_weights, fit, load_split, train
+from braintumor.training import fit, load_split, sample_weights, train
 from conftest import REPO
 from conftest_split import make_split, tiny_params
 
 
-def test_class_weights_balance_the_classes():
-    y = np.array([0] * 10 + [1] * 30)
-    weights = class_weights(y, 2, "balanced")
-    assert weights[0] * 10 == pytest.approx(weights[1] * 30)
-    assert class_weights(y, 2, "none") is None
+def test_sample_weights_balance_classes_or_each_source_s_classes():
+    # source a: 10 healthy, 30 tumor; source b: 4 healthy, 6 tumor
+    y = np.array([0] * 10 + [1] * 30 + [0] * 4 + [1] * 6)
+    data = {"y": y, "source": np.array(["a"] * 40 + ["b"] * 10)}
+    names = ["no_tumor", "tumor"]
+
+    weights, strata = sample_weights(data, names, "balanced")
+    assert weights[y == 0].sum() == pytest.approx(weights[y == 1].sum())
+    assert weights.sum() == pytest.approx(len(y)) and set(strata) == {"no_tumor", "tumor"}
+
+    weights, strata = sample_weights(data, names, "balanced_by_source")
+    totals = [weights[(data["source"] == s) & (y == c)].sum() for s in "ab" for c in (0, 1)]
+    assert totals == pytest.approx([len(y) / 4] * 4)
+    assert strata == pytest.approx({"a/no_tumor": 50 / 40, "a/tumor": 50 / 120, "b/no_tumor": 50 / 16, "b/tumor": 50 / 24},
+                                   abs=1e-4)  # reported to 4 decimals
+
+    assert sample_weights(data, names, "none") == (None, {})
 
 
 def test_multiclass_keeps_only_known_subtypes(tmp_path):
@@ -41,8 +53,9 @@ def test_a_small_model_learns_the_synthetic_lesions(tmp_path):
 
 def test_train_stage_ships_the_fold_ensemble_with_out_of_fold_predictions(in_tmp):
     make_split(in_tmp / "artifacts/split")
-    params = tiny_params("small_xception", epochs=2)
+    params = tiny_params("small_xception", epochs=2, class_weight="balanced_by_source")
     metrics = train(params)
+    assert set(metrics["class_weight"]) == {"synthetic/no_tumor", "synthetic/tumor"}  # sources come from the manifest
     info = json.loads((in_tmp / "artifacts/train/model.json").read_text())
     assert info["class_names"] == ["no_tumor", "tumor"] and info["image_size"] == 48 and info["folds"] == 2
     assert json.loads((in_tmp / "metrics/train.json").read_text()) == metrics

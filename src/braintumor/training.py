@@ -57,12 +57,19 @@ def tumor_probability(model, x: np.ndarray, class_names: list[str], batch_size: 
     return 1.0 - probs[:, class_names.index("no_tumor")]
 
 
-def class_weights(y: np.ndarray, classes: int, mode: str) -> dict[int, float] | None:
-    """`balanced`: weights inversely proportional to class frequency (sklearn's rule); `none`: no weights."""
+def sample_weights(data: dict, names: list[str], mode: str) -> tuple[np.ndarray | None, dict[str, float]]:
+    """Per-image loss weights and the weight of each stratum, for `train.class_weight`.
+
+    `balanced`: every class carries the same total weight (sklearn's rule). `balanced_by_source`: every
+    (source, class) stratum does, so that the scans of a small source (Kaggle 2018: 8 % of the images, and
+    the tumors the models miss most) are not drowned by those of a large one. `none`: no weights."""
     if mode == "none":
-        return None
-    counts = np.bincount(y, minlength=classes).astype(float)
-    return {c: float(len(y) / (classes * counts[c])) for c in range(classes) if counts[c]}
+        return None, {}
+    classes = np.array(names, dtype=object)[data["y"]]
+    strata = classes if mode == "balanced" else data["source"].astype(object) + "/" + classes
+    keys, index, counts = np.unique(strata, return_inverse=True, return_counts=True)
+    weight = len(strata) / (len(keys) * counts)
+    return weight[index], {str(k): round(float(w), 4) for k, w in zip(keys, weight)}
 
 
 class LiveMetrics(keras.callbacks.Callback):
@@ -105,18 +112,21 @@ def fit(params: dict, train: dict, val: dict, callbacks: list | None = None, ver
         for layer in model.layers[:-3]:
             layer.trainable = False
     compile_model(model, optimizer, config["learning_rate"], classes)
-    weights = class_weights(train["y"], classes, config["class_weight"])
+    names = class_names(config["task"])
+    weights, strata = sample_weights(train, names, config["class_weight"])
+    held_out_weights, _ = sample_weights(val, names, config["class_weight"])  # early stopping watches the same loss
     schedule = [
         keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.5, patience=config["reduce_lr_patience"],
                                           min_lr=1e-6),
         keras.callbacks.EarlyStopping(monitor="val_loss", patience=config["early_stopping_patience"],
                                       restore_best_weights=True),
     ]
-    x_train, x_val = train["x"].astype("float32"), (val["x"].astype("float32"), val["y"])
+    x_train = train["x"].astype("float32")
+    x_val = (val["x"].astype("float32"), val["y"]) + ((held_out_weights,) if held_out_weights is not None else ())
     started = time.perf_counter()
     history = model.fit(
         x_train, train["y"], batch_size=config["batch_size"], epochs=config["epochs"], validation_data=x_val,
-        class_weight=weights, callbacks=schedule + (callbacks or []), verbose=verbose, shuffle=True,
+        sample_weight=weights, callbacks=schedule + (callbacks or []), verbose=verbose, shuffle=True,
     )
     losses = history.history["val_loss"]
     epochs_run = len(losses)
@@ -128,7 +138,7 @@ def fit(params: dict, train: dict, val: dict, callbacks: list | None = None, ver
         more = model.fit(
             x_train, train["y"], batch_size=config["batch_size"],
             epochs=epochs_run + config["transfer"]["fine_tune_epochs"], initial_epoch=epochs_run,
-            validation_data=x_val, class_weight=weights, callbacks=schedule + (callbacks or []), verbose=verbose,
+            validation_data=x_val, sample_weight=weights, callbacks=schedule + (callbacks or []), verbose=verbose,
         )
         losses = losses + more.history["val_loss"]
         epochs_run = len(losses)
@@ -138,17 +148,19 @@ def fit(params: dict, train: dict, val: dict, callbacks: list | None = None, ver
         "best_epoch": int(np.argmin(losses)) + 1,
         "train_seconds": round(seconds, 1),
         "train_images_per_second": round(len(train["x"]) * epochs_run / seconds, 1),
-        "class_weight": {class_names(config["task"])[c]: round(w, 4) for c, w in (weights or {}).items()},
+        "class_weight": strata,
     }
     return model, summary
 
 
 def cross_validation_pool(split_dir: str | Path, task: str) -> dict[str, np.ndarray]:
-    """train+val as one pool, with each image's dedup group (so near duplicates never straddle two folds)."""
+    """train+val as one pool, with each image's dedup group (so near duplicates never straddle two folds) and
+    source (for `balanced_by_source` weights)."""
     parts = [load_split(split_dir, name, task) for name in ("train", "val")]
     pool = {key: np.concatenate([part[key] for part in parts]) for key in parts[0]}
     manifest = pd.read_csv(Path(split_dir) / "manifest.csv", keep_default_na=False).set_index("path")
-    pool["group"] = manifest.loc[pool["path"].astype(object), "group"].to_numpy()
+    rows = manifest.loc[pool["path"].astype(object)]
+    pool["group"], pool["source"] = rows["group"].to_numpy(), rows["source"].to_numpy()
     return pool
 
 
