@@ -36,8 +36,12 @@ def test_multiclass_keeps_only_known_subtypes(tmp_path):
     split = make_split(tmp_path / "split")
     np.savez(split / "extra.npz", x=np.zeros((3, 48, 48, 3), np.uint8), y=np.array([1, 1, 0], np.int8),
              subtype=np.array(["unknown", "glioma", "none"]), path=np.array(["a", "b", "c"]))
+    with open(split / "manifest.csv", "a") as manifest:  # path,label,subtype,source,group,split,sha256
+        manifest.writelines(f"{p},{y},{t},{s},g-{p},extra,0\n" for p, y, t, s in
+                            [("a", 1, "unknown", "x"), ("b", 1, "glioma", "y"), ("c", 0, "none", "x")])
     data = load_split(split, "extra", "multiclass")
     assert data["path"].tolist() == ["b", "c"] and data["y"].tolist() == [0, 2]  # glioma, no_tumor
+    assert data["source"].tolist() == ["y", "x"] and data["group"].tolist() == ["g-b", "g-c"]
     assert load_split(split, "extra", "binary")["y"].tolist() == [1, 1, 0]
 
 

@@ -34,11 +34,15 @@ def class_names(task: str) -> list[str]:
 
 
 def load_split(split_dir: str | Path, name: str, task: str) -> dict[str, np.ndarray]:
-    """Arrays of one split for `task`: x (uint8 images), y (class index), plus path/subtype/label.
+    """Arrays of one split for `task`: x (uint8 images), y (class index), plus path/subtype/label, and each
+    image's source and dedup group from the split's manifest.
 
     The multiclass task keeps only images whose tumor type is known."""
     with np.load(Path(split_dir) / f"{name}.npz") as data:
         arrays = {key: data[key] for key in data.files}
+    manifest = pd.read_csv(Path(split_dir) / "manifest.csv", keep_default_na=False).set_index("path")
+    rows = manifest.loc[arrays["path"].astype(object)]
+    arrays["source"], arrays["group"] = rows["source"].to_numpy(), rows["group"].to_numpy()
     arrays["label"] = arrays.pop("y").astype(np.int64)
     if task == "binary":
         arrays["y"] = arrays["label"]
@@ -154,14 +158,9 @@ def fit(params: dict, train: dict, val: dict, callbacks: list | None = None, ver
 
 
 def cross_validation_pool(split_dir: str | Path, task: str) -> dict[str, np.ndarray]:
-    """train+val as one pool, with each image's dedup group (so near duplicates never straddle two folds) and
-    source (for `balanced_by_source` weights)."""
+    """train+val as one pool; each image keeps its dedup group, so near duplicates never straddle two folds."""
     parts = [load_split(split_dir, name, task) for name in ("train", "val")]
-    pool = {key: np.concatenate([part[key] for part in parts]) for key in parts[0]}
-    manifest = pd.read_csv(Path(split_dir) / "manifest.csv", keep_default_na=False).set_index("path")
-    rows = manifest.loc[pool["path"].astype(object)]
-    pool["group"], pool["source"] = rows["group"].to_numpy(), rows["source"].to_numpy()
-    return pool
+    return {key: np.concatenate([part[key] for part in parts]) for key in parts[0]}
 
 
 def folds_of(pool: dict, folds: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
