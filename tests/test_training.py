@@ -45,6 +45,14 @@ def test_multiclass_keeps_only_known_subtypes(tmp_path):
     assert load_split(split, "extra", "binary")["y"].tolist() == [1, 1, 0]
 
 
+def test_a_split_whose_manifest_misses_images_is_named(tmp_path):
+    split = make_split(tmp_path / "split")
+    np.savez(split / "extra.npz", x=np.zeros((1, 48, 48, 3), np.uint8), y=np.array([1], np.int8),
+             subtype=np.array(["glioma"]), path=np.array(["unlisted.png"]))
+    with pytest.raises(ValueError, match=r"manifest.csv: 1 images of extra.npz .*unlisted.png.*dvc repro split"):
+        load_split(split, "extra", "binary")
+
+
 def test_a_small_model_learns_the_synthetic_lesions(tmp_path):
     split = make_split(tmp_path / "split")
     params = tiny_params("seed_cnn", epochs=12, early_stopping_patience=12)

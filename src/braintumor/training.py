@@ -40,7 +40,12 @@ def load_split(split_dir: str | Path, name: str, task: str) -> dict[str, np.ndar
     The multiclass task keeps only images whose tumor type is known."""
     with np.load(Path(split_dir) / f"{name}.npz") as data:
         arrays = {key: data[key] for key in data.files}
-    manifest = pd.read_csv(Path(split_dir) / "manifest.csv", keep_default_na=False).set_index("path")
+    manifest_path = Path(split_dir) / "manifest.csv"
+    manifest = pd.read_csv(manifest_path, keep_default_na=False).set_index("path")
+    missing = ~np.isin(arrays["path"].astype(object), manifest.index)
+    if missing.any():
+        raise ValueError(f"{manifest_path}: {missing.sum()} images of {name}.npz are not listed (first: "
+                         f"{arrays['path'][missing][0]}); the split is inconsistent, re-run `dvc repro split`")
     rows = manifest.loc[arrays["path"].astype(object)]
     arrays["source"], arrays["group"] = rows["source"].to_numpy(), rows["group"].to_numpy()
     arrays["label"] = arrays.pop("y").astype(np.int64)
@@ -107,7 +112,8 @@ def fit(params: dict, train: dict, val: dict, callbacks: list | None = None, ver
     config = validate_train(params)
     keras.utils.set_random_seed(params["seed"])
     keras.mixed_precision.set_global_policy("mixed_float16" if config["mixed_precision"] else "float32")
-    classes = len(class_names(config["task"]))
+    names = class_names(config["task"])
+    classes = len(names)
     image_size = train["x"].shape[1]
     outputs = 1 if classes == 2 else classes  # one sigmoid unit for the binary task
     model, optimizer = build_model(config["model"], image_size, outputs, config, params["seed"], name)
@@ -116,7 +122,6 @@ def fit(params: dict, train: dict, val: dict, callbacks: list | None = None, ver
         for layer in model.layers[:-3]:
             layer.trainable = False
     compile_model(model, optimizer, config["learning_rate"], classes)
-    names = class_names(config["task"])
     weights, strata = sample_weights(train, names, config["class_weight"])
     held_out_weights, _ = sample_weights(val, names, config["class_weight"])  # early stopping watches the same loss
     schedule = [
