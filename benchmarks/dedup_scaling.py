@@ -4,8 +4,8 @@
    throughput (decode + centre + pHash + dHash) with 1 and 2 processes, on the fetched images.
 2. Time to cluster N hashes (near-pair search + connected components, as in the dedup stage) for N = the
    real set and larger sets grown from it: each extra hash is a real one with a few random bits flipped,
-   as an altered copy would be. Reports the growth exponent between sizes, and the previous numpy search
-   (before/after ratio, same pairs) up to `--numpy-up-to`.
+   as an altered copy would be. Reports the growth exponent between sizes, and the previous all-pairs
+   search (before/after ratio, same pairs asserted) up to `--all-pairs-up-to`.
 3. Baseline: the notebook's method, every image's decoded pixels compared with every kept image in a
    Python loop, on the first `--baseline-images` images; our hash + cluster on the same images; the ratio.
 
@@ -21,11 +21,12 @@ import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import numba
 import numpy as np
 import pandas as pd
 
 from braintumor.dedup import cluster_ids
-from braintumor.hashing import Hashes, Pairs, hamming, hash_images, near_pairs
+from braintumor.hashing import Hashes, Pairs, _distance, hash_images, near_pairs
 from braintumor.images import load_grayscale
 from braintumor.params import load_params
 from braintumor.parallel import parallel_map
@@ -59,27 +60,32 @@ def grown(hashes: Hashes, n: int, seed: int) -> Hashes:
     return Hashes(*parts)
 
 
-def numpy_near_pairs(query: Hashes, max_p: int, max_d: int, workers: int) -> Pairs:
-    """The previous search (before the compiled loop), kept here as the before/after baseline: numpy
-    popcounts of whole blocks of 256 rows against every column, in threads."""
-    base_words = np.ascontiguousarray(query.phash.T)
+@numba.njit(nogil=True)
+def _all_pairs_block(phash, dhash, start, stop, max_p, max_d):
+    """The previous search (before the leader index), kept as the before/after baseline: every pair
+    (i < j) compared, with the same compiled, early-exiting distances."""
+    found = np.empty((1024, 4), dtype=np.int64)
+    n = 0
+    for i in range(start, stop):
+        for j in range(i + 1, phash.shape[0]):
+            p = _distance(phash[i], phash[j], max_p)
+            if p <= max_p:
+                d = _distance(dhash[i], dhash[j], max_d)
+                if d <= max_d:
+                    if n == found.shape[0]:
+                        found = np.concatenate((found, np.empty_like(found)))
+                    found[n, 0], found[n, 1], found[n, 2], found[n, 3] = i, j, p, d
+                    n += 1
+    return found[:n]
 
-    def block(start: int) -> tuple[np.ndarray, np.ndarray]:
-        stop = min(start + 256, len(query))
-        distance = np.zeros((stop - start, max(len(query) - start - 1, 0)), dtype=np.uint16)
-        for word in range(base_words.shape[0]):
-            distance += np.bitwise_count(query.phash[start:stop, word, None] ^ base_words[word, None, start + 1:])
-        rows, cols = np.nonzero(distance <= max_p)
-        rows, cols = rows + start, cols + start + 1
-        keep = cols > rows
-        return rows[keep], cols[keep]
 
+def all_pairs_near_pairs(query: Hashes, max_p: int, max_d: int, workers: int) -> Pairs:
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        blocks = list(pool.map(block, range(0, len(query), 256)))
-    i = np.concatenate([b[0] for b in blocks])
-    j = np.concatenate([b[1] for b in blocks])
-    dp, dd = hamming(query.phash[i], query.phash[j]), hamming(query.dhash[i], query.dhash[j])
-    return Pairs(i, j, dp, dd).where(dd <= max_d)
+        blocks = pool.map(lambda start: _all_pairs_block(query.phash, query.dhash, start,
+                                                         min(start + 64, len(query)), max_p, max_d),
+                          range(0, len(query), 64))
+        found = np.concatenate(list(blocks))
+    return Pairs(found[:, 0], found[:, 1], found[:, 2], found[:, 3])
 
 
 def cluster(hashes: Hashes, max_p: int, max_d: int, workers: int, search=None) -> tuple[int, int]:
@@ -104,7 +110,8 @@ def main() -> None:
     parser.add_argument("--manifest", default="artifacts/fetch/manifest.csv")
     parser.add_argument("--sizes", type=int, nargs="*", default=[20_000, 100_000])
     parser.add_argument("--baseline-images", type=int, default=1000)
-    parser.add_argument("--numpy-up-to", type=int, default=20_000, help="run the previous numpy search up to this N")
+    parser.add_argument("--all-pairs-up-to", type=int, default=100_000,
+                        help="run the previous all-pairs search up to this N")
     args = parser.parse_args()
     config = load_params()["dedup"]
     size, max_p, max_d = config["hash_size"], config["phash_max_distance"], config["dhash_max_distance"]
@@ -126,19 +133,20 @@ def main() -> None:
         print(f"   hashing / decode-only, {workers} proc: {ratio:.2f}")
 
     print(f"\n2. clustering N hashes (near-pair search + connected components), {cores} threads")
-    near_pairs(hashes.take(np.arange(10)), max_p, max_d)  # compile (or load) the search once, outside the timing
+    few = hashes.take(np.arange(10))  # compile (or load) both searches once, outside the timing
+    near_pairs(few, max_p, max_d), all_pairs_near_pairs(few, max_p, max_d, 1)
     previous = None
     for n in [len(hashes), *args.sizes]:
         grown_set = grown(hashes, n, seed=0)
         (pairs, clusters), seconds = timed(cluster, grown_set, max_p, max_d, cores)
-        if n <= args.numpy_up_to:
-            (old_pairs, _), old_seconds = timed(cluster, grown_set, max_p, max_d, cores, numpy_near_pairs)
+        if n <= args.all_pairs_up_to:
+            (old_pairs, _), old_seconds = timed(cluster, grown_set, max_p, max_d, cores, all_pairs_near_pairs)
             assert old_pairs == pairs
-            print(f"   N = {n:>7}: previous numpy search {old_seconds:7.2f} s; compiled search "
+            print(f"   N = {n:>7}: previous all-pairs search {old_seconds:7.2f} s; leader-index search "
                   f"{old_seconds / seconds:.1f}x faster")
         growth = "" if previous is None else (
             f", growth exponent {math.log(seconds / previous[1]) / math.log(n / previous[0]):.2f} vs {previous[0]}")
-        print(f"   N = {n:>7}: {seconds:7.2f} s, {n * (n - 1) / 2 / seconds / 1e6:7.0f} M pairs/s, "
+        print(f"   N = {n:>7}: {seconds:7.2f} s, {n * (n - 1) / 2 / seconds / 1e6:7.0f} M pairs/s (all-pairs equivalent), "
               f"{pairs} near pairs, {clusters} clusters{growth}")
         previous = (n, seconds)
 

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 import braintumor.hashing as hashing
-from braintumor.hashing import Hashes, hamming, hash_images, near_pairs
+from braintumor.hashing import Hashes, hamming, hash_images, leader_index, near_pairs
 from braintumor.params import load_params
 from conftest import REPO, brain_image, save
 
@@ -43,6 +43,51 @@ def test_near_pairs_matches_brute_force_across_blocks(monkeypatch, self_join):
     got = set(zip(pairs.i.tolist(), pairs.j.tolist(), pairs.phash.tolist(), pairs.dhash.tolist()))
     expected = brute_force(a, b, 60, 62, self_join)
     assert got == expected and len(expected) >= 15
+
+
+def clustered_hashes(originals, copies, words, max_flips, seed):
+    """Random originals (unrelated: ~half their bits differ) and copies of them with up to `max_flips` bits
+    flipped in each hash, shuffled, so that near pairs sit in tight groups as real duplicates do."""
+    rng = np.random.default_rng(seed)
+    phash = rng.integers(0, 2**63, (originals, words), dtype=np.uint64)
+    dhash = rng.integers(0, 2**63, (originals, words), dtype=np.uint64)
+    source = rng.integers(0, originals, copies)
+    parts = [phash, dhash]
+    for k, words_of in enumerate((phash, dhash)):
+        grown = words_of[source].copy()
+        for row in range(copies):
+            for bit in rng.choice(words * 64, rng.integers(0, max_flips + 1), replace=False):
+                grown[row, bit // 64] ^= np.uint64(1) << np.uint64(bit % 64)
+        parts[k] = np.concatenate([words_of, grown])
+    order = rng.permutation(originals + copies)
+    return Hashes(parts[0][order], parts[1][order])
+
+
+@pytest.mark.parametrize("self_join", [True, False])
+def test_near_pairs_skips_groups_and_still_finds_every_pair(self_join):
+    # copies of one original are within 6 pHash bits of each other: one group each at near_pairs' radius
+    # (12 // 2); the dHash limit of 4 cuts some copy pairs
+    hashes = clustered_hashes(originals=30, copies=90, words=2, max_flips=3, seed=3)
+    a, b = (hashes, hashes) if self_join else (hashes.take(np.arange(40)), hashes.take(np.arange(40, 120)))
+    assert len(leader_index(b.phash, 12 // 2).leaders) <= 30  # so whole groups can be skipped
+    pairs = near_pairs(a, 12, 4, base=None if self_join else b, workers=2)
+    got = list(zip(pairs.i.tolist(), pairs.j.tolist(), pairs.phash.tolist(), pairs.dhash.tolist()))
+    expected = brute_force(a, b, 12, 4, self_join)
+    assert got == sorted(expected)  # every pair, once, in (i, j) order
+    assert len(expected) < len(brute_force(a, b, 12, 8, self_join))  # the dHash limit mattered
+    assert len(got) >= 30
+
+
+def test_leader_index_groups_every_row_within_the_radius():
+    hashes = clustered_hashes(originals=20, copies=60, words=4, max_flips=12, seed=4)
+    index = leader_index(hashes.phash, 18)
+    assert sorted(index.members.tolist()) == list(range(80))  # a partition of the rows
+    for k, leader in enumerate(index.leaders):
+        rows = index.members[index.starts[k]:index.starts[k + 1]]
+        distance = hamming(hashes.phash[rows], hashes.phash[leader])
+        assert distance.tolist() == index.member_distance[index.starts[k]:index.starts[k + 1]].tolist()
+        assert leader in rows and distance.max() == index.radii[k] <= 18
+        assert list(distance) == sorted(distance)
 
 
 def test_hamming_counts_bits():
