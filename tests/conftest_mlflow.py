@@ -114,7 +114,7 @@ def trained_state(root: Path, model: str, split: Path, **train_params) -> tuple[
     root.mkdir(parents=True)
     shutil.copytree(split, root / "artifacts/split")
     params = tiny_params(model, **train_params)
-    params["register"].update(min_accuracy=0.0, min_specificity=0.0)
+    params["register"].update(min_recall=0.0, min_accuracy=0.0, min_specificity=0.0)
     with contextlib.chdir(root):
         train(params)
         evaluate(params)

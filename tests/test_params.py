@@ -3,7 +3,8 @@ import copy
 import pytest
 import yaml
 
-from braintumor.params import ParamError, load_params, validate_dedup, validate_fetch, validate_split
+from braintumor.params import (ParamError, load_params, validate_dedup, validate_fetch, validate_register,
+                               validate_split)
 from conftest import REPO
 
 
@@ -16,6 +17,7 @@ def test_shipped_params_are_valid(params):
     validate_fetch(params)
     validate_dedup(params)
     validate_split(params)
+    validate_register(params)
 
 
 @pytest.mark.parametrize(
@@ -29,6 +31,7 @@ def test_shipped_params_are_valid(params):
          validate_fetch, "fetch.sources.kaggle2018.handle"),
         ("fetch.sources.ixi.planes", ["diagonal"], validate_fetch, None),
         ("fetch.workers", 0, validate_fetch, "fetch.workers"),
+        ("register.min_recall", 1.5, validate_register, "register.min_recall"),
     ],
 )
 def test_bad_values_name_the_param(params, path, value, validator, names):

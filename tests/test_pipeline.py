@@ -44,8 +44,8 @@ def repo(tmp_path_factory, mlflow_server):
     params["train"]["folds"] = 2
     params["evaluate"].update(bootstrap=100)
     params["explain"].update(images=1, lime_samples=20)
-    params["register"].update(experiment="pipeline", model_name="pipeline-model", min_accuracy=0.0,
-                              min_specificity=0.0, champion_on_new_data="replace")
+    params["register"].update(experiment="pipeline", model_name="pipeline-model", min_recall=0.0,
+                              min_accuracy=0.0, min_specificity=0.0, champion_on_new_data="replace")
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     git = ["git", "-c", "user.name=test", "-c", "user.email=test@localhost"]
     subprocess.run(["git", "init", "-q"], cwd=repo, check=True)

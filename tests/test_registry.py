@@ -36,9 +36,11 @@ def registering(server: str, monkeypatch, experiment: str):
 
 
 def better(states) -> str:
-    """The variant the selection rule must prefer: highest test recall, then accuracy."""
+    """The variant the selection rule must prefer: highest out-of-fold accuracy at the target recall, then
+    test recall, then test accuracy."""
     scores = {name: json.loads((ws / "metrics/evaluate.json").read_text()) for name, (ws, _) in states.items()}
-    return max(scores, key=lambda name: (scores[name]["recall"], scores[name]["accuracy"]))
+    return max(scores, key=lambda name: (scores[name]["threshold_selection"]["out_of_fold"]["accuracy"],
+                                         scores[name]["recall"], scores[name]["accuracy"]))
 
 
 def champion_model(client, name: str) -> str:
@@ -118,6 +120,28 @@ def test_champion_tested_on_other_data_stays_unless_replace(mlflow_server, train
     assert replaced["promoted"] == 1 and replaced["run_logged"] == 0
     assert replaced["champion"]["data_fingerprint"] == kept["data_fingerprint"] != replaced["champion_before"][
         "data_fingerprint"]
+
+
+def test_champion_at_another_target_recall_is_not_compared(mlflow_server, trained_states, monkeypatch, in_tmp):
+    """Out-of-fold accuracy depends on the target recall the threshold aims at, so runs at different targets
+    do not rank against each other."""
+    from braintumor.evaluation import evaluate
+
+    run = registering(mlflow_server, monkeypatch, "target")
+    first = run(trained_states["seed_fsm"])
+    workspace, params = trained_states["seed_cnn"]
+    moved = in_tmp / "other-target"
+    shutil.copytree(workspace, moved)
+    params = copy.deepcopy(params)
+    params["evaluate"]["target_recall"] = 0.9
+    with contextlib.chdir(moved):
+        evaluate(params)  # a new threshold, so a new model file and run
+
+    kept = run((moved, params))
+    assert kept["promoted"] == 0 and "target recall 0.98" in kept["outcome"]
+    assert kept["candidate"]["target_recall"] == 0.9 and kept["champion"]["run_id"] == first["run_id"]
+    replaced = run((moved, params), champion_on_new_data="replace")
+    assert replaced["promoted"] == 1 and replaced["champion"]["run_id"] == kept["run_id"]
 
 
 def test_concurrent_registrations_leave_one_version_per_run(mlflow_server, trained_states, in_tmp):

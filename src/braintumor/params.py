@@ -205,6 +205,8 @@ def _name(params: dict, dotted: str) -> str:
 def validate_register(params: dict) -> dict:
     _name(params, "register.experiment")
     _name(params, "register.model_name")
+    _number(params, "evaluate.target_recall", 0.5, 1.0)  # the runs compared share it
+    _number(params, "register.min_recall", 0.0, 1.0)
     _number(params, "register.min_accuracy", 0.0, 1.0)
     _number(params, "register.min_specificity", 0.0, 1.0)
     _choice(params, "register.champion_on_new_data", ("keep", "replace"))
