@@ -47,6 +47,16 @@ def test_bad_values_name_the_param(params, path, value, validator, names):
     assert (names or path) in str(err.value)
 
 
+def test_mirror_average_needs_models_that_learnt_flips(params):
+    from braintumor.params import validate_train
+
+    params["train"]["augment"]["horizontal_flip"] = False
+    with pytest.raises(ParamError, match="train.mirror_average"):
+        validate_train(params)
+    params["train"]["mirror_average"] = False
+    validate_train(params)
+
+
 def test_unknown_source_and_all_disabled(params):
     bad = copy.deepcopy(params)
     bad["fetch"]["sources"]["kaggle2019"] = {"enabled": True}

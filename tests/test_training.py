@@ -8,6 +8,7 @@ import keras
 import numpy as np
 import pytest
 
+from braintumor.models import members_of, mirror
 from braintumor.training import fit, load_split, sample_weights, train
 from conftest import REPO
 from conftest_split import make_split, tiny_params
@@ -81,17 +82,28 @@ def test_train_stage_ships_the_fold_ensemble_with_out_of_fold_predictions(in_tmp
             in_tmp / "artifacts/split", split, "binary")["path"]}
 
     ensemble = keras.saving.load_model(in_tmp / "artifacts/train/model.keras")
-    members = [layer for layer in ensemble.layers if isinstance(layer, keras.Model)]
-    assert [m.name for m in members] == ["small_xception_fold0", "small_xception_fold1"]
+    members, mirrored = members_of(ensemble)
+    assert [m.name for m in members] == ["small_xception_fold0", "small_xception_fold1"] and mirrored
     x = load_split(in_tmp / "artifacts/split", "test", "binary")["x"][:5].astype("float32")
-    mean = np.mean([m.predict(x, verbose=0) for m in members], axis=0)
+    mean = np.mean([m.predict(view, verbose=0) for m in members for view in (x, x[:, :, ::-1])], axis=0)
     assert ensemble.predict(x, verbose=0) == pytest.approx(mean, abs=1e-6)
+    # the image and its mirror get the same score, as the out-of-fold predictions did
+    assert ensemble.predict(x[:, :, ::-1], verbose=0) == pytest.approx(ensemble.predict(x, verbose=0), abs=1e-6)
 
     live = json.loads((in_tmp / "metrics/train/metrics.json").read_text())
     assert {"train", "val"} <= set(live["fold0"]) and {"train", "val"} <= set(live["fold1"])
     curve = (in_tmp / "metrics/train/plots/metrics/fold1/val/loss.tsv").read_text().splitlines()
     assert curve[0].split("\t") == ["step", "loss"] and len(curve) == 1 + metrics["members"][1]["epochs_run"]
     assert curve[1].split("\t")[0] == "0"  # every fold's curve starts at step 0
+
+
+def test_mirror_flips_left_right_exactly_after_a_save_and_load(in_tmp):
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (3, 48, 48, 3)).astype("float32")
+    inputs = keras.Input((48, 48, 3))
+    keras.Model(inputs, mirror(48)(inputs)).save(in_tmp / "mirror.keras")
+    mirrored = keras.saving.load_model(in_tmp / "mirror.keras").predict(images, verbose=0)
+    assert np.array_equal(mirrored, images[:, :, ::-1])
 
 
 SECOND_BACKEND = textwrap.dedent("""

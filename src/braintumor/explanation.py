@@ -22,6 +22,7 @@ from lime import lime_image
 from skimage.segmentation import mark_boundaries
 
 from braintumor.atomic import atomic_path
+from braintumor.models import members_of
 from braintumor.params import validate_explain
 from braintumor.training import load_split, tumor_probability
 
@@ -73,10 +74,14 @@ def gradient(fn, x: np.ndarray) -> np.ndarray:
 
 def grad_cam(model: keras.Model, images: np.ndarray, class_names: list[str]) -> np.ndarray:
     """Grad-CAM maps in 0..1, one per image, at the input resolution. For the shipped ensemble, the mean of
-    its members' maps (each member explains its own share of the averaged score)."""
-    members = [layer for layer in model.layers if isinstance(layer, keras.Model)]
+    its members' maps (each member explains its own share of the averaged score), with each member's map of
+    the mirrored view mirrored back when the ensemble averages that view too."""
+    members, mirrored = members_of(model)
     if members:
-        cams = np.mean([grad_cam(member, images, class_names) for member in members], axis=0)
+        maps = [grad_cam(member, images, class_names) for member in members]
+        if mirrored:
+            maps += [grad_cam(member, images[:, :, ::-1], class_names)[:, :, ::-1] for member in members]
+        cams = np.mean(maps, axis=0)
         return cams / (cams.max(axis=(1, 2), keepdims=True) + 1e-12)
     features_of, tail = split_at_features(model)
     features = keras.ops.convert_to_numpy(features_of(images.astype("float32"), training=False))

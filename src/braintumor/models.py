@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import keras
+import numpy as np
 from keras import layers
 
 # keras.applications backbones by model name.
@@ -146,9 +147,31 @@ def build_model(name: str, image_size: int, classes: int, config: dict, seed: in
     return keras.Model(inputs, outputs, name=model_name or name), optimizer
 
 
-def average_of(members: list[keras.Model]) -> keras.Model:
-    """One model whose output is the mean of the members' outputs (the cross-validated ensemble that ships;
-    `train.folds` >= 2, so there are always at least two)."""
+def mirror(image_size: int) -> keras.Sequential:
+    """Left-right mirror of (batch, height, width, channels) images, from built-in layers only so that the
+    saved model needs no custom code: the width axis times a fixed anti-identity matrix. Exact for the
+    0..255 integer pixels the models take, in float32, float16 and TF32 alike."""
+    flip = layers.Dense(image_size, use_bias=False, trainable=False, name="anti_identity")
+    model = keras.Sequential([layers.Permute((1, 3, 2)), flip, layers.Permute((1, 3, 2))], name="mirror")
+    model.build((None, image_size, image_size, 3))
+    flip.set_weights([np.eye(image_size, dtype="float32")[::-1]])
+    return model
+
+
+def average_of(members: list[keras.Model], mirrored: bool) -> keras.Model:
+    """One model whose output is the mean of the members' outputs (the cross-validated ensemble that ships)
+    and, when `mirrored`, of their outputs on the left-right mirrored image as well (test-time augmentation:
+    the members learnt with random flips, and the two views' errors partly cancel). Needs two outputs to
+    average: two members, or one mirrored."""
     inputs = keras.Input(members[0].inputs[0].shape[1:], name="image")
-    mean = layers.Average(name="mean_prediction", dtype="float32")([member(inputs) for member in members])
+    views = [inputs, mirror(inputs.shape[1])(inputs)] if mirrored else [inputs]
+    mean = layers.Average(name="mean_prediction", dtype="float32")(
+        [member(view) for member in members for view in views])
     return keras.Model(inputs, mean, name="ensemble")
+
+
+def members_of(model: keras.Model) -> tuple[list[keras.Model], bool]:
+    """(the fold models inside a model built by `average_of`, whether it also averages the mirrored view);
+    ([], False) for a single model."""
+    inner = [layer for layer in model.layers if isinstance(layer, keras.Model)]
+    return [m for m in inner if m.name != "mirror"], any(m.name == "mirror" for m in inner)

@@ -161,6 +161,9 @@ def validate_train(params: dict) -> dict:
     _int(params, "train.reduce_lr_patience", 1)
     _bool(params, "train.mixed_precision")
     _bool(params, "train.augment.horizontal_flip")
+    if _bool(params, "train.mirror_average") and not params["train"]["augment"]["horizontal_flip"]:
+        raise ParamError("params.yaml: `train.mirror_average` needs `train.augment.horizontal_flip: true` (the "
+                         "models must have learnt mirrored images); set one of them to false")
     for name in ("rotation", "zoom", "translation", "brightness", "contrast"):
         _number(params, f"train.augment.{name}", 0.0, 0.5)
     widths = _get(params, "train.small_xception.widths")

@@ -198,12 +198,13 @@ def train(params: dict, split_dir: str | Path = "artifacts/split", model_dir: st
             fit_set, held_set = ({k: v[rows] for k, v in pool.items()} for rows in (fit_rows, held_rows))
             model, summary = fit(params, fit_set, held_set, callbacks=[LiveMetrics(live, f"fold{fold}/")],
                                  name=f"{config['model']}_fold{fold}")
-            oof[held_rows], fold_of[held_rows] = tumor_probability(model, held_set["x"], names), fold
+            seen_as_shipped = average_of([model], mirrored=True) if config["mirror_average"] else model
+            oof[held_rows], fold_of[held_rows] = tumor_probability(seen_as_shipped, held_set["x"], names), fold
             members.append(model)
             summaries.append({"fold": fold, "images": len(fit_rows), "held_out": len(held_rows), **summary})
             log.info("train: fold %d/%d: %d epochs (best %d), %.0f images/s", fold + 1, len(folds),
                      summary["epochs_run"], summary["best_epoch"], summary["train_images_per_second"])
-    ensemble = average_of(members)
+    ensemble = average_of(members, mirrored=config["mirror_average"])
     info = {
         "model": config["model"], "task": task, "class_names": names, "folds": len(folds),
         "image_size": int(pool["x"].shape[1]), "input": "uint8 RGB image scaled to image_size, 0..255 float",
