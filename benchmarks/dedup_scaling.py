@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 
 from braintumor.dedup import cluster_ids
-from braintumor.hashing import Hashes, Pairs, _distance, hash_images, near_pairs
+from braintumor.hashing import Hashes, Pairs, _popcount, hash_images, near_pairs
 from braintumor.images import load_grayscale
 from braintumor.params import load_params
 from braintumor.parallel import parallel_map
@@ -61,21 +61,36 @@ def grown(hashes: Hashes, n: int, seed: int) -> Hashes:
 
 
 @numba.njit(nogil=True)
-def _all_pairs_block(phash, dhash, start, stop, max_p, max_d):
-    """The previous search (before the leader index), kept as the before/after baseline: every pair
-    (i < j) compared, with the same compiled, early-exiting distances."""
-    found = np.empty((1024, 4), dtype=np.int64)
+def _all_pairs_block(qp, qd, start, stop, max_p, max_d):
+    """The previous search (commit 4ea3c15, before the leader index), kept as the before/after baseline:
+    every pair (i < j), the second half of the pHash words and the dHash only for pairs still in range."""
+    capacity = 1024
+    found = np.empty((capacity, 4), dtype=np.int64)
     n = 0
+    half = qp.shape[1] // 2
     for i in range(start, stop):
-        for j in range(i + 1, phash.shape[0]):
-            p = _distance(phash[i], phash[j], max_p)
-            if p <= max_p:
-                d = _distance(dhash[i], dhash[j], max_d)
-                if d <= max_d:
-                    if n == found.shape[0]:
-                        found = np.concatenate((found, np.empty_like(found)))
-                    found[n, 0], found[n, 1], found[n, 2], found[n, 3] = i, j, p, d
-                    n += 1
+        for j in range(i + 1, qp.shape[0]):
+            p = 0
+            for w in range(half):
+                p += _popcount(qp[i, w] ^ qp[j, w])
+            if p > max_p:
+                continue
+            for w in range(half, qp.shape[1]):
+                p += _popcount(qp[i, w] ^ qp[j, w])
+            if p > max_p:
+                continue
+            d = 0
+            for w in range(qd.shape[1]):
+                d += _popcount(qd[i, w] ^ qd[j, w])
+            if d > max_d:
+                continue
+            if n == capacity:
+                capacity *= 2
+                grown = np.empty((capacity, 4), dtype=np.int64)
+                grown[:n] = found[:n]
+                found = grown
+            found[n, 0], found[n, 1], found[n, 2], found[n, 3] = i, j, p, d
+            n += 1
     return found[:n]
 
 

@@ -107,9 +107,10 @@ def test_exp_run_of_two_variants_leaves_the_better_as_champion(repo):
                               filter_string=f"tags.`braintumor.data_fingerprint` = '{decision['data_fingerprint']}'")
     assert {run.data.tags["model"] for run in runs} == {"seed_fsm", "seed_cnn"}
     assert all(run.data.tags["dvc_experiment"] for run in runs if run.data.tags["model"] == "seed_cnn")
-    best = max(runs, key=lambda run: (run.data.metrics["recall"], run.data.metrics["accuracy"]))
+    ranked = ("threshold_selection.out_of_fold.accuracy", "recall", "accuracy")  # the selection rule's order
+    best = max(runs, key=lambda run: tuple(run.data.metrics[key] for key in ranked))
     champion = MlflowClient().get_model_version_by_alias("pipeline-model", "champion")
     metrics = MlflowClient().get_run(champion.run_id).data.metrics
-    assert (metrics["recall"], metrics["accuracy"]) == (best.data.metrics["recall"], best.data.metrics["accuracy"])
+    assert tuple(metrics[key] for key in ranked) == tuple(best.data.metrics[key] for key in ranked)
     assert decision["champion"]["run_id"] == champion.run_id
     assert decision["champion"]["data_fingerprint"] == decision["data_fingerprint"]
