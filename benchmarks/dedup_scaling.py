@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 
 from braintumor.dedup import cluster_ids
-from braintumor.hashing import Hashes, Pairs, _popcount, hash_images, near_pairs
+from braintumor.hashing import Hashes, Pairs, _append, _popcount, hash_images, near_pairs
 from braintumor.images import load_grayscale
 from braintumor.params import load_params
 from braintumor.parallel import parallel_map
@@ -63,9 +63,9 @@ def grown(hashes: Hashes, n: int, seed: int) -> Hashes:
 @numba.njit(nogil=True)
 def _all_pairs_block(qp, qd, start, stop, max_p, max_d):
     """The previous search (commit 4ea3c15, before the leader index), kept as the before/after baseline:
-    every pair (i < j), the second half of the pHash words and the dHash only for pairs still in range."""
-    capacity = 1024
-    found = np.empty((capacity, 4), dtype=np.int64)
+    every pair (i < j), the second half of the pHash words and the dHash only for pairs still in range
+    (the pair buffer is the shared `_append`)."""
+    found = np.empty((1024, 4), dtype=np.int64)
     n = 0
     half = qp.shape[1] // 2
     for i in range(start, stop):
@@ -84,12 +84,7 @@ def _all_pairs_block(qp, qd, start, stop, max_p, max_d):
                 d += _popcount(qd[i, w] ^ qd[j, w])
             if d > max_d:
                 continue
-            if n == capacity:
-                capacity *= 2
-                grown = np.empty((capacity, 4), dtype=np.int64)
-                grown[:n] = found[:n]
-                found = grown
-            found[n, 0], found[n, 1], found[n, 2], found[n, 3] = i, j, p, d
+            found = _append(found, n, i, j, p, d)
             n += 1
     return found[:n]
 
@@ -161,8 +156,8 @@ def main() -> None:
                   f"{old_seconds / seconds:.1f}x faster")
         growth = "" if previous is None else (
             f", growth exponent {math.log(seconds / previous[1]) / math.log(n / previous[0]):.2f} vs {previous[0]}")
-        print(f"   N = {n:>7}: {seconds:7.2f} s, {n * (n - 1) / 2 / seconds / 1e6:7.0f} M pairs/s (all-pairs equivalent), "
-              f"{pairs} near pairs, {clusters} clusters{growth}")
+        print(f"   N = {n:>7}: {seconds:7.2f} s, {n * (n - 1) / 2 / seconds / 1e6:7.0f} M pairs/s "
+              f"(all-pairs equivalent), {pairs} near pairs, {clusters} clusters{growth}")
         previous = (n, seconds)
 
     print(f"\n3. baseline on the first {args.baseline_images} images")

@@ -110,6 +110,17 @@ def _popcount(typingctx, word):
 
 
 @numba.njit(nogil=True, cache=True)
+def _append(found, n, i, j, p, d):
+    """`found` with row n set to the pair (i, j) and its distances, its capacity doubled first when full."""
+    if n == found.shape[0]:
+        grown = np.empty((2 * n, 4), dtype=np.int64)
+        grown[:n] = found
+        found = grown
+    found[n, 0], found[n, 1], found[n, 2], found[n, 3] = i, j, p, d
+    return found
+
+
+@numba.njit(nogil=True, cache=True)
 def _distance(a, b, limit):
     """Hamming distance of two packed rows; stops at the first word that takes it past `limit`."""
     d = 0
@@ -174,13 +185,13 @@ def _block_pairs(qp, qd, bp, bd, leaders, radii, starts, members, member_distanc
     """Pairs (i in start..stop of the query, j of the base) within both limits; compiled, GIL released.
     Groups of the leader index that cannot hold a match are skipped; the rest are checked pair by pair,
     the dHash only for pairs within the pHash limit."""
-    capacity = 1024
-    found = np.empty((capacity, 4), dtype=np.int64)
+    found = np.empty((1024, 4), dtype=np.int64)
     n = 0
     for i in range(start, stop):
         for k in range(leaders.shape[0]):
-            to_leader = _distance(qp[i], bp[leaders[k]], radii[k] + max_p)
-            if to_leader > radii[k] + max_p:
+            reach = radii[k] + max_p
+            to_leader = _distance(qp[i], bp[leaders[k]], reach)
+            if to_leader > reach:
                 continue
             group = member_distance[starts[k]:starts[k + 1]]
             first = starts[k] + np.searchsorted(group, to_leader - max_p)
@@ -195,12 +206,7 @@ def _block_pairs(qp, qd, bp, bd, leaders, radii, starts, members, member_distanc
                 d = _distance(qd[i], bd[j], max_d)
                 if d > max_d:
                     continue
-                if n == capacity:
-                    capacity *= 2
-                    grown = np.empty((capacity, 4), dtype=np.int64)
-                    grown[:n] = found[:n]
-                    found = grown
-                found[n, 0], found[n, 1], found[n, 2], found[n, 3] = i, j, p, d
+                found = _append(found, n, i, j, p, d)
                 n += 1
     return found[:n]
 
