@@ -174,6 +174,31 @@ def folds_of(pool: dict, folds: int, seed: int) -> list[tuple[np.ndarray, np.nda
     return list(splitter.split(pool["x"], pool["label"], pool["group"]))
 
 
+def fit_folds(params: dict, pool: dict, callbacks_for=None,
+              verbose: int = 2) -> tuple[list[keras.Model], list[dict], np.ndarray, np.ndarray]:
+    """Fit one model per fold of `pool` (train+val), each early-stopped on its held-out fold, and predict that
+    fold as the shipped model will (with the mirrored view when `train.mirror_average`).
+
+    Returns (fold models, a summary per fold, the out-of-fold P(tumor) per image, each image's fold).
+    `callbacks_for(fold)` gives extra callbacks for a fold's `fit` (the train stage's dvclive logger)."""
+    config = validate_train(params)
+    names = class_names(config["task"])
+    folds = folds_of(pool, config["folds"], params["seed"])
+    members, summaries = [], []
+    oof, fold_of = np.zeros(len(pool["x"])), np.zeros(len(pool["x"]), dtype=np.int8)
+    for fold, (fit_rows, held_rows) in enumerate(folds):
+        fit_set, held_set = ({k: v[rows] for k, v in pool.items()} for rows in (fit_rows, held_rows))
+        model, summary = fit(params, fit_set, held_set, callbacks=callbacks_for(fold) if callbacks_for else None,
+                             verbose=verbose, name=f"{config['model']}_fold{fold}")
+        seen_as_shipped = average_of([model], mirrored=True) if config["mirror_average"] else model
+        oof[held_rows], fold_of[held_rows] = tumor_probability(seen_as_shipped, held_set["x"], names), fold
+        members.append(model)
+        summaries.append({"fold": fold, "images": len(fit_rows), "held_out": len(held_rows), **summary})
+        log.info("train: fold %d/%d: %d epochs (best %d), %.0f images/s", fold + 1, len(folds),
+                 summary["epochs_run"], summary["best_epoch"], summary["train_images_per_second"])
+    return members, summaries, oof, fold_of
+
+
 def train(params: dict, split_dir: str | Path = "artifacts/split", model_dir: str | Path = "artifacts/train",
           metrics_path: str | Path = "metrics/train.json", live_dir: str | Path = "metrics/train") -> dict:
     """Run the train stage: k fold models over train+val, each early-stopped on its held-out fold, shipped as
@@ -187,26 +212,18 @@ def train(params: dict, split_dir: str | Path = "artifacts/split", model_dir: st
     config = validate_train(params)
     task, names = config["task"], class_names(config["task"])
     pool = cross_validation_pool(split_dir, task)
-    folds = folds_of(pool, config["folds"], params["seed"])
     log.info("train: %s (%s), %d fold models over %d train+val images, backend %s", config["model"], task,
-             len(folds), len(pool["x"]), keras.backend.backend())
-    members, summaries = [], []
-    oof, fold_of = np.zeros(len(pool["x"])), np.zeros(len(pool["x"]), dtype=np.int8)
+             config["folds"], len(pool["x"]), keras.backend.backend())
+
+    def live_metrics(fold: int) -> list:
+        live.step = 0
+        return [LiveMetrics(live, f"fold{fold}/")]
+
     with Live(str(live_dir), dvcyaml=None, save_dvc_exp=False, report=None) as live:
-        for fold, (fit_rows, held_rows) in enumerate(folds):
-            live.step = 0
-            fit_set, held_set = ({k: v[rows] for k, v in pool.items()} for rows in (fit_rows, held_rows))
-            model, summary = fit(params, fit_set, held_set, callbacks=[LiveMetrics(live, f"fold{fold}/")],
-                                 name=f"{config['model']}_fold{fold}")
-            seen_as_shipped = average_of([model], mirrored=True) if config["mirror_average"] else model
-            oof[held_rows], fold_of[held_rows] = tumor_probability(seen_as_shipped, held_set["x"], names), fold
-            members.append(model)
-            summaries.append({"fold": fold, "images": len(fit_rows), "held_out": len(held_rows), **summary})
-            log.info("train: fold %d/%d: %d epochs (best %d), %.0f images/s", fold + 1, len(folds),
-                     summary["epochs_run"], summary["best_epoch"], summary["train_images_per_second"])
+        members, summaries, oof, fold_of = fit_folds(params, pool, live_metrics)
     ensemble = average_of(members, mirrored=config["mirror_average"])
     info = {
-        "model": config["model"], "task": task, "class_names": names, "folds": len(folds),
+        "model": config["model"], "task": task, "class_names": names, "folds": len(members),
         "image_size": int(pool["x"].shape[1]), "input": "uint8 RGB image scaled to image_size, 0..255 float",
         "keras_backend": keras.backend.backend(), "keras_version": keras.__version__,
     }
@@ -217,7 +234,7 @@ def train(params: dict, split_dir: str | Path = "artifacts/split", model_dir: st
         np.savez(staging / "oof.npz", path=pool["path"], label=pool["label"], probability=oof, fold=fold_of)
     seconds = sum(s["train_seconds"] for s in summaries)
     metrics = {
-        "folds": len(folds), "params": ensemble.count_params(), "train_seconds": round(seconds, 1),
+        "folds": len(members), "params": ensemble.count_params(), "train_seconds": round(seconds, 1),
         "train_images_per_second": round(sum(s["images"] * s["epochs_run"] for s in summaries) / seconds, 1),
         "epochs_run": sum(s["epochs_run"] for s in summaries), "class_weight": summaries[0]["class_weight"],
         "out_of_fold_auc": round(float(roc_auc_score(pool["label"], oof)), 4),
@@ -225,5 +242,5 @@ def train(params: dict, split_dir: str | Path = "artifacts/split", model_dir: st
     }
     write_json(metrics_path, metrics)
     log.info("train: %s ensemble of %d, %d epochs in all, %.0f images/s, out-of-fold ROC AUC %.4f", config["model"],
-             len(folds), metrics["epochs_run"], metrics["train_images_per_second"], metrics["out_of_fold_auc"])
+             len(members), metrics["epochs_run"], metrics["train_images_per_second"], metrics["out_of_fold_auc"])
     return metrics

@@ -1,0 +1,130 @@
+"""The train stage's k-fold training, timed, with the quality it buys: params.yaml first, then variants.
+
+Runs `training.fit_folds` (the train stage minus dvclive) on a split directory, then scores the ensemble as
+evaluate does: the threshold from the out-of-fold predictions at `evaluate.target_recall`, test metrics there
+and at 0.5. The first row (params.yaml on --split-dir) is the baseline that each variant's time is divided by.
+The split arrays of all three splits at 96 px are 19 MiB as compressed npz (`--pack`), so the same command
+runs on a GPU host:
+
+    python benchmarks/fold_training.py --pack artifacts/split benchmarks/data/split96   # once, here
+    KERAS_BACKEND=jax python benchmarks/fold_training.py --split-dir benchmarks/data/split96 \\
+        --variant 128px benchmarks/data/split128 --variant wider benchmarks/data/split96 \\
+        'train.small_xception.widths=[48, 96, 192]'
+
+A variant is a name, its split directory (another `split.image_size` needs its own) and KEY=VALUE params
+overrides (values in YAML, keys dotted as in `dvc exp run -S`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import time
+from pathlib import Path
+
+import keras
+import numpy as np
+import yaml
+
+from braintumor.evaluation import binary_metrics, threshold_for_recall
+from braintumor.models import average_of
+from braintumor.training import class_names, cross_validation_pool, fit_folds, load_split, tumor_probability
+
+
+def pack(split_dir: Path, out_dir: Path) -> None:
+    """Compressed copies of a split directory's arrays and manifest (the arrays compress about 3:1)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name in ("train", "val", "test"):
+        with np.load(split_dir / f"{name}.npz") as data:
+            np.savez_compressed(out_dir / f"{name}.npz", **{key: data[key] for key in data.files})
+    (out_dir / "manifest.csv").write_bytes((split_dir / "manifest.csv").read_bytes())
+    size = sum(f.stat().st_size for f in out_dir.iterdir()) / 2**20
+    print(f"wrote {out_dir}: {size:.1f} MiB")
+
+
+def override(params: dict, assignment: str) -> None:
+    key, _, value = assignment.partition("=")
+    *path, last = key.split(".")
+    node = params
+    for part in path:
+        if not isinstance(node.get(part), dict):
+            raise SystemExit(f"--variant {assignment!r}: params.yaml has no section {key.rsplit('.', 1)[0]!r}")
+        node = node[part]
+    if last not in node:
+        raise SystemExit(f"--variant {assignment!r}: params.yaml has no key {key!r}")
+    node[last] = yaml.safe_load(value)
+
+
+def run(params: dict, split_dir: Path) -> dict:
+    """Fit the folds, ship-average them, and score out of fold and on the test split."""
+    config, target = params["train"], params["evaluate"]["target_recall"]
+    names = class_names(config["task"])
+    pool = cross_validation_pool(split_dir, config["task"])
+    started = time.perf_counter()
+    members, summaries, oof, _ = fit_folds(params, pool, verbose=0)
+    seconds = time.perf_counter() - started
+    threshold = threshold_for_recall(pool["label"], oof, target)
+    test = load_split(split_dir, "test", config["task"])
+    p = tumor_probability(average_of(members, mirrored=config["mirror_average"]), test["x"], names)
+    return {
+        "seconds": round(seconds, 1),
+        "images_per_second": round(sum(s["images"] * s["epochs_run"] for s in summaries) / seconds, 1),
+        "epochs": [(s["epochs_run"], s["best_epoch"]) for s in summaries],
+        "image_size": int(pool["x"].shape[1]),
+        "threshold": round(threshold, 4),
+        "out_of_fold": binary_metrics(pool["label"], oof, threshold),
+        "test": binary_metrics(test["label"], p, threshold),
+        "test_at_0.5": binary_metrics(test["label"], p, 0.5),
+    }
+
+
+def row(name: str, result: dict, baseline_seconds: float) -> str:
+    oof, test, half = result["out_of_fold"], result["test"], result["test_at_0.5"]
+    epochs = ", ".join(f"{run} ({best})" for run, best in result["epochs"])
+    return (f"| {name} | {result['image_size']} | {result['seconds']:.0f} | {result['seconds'] / baseline_seconds:.2f} | "
+            f"{result['images_per_second']:.0f} | {epochs} | {oof['roc_auc']:.4f} | {oof['specificity']:.4f} | "
+            f"{oof['accuracy']:.4f} | {result['threshold']:.4f} | {test['recall']:.4f} / {test['specificity']:.4f} / "
+            f"{test['accuracy']:.4f} | {test['roc_auc']:.4f} | {half['recall']:.4f} / {half['specificity']:.4f} / "
+            f"{half['accuracy']:.4f} |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--pack", nargs=2, type=Path, metavar=("SPLIT_DIR", "OUT_DIR"),
+                        help="write compressed copies of SPLIT_DIR's arrays to OUT_DIR and stop")
+    parser.add_argument("--split-dir", type=Path, default=Path("artifacts/split"))
+    parser.add_argument("--variant", nargs="+", action="append", default=[], metavar="NAME SPLIT_DIR [KEY=VALUE]",
+                        help="a variant to run after params.yaml; repeatable")
+    parser.add_argument("--json", type=Path, help="also write every result here")
+    args = parser.parse_args()
+    if args.pack:
+        pack(*args.pack)
+        return
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    params = yaml.safe_load(Path("params.yaml").read_text())
+    runs = [("params.yaml", args.split_dir, params)]
+    for name, *rest in args.variant:
+        if not rest:
+            parser.error(f"--variant {name}: give its split directory after the name")
+        split_dir, *assignments = rest
+        variant = copy.deepcopy(params)
+        for assignment in assignments:
+            override(variant, assignment)
+        runs.append((name, Path(split_dir), variant))  # overrides checked before any training starts
+    print(f"backend {keras.backend.backend()}, {params['train']['folds']} folds, target recall "
+          f"{params['evaluate']['target_recall']}")
+    print("| run | px | train s | time ratio | images/s | epochs per fold (best) | OOF AUC | OOF specificity | "
+          "OOF accuracy | threshold | test recall / spec / acc | test AUC | at 0.5: recall / spec / acc |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |", flush=True)
+    results = {}
+    for name, split_dir, run_params in runs:
+        results[name] = run(run_params, split_dir)
+        print(row(name, results[name], results["params.yaml"]["seconds"]), flush=True)
+        if args.json:
+            args.json.write_text(json.dumps(results, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
