@@ -93,7 +93,7 @@ def main() -> None:
             keras.mixed_precision.set_global_policy("mixed_float16" if mixed else "float32")
             config = copy.deepcopy(params)
             rate, epoch, random_rate = fit_rates(config, name, real, noise, y, args.epochs)
-            print(f"| {name} | {'on' if mixed else 'off'} | {rate:.0f} | {epoch:.1f} | {random_rate:.0f} | "
+            print(f"| {name} | {'on' if mixed else 'off'} | {rate:.0f} | {epoch:.2f} | {random_rate:.0f} | "
                   f"{random_rate / rate:.2f} |", flush=True)
 
 
