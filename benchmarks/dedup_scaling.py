@@ -1,7 +1,8 @@
 """Deduplication speed and scaling, against the reference notebook's method in the same process.
 
 1. Decode-only throughput (PIL with JPEG draft mode, the fastest decode available here) and hashing
-   throughput (decode + centre + pHash + dHash) with 1 and 2 processes, on the fetched images.
+   throughput (decode + centre + pHash + dHash) with 1 and 2 processes, on the fetched images; then the
+   milliseconds per image of each of those steps.
 2. Time to cluster N hashes (near-pair search + connected components, as in the dedup stage) for N = the
    real set and larger sets grown from it: each extra hash is a real one with a few random bits flipped,
    as an altered copy would be. Reports the growth exponent between sizes, and the previous all-pairs
@@ -21,13 +22,15 @@ import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import imagehash
 import numba
 import numpy as np
 import pandas as pd
+from PIL import Image
 
 from braintumor.dedup import cluster_ids
 from braintumor.hashing import Hashes, Pairs, _append, _popcount, hash_images, near_pairs
-from braintumor.images import load_grayscale
+from braintumor.images import center_on_head, load_grayscale
 from braintumor.params import load_params
 from braintumor.parallel import parallel_map
 
@@ -40,6 +43,26 @@ def timed(fn, *args, **kwargs):
     started = time.perf_counter()
     result = fn(*args, **kwargs)
     return result, time.perf_counter() - started
+
+
+def step_times(paths: list[str], size: int) -> dict[str, float]:
+    """Milliseconds per image of each step of `hashing.image_hashes`, one process, the second of two passes
+    (the first warms the page cache and the imports)."""
+    for _ in range(2):
+        spent = dict.fromkeys(["decode (draft mode)", "head window", "pHash", "dHash"], 0.0)
+        for path in paths:
+            started = time.perf_counter()
+            gray = load_grayscale(path, draft_size=8 * size)
+            decoded = time.perf_counter()
+            picture = Image.fromarray(center_on_head(gray))
+            centred = time.perf_counter()
+            imagehash.phash(picture, hash_size=size)
+            phashed = time.perf_counter()
+            imagehash.dhash(picture, hash_size=size)
+            for step, seconds in zip(spent, (decoded - started, centred - decoded, phashed - centred,
+                                             time.perf_counter() - phashed)):
+                spent[step] += seconds
+    return {step: 1e3 * seconds / len(paths) for step, seconds in spent.items()}
 
 
 def grown(hashes: Hashes, n: int, seed: int) -> Hashes:
@@ -120,6 +143,7 @@ def main() -> None:
     parser.add_argument("--manifest", default="artifacts/fetch/manifest.csv")
     parser.add_argument("--sizes", type=int, nargs="*", default=[20_000, 100_000])
     parser.add_argument("--baseline-images", type=int, default=1000)
+    parser.add_argument("--step-images", type=int, default=1000, help="images for the per-step timing")
     parser.add_argument("--all-pairs-up-to", type=int, default=100_000,
                         help="run the previous all-pairs search up to this N")
     args = parser.parse_args()
@@ -141,6 +165,9 @@ def main() -> None:
     for workers in (1, 2):
         ratio = rates[f"decode + pHash + dHash, {workers} proc"] / rates[f"decode, draft mode, {workers} proc"]
         print(f"   hashing / decode-only, {workers} proc: {ratio:.2f}")
+    steps = step_times(paths[: args.step_images], size)
+    print(f"   where the time goes, 1 proc, {min(args.step_images, len(paths))} images (ms per image): "
+          + ", ".join(f"{step} {ms:.3f}" for step, ms in steps.items()))
 
     print(f"\n2. clustering N hashes (near-pair search + connected components), {cores} threads")
     few = hashes.take(np.arange(10))  # compile (or load) both searches once, outside the timing
