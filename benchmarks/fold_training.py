@@ -21,6 +21,7 @@ import argparse
 import copy
 import json
 import logging
+import shutil
 import time
 from pathlib import Path
 
@@ -39,7 +40,7 @@ def pack(split_dir: Path, out_dir: Path) -> None:
     for name in ("train", "val", "test"):
         with np.load(split_dir / f"{name}.npz") as data:
             np.savez_compressed(out_dir / f"{name}.npz", **{key: data[key] for key in data.files})
-    (out_dir / "manifest.csv").write_bytes((split_dir / "manifest.csv").read_bytes())
+    shutil.copyfile(split_dir / "manifest.csv", out_dir / "manifest.csv")
     size = sum(f.stat().st_size for f in out_dir.iterdir()) / 2**20
     print(f"wrote {out_dir}: {size:.1f} MiB")
 

@@ -37,12 +37,6 @@ def augmentation(config: dict, seed: int) -> list[layers.Layer]:
         steps.append(layers.RandomBrightness(config["brightness"], value_range=(0, 255), seed=seed))
     if config["contrast"]:
         steps.append(layers.RandomContrast(config["contrast"], value_range=(0, 255), seed=seed))
-    if keras.backend.backend() == "jax":
-        # Keras marks its rotation, zoom and translation layers unfit for XLA because TensorFlow's transform op
-        # is; their JAX version is plain jax.numpy and compiles. Unmarked, one such layer turns jit off for the
-        # whole model, and JAX then runs every step op by op: about 10x slower, on a CPU and on an H100 alike.
-        for step in steps:
-            step.supports_jit = True
     return steps
 
 
@@ -140,6 +134,22 @@ BUILDERS: dict[str, Callable] = {
 }
 
 
+def jit_ready(model: keras.Model) -> keras.Model:
+    """`model`, compiled with XLA by `fit` and `predict` on the JAX backend; call it on every built or loaded
+    model. Keras marks its rotation, zoom and translation layers unfit for XLA because TensorFlow's transform op
+    is (loading a model marks them again, and compiles it with jit off); their JAX version is plain jax.numpy and
+    compiles. Unmarked, one such layer turns jit off for the whole model, and JAX then runs every step op by op:
+    75x slower on an H100."""
+    if keras.backend.backend() == "jax":
+        for layer in model.layers:
+            if isinstance(layer, keras.Model):
+                jit_ready(layer)
+            elif isinstance(layer, (layers.RandomRotation, layers.RandomZoom, layers.RandomTranslation)):
+                layer.supports_jit = True
+        model.jit_compile = True  # Keras still turns it off, with a warning, if another layer cannot compile
+    return model
+
+
 def build_model(name: str, image_size: int, classes: int, config: dict, seed: int,
                 model_name: str | None = None) -> tuple[keras.Model, str]:
     """The Keras model `name` (called `model_name`, default `name`) with augmentation in front; returns it
@@ -150,7 +160,7 @@ def build_model(name: str, image_size: int, classes: int, config: dict, seed: in
         x = layer(x)
     builder_config = {**config.get(name, {}), **config.get("transfer", {}), "dropout": config["dropout"]}
     outputs, optimizer = BUILDERS[name](x, classes, builder_config)
-    return keras.Model(inputs, outputs, name=model_name or name), optimizer
+    return jit_ready(keras.Model(inputs, outputs, name=model_name or name)), optimizer
 
 
 def mirror(image_size: int) -> keras.Sequential:

@@ -38,16 +38,20 @@ def _from_mlflow_folder(folder: Path) -> LoadedModel:
     import mlflow.keras
     from mlflow.models import Model
 
+    from braintumor.models import jit_ready
+
     info = Model.load(folder / "MLmodel").metadata or {}
     if "threshold" not in info:
         raise ModelLoadError(f"{folder}: the MLflow model has no threshold in its metadata; it was not logged by "
                              "`braintumor register`")
-    return LoadedModel(mlflow.keras.load_model(str(folder)), info)
+    return LoadedModel(jit_ready(mlflow.keras.load_model(str(folder))), info)
 
 
 def load(reference: str) -> LoadedModel:
     """Resolve `reference` (see the module docstring) to the Keras model and what inference needs."""
     import keras
+
+    from braintumor.models import jit_ready
 
     path = Path(reference)
     if path.is_file() and path.suffix == ".keras":
@@ -55,7 +59,7 @@ def load(reference: str) -> LoadedModel:
         if not sidecar.is_file():
             raise ModelLoadError(f"{path}: no model.json beside it (image size, classes, threshold); copy the "
                                  "whole models/ folder, or use a models:/ or runs:/ URI")
-        return LoadedModel(keras.saving.load_model(path), json.loads(sidecar.read_text()))
+        return LoadedModel(jit_ready(keras.saving.load_model(path)), json.loads(sidecar.read_text()))
     if path.is_dir():
         if (path / "MLmodel").is_file():
             return _from_mlflow_folder(path)
