@@ -90,6 +90,10 @@ def test_run_holds_params_epoch_metrics_tags_model_and_card(mlflow_server, train
 
     version = client.get_model_version("contents-model", decision["champion_version"])
     assert "Not a diagnostic device" in version.description and f"{evaluated['threshold']:.6f}" in version.description
+    # the card says what the shipped model averages, read off the model itself by evaluate
+    shipped = json.loads((workspace / "models/model.json").read_text())
+    assert shipped["mirror_average"] is params["train"]["mirror_average"] is True
+    assert "left-right mirror" in version.description
     logged = mlflow.models.get_model_info(f"models:/contents-model/{version.version}")
     assert logged.signature.inputs.inputs[0].shape == (-1, 48, 48, 3)
     assert logged.saved_input_example_info is not None

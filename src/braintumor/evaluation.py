@@ -25,7 +25,7 @@ import pandas as pd
 from sklearn import metrics as skm
 
 from braintumor.atomic import atomic_path, write_json
-from braintumor.models import jit_ready
+from braintumor.models import jit_ready, members_of
 from braintumor.params import validate_evaluate
 from braintumor.training import load_split, tumor_probability
 
@@ -125,7 +125,7 @@ def evaluate(params: dict, split_dir: str | Path = "artifacts/split", train_dir:
         staging.mkdir()
         shutil.copy(train_dir / "model.keras", staging / "model.keras")
         (staging / "model.json").write_text(json.dumps(
-            {**info, "threshold": threshold, "target_recall": target,
+            {**info, "mirror_average": members_of(model)[1], "threshold": threshold, "target_recall": target,
              "test_metrics": {k: result[k] for k in ("recall", "accuracy", "specificity", "roc_auc")}},
             indent=2) + "\n")
     write_json(metrics_path, result)

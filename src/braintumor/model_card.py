@@ -30,6 +30,8 @@ def model_card(model_dir: Path = Path("models"), metrics_dir: Path = Path("metri
     splits = "\n".join(f"| {name} | {s['images']} | {s['tumor']} | {s['no_tumor']} |"
                        for name, s in split.get("per_split", {}).items())
     selection = result.get("threshold_selection", {})
+    mirrored = " on the image and on its left-right mirror (test-time augmentation)" if info.get(
+        "mirror_average") else ""
     return f"""# Brain-tumor MRI classifier: {info.get('model', '?')} ({info.get('task', '?')})
 
 > **Not a diagnostic device.** A research model trained on public Kaggle MRI collections. It must not be used
@@ -76,8 +78,8 @@ Threshold **{result.get('threshold', float('nan')):.6f}**, placed on out-of-fold
 | Brier score | {result.get('brier', float('nan')):.4f} | |
 
 ## Training
-The mean of {training.get('folds', '?')} {info.get('model', '?')} models, each trained on the other folds of
-train+val and early-stopped on its own, with Keras {info.get('keras_version', '?')} on the
+The mean of {training.get('folds', '?')} {info.get('model', '?')} models{mirrored}, each trained on the other
+folds of train+val and early-stopped on its own, with Keras {info.get('keras_version', '?')} on the
 {info.get('keras_backend', '?')} backend: epochs per fold {[m.get('epochs_run') for m in training.get('members', [])]}
 (best {[m.get('best_epoch') for m in training.get('members', [])]}), {training.get('params', '?')} parameters in
 all, class weights {training.get('class_weight', {})}, out-of-fold ROC AUC {training.get('out_of_fold_auc', '?')}.
