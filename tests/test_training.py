@@ -110,7 +110,7 @@ SECOND_BACKEND = textwrap.dedent("""
     import json, sys
     import keras
     from braintumor.explanation import grad_cam
-    from braintumor.models import jit_ready
+    from braintumor.models import load_model
     from braintumor.training import fit, load_split
     sys.path.insert(0, sys.argv[2])
     from conftest_split import make_split, tiny_params
@@ -121,7 +121,7 @@ SECOND_BACKEND = textwrap.dedent("""
     test = load_split(split, "test", "binary")
     cams = grad_cam(model, test["x"][:2], ["no_tumor", "tumor"])
     model.save(Path(sys.argv[1]) / "m.keras")
-    again = jit_ready(keras.saving.load_model(Path(sys.argv[1]) / "m.keras"))
+    again = load_model(Path(sys.argv[1]) / "m.keras")
     print(json.dumps({"backend": keras.backend.backend(), "epochs": summary["epochs_run"],
                       "jit": [model.jit_compile, again.jit_compile],
                       "cam_shape": list(cams.shape), "cam_max": float(cams.max()),

@@ -25,7 +25,7 @@ import pandas as pd
 from sklearn import metrics as skm
 
 from braintumor.atomic import atomic_path, write_json
-from braintumor.models import jit_ready, members_of
+from braintumor.models import load_model, members_of
 from braintumor.params import validate_evaluate
 from braintumor.training import load_split, tumor_probability
 
@@ -78,12 +78,10 @@ def evaluate(params: dict, split_dir: str | Path = "artifacts/split", train_dir:
              model_dir: str | Path = "models", metrics_path: str | Path = "metrics/evaluate.json",
              plots_dir: str | Path = "plots/evaluate") -> dict:
     """Run the evaluate stage (see the module docstring)."""
-    import keras
-
     config = validate_evaluate(params)
     train_dir, plots_dir = Path(train_dir), Path(plots_dir)
     info = json.loads((train_dir / "model.json").read_text())
-    model = jit_ready(keras.saving.load_model(train_dir / "model.keras"))
+    model = load_model(train_dir / "model.keras")
     names = info["class_names"]
     with np.load(train_dir / "oof.npz") as data:
         oof = {key: data[key] for key in data.files}

@@ -22,7 +22,7 @@ from lime import lime_image
 from skimage.segmentation import mark_boundaries
 
 from braintumor.atomic import atomic_path
-from braintumor.models import jit_ready, members_of
+from braintumor.models import load_model, members_of
 from braintumor.params import validate_explain
 from braintumor.training import load_split, tumor_probability
 
@@ -126,7 +126,7 @@ def explain(params: dict, split_dir: str | Path = "artifacts/split", model_dir: 
     config = validate_explain(params)
     model_dir = Path(model_dir)
     info = json.loads((model_dir / "model.json").read_text())
-    model = jit_ready(keras.saving.load_model(model_dir / "model.keras"))
+    model = load_model(model_dir / "model.keras")
     names, threshold = info["class_names"], info["threshold"]
     test = load_split(split_dir, "test", info["task"])
     p = tumor_probability(model, test["x"], names)

@@ -8,6 +8,7 @@ during `fit`, run on the accelerator with the rest of the model, and are no-ops 
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import keras
 import numpy as np
@@ -135,8 +136,8 @@ BUILDERS: dict[str, Callable] = {
 
 
 def jit_ready(model: keras.Model) -> keras.Model:
-    """`model`, compiled with XLA by `fit` and `predict` on the JAX backend; call it on every built or loaded
-    model. Keras marks its rotation, zoom and translation layers unfit for XLA because TensorFlow's transform op
+    """`model`, compiled with XLA by `fit` and `predict` on the JAX backend; `build_model` and `load_model` apply
+    it (and so must any other loader). Keras marks its rotation, zoom and translation layers unfit for XLA because TensorFlow's transform op
     is (loading a model marks them again, and compiles it with jit off); their JAX version is plain jax.numpy and
     compiles. Unmarked, one such layer turns jit off for the whole model, and JAX then runs every step op by op:
     75x slower on an H100."""
@@ -148,6 +149,11 @@ def jit_ready(model: keras.Model) -> keras.Model:
                 layer.supports_jit = True
         model.jit_compile = True  # Keras still turns it off, with a warning, if another layer cannot compile
     return model
+
+
+def load_model(path: str | Path) -> keras.Model:
+    """A saved `.keras` model, ready to run on any backend (see `jit_ready`): every stage loads models this way."""
+    return jit_ready(keras.saving.load_model(path))
 
 
 def build_model(name: str, image_size: int, classes: int, config: dict, seed: int,

@@ -49,9 +49,7 @@ def _from_mlflow_folder(folder: Path) -> LoadedModel:
 
 def load(reference: str) -> LoadedModel:
     """Resolve `reference` (see the module docstring) to the Keras model and what inference needs."""
-    import keras
-
-    from braintumor.models import jit_ready
+    from braintumor.models import load_model
 
     path = Path(reference)
     if path.is_file() and path.suffix == ".keras":
@@ -59,7 +57,7 @@ def load(reference: str) -> LoadedModel:
         if not sidecar.is_file():
             raise ModelLoadError(f"{path}: no model.json beside it (image size, classes, threshold); copy the "
                                  "whole models/ folder, or use a models:/ or runs:/ URI")
-        return LoadedModel(jit_ready(keras.saving.load_model(path)), json.loads(sidecar.read_text()))
+        return LoadedModel(load_model(path), json.loads(sidecar.read_text()))
     if path.is_dir():
         if (path / "MLmodel").is_file():
             return _from_mlflow_folder(path)

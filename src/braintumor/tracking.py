@@ -173,6 +173,8 @@ def log_run(params: dict, experiment: str, fingerprint: str, card: str, model_di
     from mlflow.models import Model, ModelSignature
     from mlflow.types import Schema, TensorSpec
 
+    from braintumor.models import load_model
+
     model_digest = file_digest(model_dir / "model.keras", model_dir / "model.json")
     evaluation = json.loads((metrics_dir / "evaluate.json").read_text())
     found = existing_run(experiment, model_digest, fingerprint)
@@ -183,7 +185,7 @@ def log_run(params: dict, experiment: str, fingerprint: str, card: str, model_di
 
     info = json.loads((model_dir / "model.json").read_text())
     training = json.loads((metrics_dir / "train.json").read_text())
-    model = keras.saving.load_model(model_dir / "model.keras")
+    model = load_model(model_dir / "model.keras")
     size = info["image_size"]
     with np.load(split_dir / "test.npz") as test:
         example = test["x"][:1].astype("float32")
