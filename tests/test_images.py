@@ -18,7 +18,7 @@ from conftest import brain_image, save
 @pytest.mark.parametrize("mode", ["L", "RGB", "RGBA", "P", "I;16", "LA"])
 def test_every_mode_becomes_the_same_8bit_grayscale(tmp_path, mode):
     pixels = brain_image(1)
-    path = save(tmp_path / f"scan.png", pixels, mode)
+    path = save(tmp_path / "scan.png", pixels, mode)
     gray = to_grayscale(open_image(path))
     assert gray.dtype == np.uint8 and gray.shape == pixels.shape
     # 16-bit is rescaled min..max, palettes quantise: all stay within a few levels of the original.

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from braintumor.models import members_of, mirror
-from braintumor.training import fit, load_split, sample_weights, train
+from braintumor.training import (MULTICLASS_CLASSES, fit, load_split, sample_weights, subtype_crossentropy,
+                                 subtype_targets, train, tumor_probability)
 from conftest import REPO
 from conftest_split import make_split, tiny_params
 
@@ -44,6 +45,16 @@ def test_multiclass_keeps_only_known_subtypes(tmp_path):
     assert data["path"].tolist() == ["b", "c"] and data["y"].tolist() == [0, 2]  # glioma, no_tumor
     assert data["source"].tolist() == ["y", "x"] and data["group"].tolist() == ["g-b", "g-c"]
     assert load_split(split, "extra", "binary")["y"].tolist() == [1, 1, 0]
+
+
+def test_subtype_targets_and_loss_teach_the_type_where_known_and_tumor_where_not():
+    data = {"label": np.array([0, 1, 1, 1, 1]), "subtype": np.array(["none", "glioma", "unknown", "pituitary",
+                                                                       "meningioma"])}
+    targets = subtype_targets(data)  # classes: glioma, meningioma, no_tumor, pituitary; 4 = some tumor
+    assert targets.tolist() == [2, 0, 4, 3, 1]
+    p = np.array([[0.1, 0.2, 0.6, 0.1]] * 5, dtype="float32")
+    loss = keras.ops.convert_to_numpy(subtype_crossentropy(targets, p))
+    assert loss == pytest.approx(-np.log([0.6, 0.1, 0.4, 0.1, 0.2]), rel=1e-5)
 
 
 def test_a_split_whose_manifest_misses_images_is_named(tmp_path):
@@ -95,6 +106,29 @@ def test_train_stage_ships_the_fold_ensemble_with_out_of_fold_predictions(in_tmp
     curve = (in_tmp / "metrics/train/plots/metrics/fold1/val/loss.tsv").read_text().splitlines()
     assert curve[0].split("\t") == ["step", "loss"] and len(curve) == 1 + metrics["members"][1]["epochs_run"]
     assert curve[1].split("\t")[0] == "0"  # every fold's curve starts at step 0
+
+
+def test_binary_task_through_the_subtype_head_ships_p_tumor(in_tmp):
+    split = make_split(in_tmp / "artifacts/split")
+    with np.load(split / "train.npz") as data:  # a third of the training tumors lose their type, as in Kaggle 2018
+        arrays = {key: data[key] for key in data.files}
+    arrays["subtype"][(arrays["y"] == 1) & (np.arange(len(arrays["y"])) % 3 == 0)] = "unknown"
+    np.savez(split / "train.npz", **arrays)
+    params = tiny_params("small_xception", epochs=8, subtypes=True)
+    metrics = train(params)
+    info = json.loads((in_tmp / "artifacts/train/model.json").read_text())
+    assert info["task"] == "binary" and info["subtypes"] and info["class_names"] == MULTICLASS_CLASSES
+    assert set(metrics["class_weight"]) == {"synthetic/no_tumor", "synthetic/tumor"}  # weights stay binary
+
+    ensemble = keras.saving.load_model(in_tmp / "artifacts/train/model.keras")
+    test = load_split(split, "test", "binary")
+    probs = ensemble.predict(test["x"].astype("float32"), verbose=0)
+    assert probs.shape == (len(test["x"]), 4) and probs.sum(axis=1) == pytest.approx(1.0, abs=1e-5)
+    p = tumor_probability(ensemble, test["x"], info["class_names"])
+    assert p == pytest.approx(1 - probs[:, 2], abs=1e-6)
+    assert ((p >= 0.5) == test["label"]).mean() >= 0.8  # the synthetic lesions are learnt through the head
+    with np.load(in_tmp / "artifacts/train/oof.npz") as oof:
+        assert ((oof["probability"] >= 0) & (oof["probability"] <= 1)).all()
 
 
 def test_mirror_flips_left_right_exactly_after_a_save_and_load(in_tmp):

@@ -32,6 +32,8 @@ def model_card(model_dir: Path = Path("models"), metrics_dir: Path = Path("metri
     selection = result.get("threshold_selection", {})
     mirrored = " on the image and on its left-right mirror (test-time augmentation)" if info.get(
         "mirror_average") else ""
+    subtypes = (", which is 1 − P(no tumor) of a four-way head that also learnt the tumor type (glioma, meningioma, "
+                "pituitary) where the source gives it" if info.get("subtypes") else "")
     return f"""# Brain-tumor MRI classifier: {info.get('model', '?')} ({info.get('task', '?')})
 
 > **Not a diagnostic device.** A research model trained on public Kaggle MRI collections. It must not be used
@@ -41,7 +43,7 @@ def model_card(model_dir: Path = Path("models"), metrics_dir: Path = Path("metri
 Flags 2-D brain MRI slices (JPEG/PNG, any size, grayscale or colour) that probably show a tumor, for research,
 teaching and pipeline development. Input: the image, converted to grayscale, cropped to its content, padded
 square and resized to {info.get('image_size', '?')}×{info.get('image_size', '?')} (`braintumor.images.model_input`).
-Output: P(tumor); the label is *tumor* when P(tumor) ≥ the threshold below. Out of scope: 3-D volumes,
+Output: P(tumor){subtypes}; the label is *tumor* when P(tumor) ≥ the threshold below. Out of scope: 3-D volumes,
 non-brain images, paediatric scans, any modality or scanner unlike the training sources.
 
 ## Data

@@ -151,6 +151,7 @@ def _choice(params: dict, dotted: str, choices: tuple) -> str:
 def validate_train(params: dict) -> dict:
     model = _choice(params, "train.model", MODEL_NAMES)
     _choice(params, "train.task", ("binary", "multiclass"))
+    _bool(params, "train.subtypes")
     _int(params, "train.folds", 2, 10)
     _int(params, "train.epochs", 1)
     _int(params, "train.batch_size", 1)

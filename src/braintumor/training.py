@@ -27,10 +27,36 @@ log = logging.getLogger(__name__)
 BINARY_CLASSES = ["no_tumor", "tumor"]
 MULTICLASS_CLASSES = ["glioma", "meningioma", "no_tumor", "pituitary"]
 SUBTYPE_CLASS = {"glioma": "glioma", "meningioma": "meningioma", "none": "no_tumor", "pituitary": "pituitary"}
+# Targets of `train.subtypes`: the four classes, plus "a tumor of unknown type" (the Kaggle 2018 tumors).
+ANY_TUMOR = len(MULTICLASS_CLASSES)
+ALLOWED_CLASSES = np.vstack([np.eye(ANY_TUMOR), [name != "no_tumor" for name in MULTICLASS_CLASSES]]).astype("float32")
 
 
 def class_names(task: str) -> list[str]:
     return BINARY_CLASSES if task == "binary" else MULTICLASS_CLASSES
+
+
+def output_names(config: dict) -> list[str]:
+    """The classes of the model's outputs: four for the multiclass task and for the binary task with
+    `train.subtypes`, whose P(tumor) is 1 - P(no_tumor)."""
+    return MULTICLASS_CLASSES if config["task"] == "multiclass" or config["subtypes"] else BINARY_CLASSES
+
+
+def subtype_targets(data: dict) -> np.ndarray:
+    """Targets for `train.subtypes`: the class index of a healthy scan or a tumor of known type, ANY_TUMOR for a
+    tumor whose type its source does not give."""
+    tumor = [MULTICLASS_CLASSES.index(s) if s in MULTICLASS_CLASSES else ANY_TUMOR for s in data["subtype"]]
+    return np.where(data["label"] == 1, tumor, MULTICLASS_CLASSES.index("no_tumor")).astype(np.int64)
+
+
+@keras.saving.register_keras_serializable(package="braintumor")
+def subtype_crossentropy(y_true, y_pred):
+    """-log P(the target's classes): cross-entropy for a known class, -log(1 - P(no_tumor)) for ANY_TUMOR.
+    So the tumors of unknown type still teach tumor against no tumor, and the others teach their type too."""
+    allowed = keras.ops.take(keras.ops.convert_to_tensor(ALLOWED_CLASSES),
+                             keras.ops.cast(keras.ops.reshape(y_true, (-1,)), "int32"), axis=0)
+    likelihood = keras.ops.sum(keras.ops.cast(y_pred, "float32") * allowed, axis=-1)
+    return -keras.ops.log(keras.ops.clip(likelihood, 1e-7, 1.0))
 
 
 def load_split(split_dir: str | Path, name: str, task: str) -> dict[str, np.ndarray]:
@@ -96,12 +122,16 @@ class LiveMetrics(keras.callbacks.Callback):
         self.live.next_step()
 
 
-def compile_model(model: keras.Model, optimizer: str, learning_rate: float, classes: int) -> None:
-    binary = classes == 2
+def compile_model(model: keras.Model, optimizer: str, learning_rate: float, config: dict) -> None:
+    if output_names(config) == BINARY_CLASSES:
+        loss, metrics = "binary_crossentropy", ["accuracy", keras.metrics.Recall(name="recall")]
+    elif config["task"] == "multiclass":
+        loss, metrics = "sparse_categorical_crossentropy", ["accuracy"]
+    else:  # binary, learnt through the four-way head of `train.subtypes`
+        loss, metrics = subtype_crossentropy, []
     model.compile(
         optimizer=keras.optimizers.get({"class_name": optimizer, "config": {"learning_rate": learning_rate}}),
-        loss="binary_crossentropy" if binary else "sparse_categorical_crossentropy",
-        metrics=["accuracy", keras.metrics.Recall(name="recall")] if binary else ["accuracy"],
+        loss=loss, metrics=metrics,
     )
 
 
@@ -112,18 +142,20 @@ def fit(params: dict, train: dict, val: dict, callbacks: list | None = None, ver
     config = validate_train(params)
     keras.utils.set_random_seed(params["seed"])
     keras.mixed_precision.set_global_policy("mixed_float16" if config["mixed_precision"] else "float32")
-    names = class_names(config["task"])
-    classes = len(names)
+    names = output_names(config)
     image_size = train["x"].shape[1]
-    outputs = 1 if classes == 2 else classes  # one sigmoid unit for the binary task
+    outputs = 1 if len(names) == 2 else len(names)  # one sigmoid unit for the binary task
     model, optimizer = build_model(config["model"], image_size, outputs, config, params["seed"], name)
     pretrained = config["model"] in BACKBONES and config["transfer"]["weights"] is not None
     if pretrained:  # phase 1: only the new head learns
         for layer in model.layers[:-3]:
             layer.trainable = False
-    compile_model(model, optimizer, config["learning_rate"], classes)
-    weights, strata = sample_weights(train, names, config["class_weight"])
-    held_out_weights, _ = sample_weights(val, names, config["class_weight"])  # early stopping watches the same loss
+    compile_model(model, optimizer, config["learning_rate"], config)
+    task_names = class_names(config["task"])  # the weights balance the task's classes, whatever the head
+    weights, strata = sample_weights(train, task_names, config["class_weight"])
+    held_out_weights, _ = sample_weights(val, task_names, config["class_weight"])  # early stopping: the same loss
+    if names != task_names:
+        train, val = ({**data, "y": subtype_targets(data)} for data in (train, val))
     schedule = [
         keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.5, patience=config["reduce_lr_patience"],
                                           min_lr=1e-6),
@@ -143,7 +175,7 @@ def fit(params: dict, train: dict, val: dict, callbacks: list | None = None, ver
         for layer in model.layers[-3 - config["transfer"]["fine_tune_layers"] : -3]:
             if not isinstance(layer, keras.layers.BatchNormalization):
                 layer.trainable = True
-        compile_model(model, optimizer, config["transfer"]["fine_tune_learning_rate"], classes)
+        compile_model(model, optimizer, config["transfer"]["fine_tune_learning_rate"], config)
         more = model.fit(
             x_train, train["y"], batch_size=config["batch_size"],
             epochs=epochs_run + config["transfer"]["fine_tune_epochs"], initial_epoch=epochs_run,
@@ -182,7 +214,7 @@ def fit_folds(params: dict, pool: dict, callbacks_for=None,
     Returns (fold models, a summary per fold, the out-of-fold P(tumor) per image, each image's fold).
     `callbacks_for(fold)` gives extra callbacks for a fold's `fit` (the train stage's dvclive logger)."""
     config = validate_train(params)
-    names = class_names(config["task"])
+    names = output_names(config)
     folds = folds_of(pool, config["folds"], params["seed"])
     members, summaries = [], []
     oof, fold_of = np.zeros(len(pool["x"])), np.zeros(len(pool["x"]), dtype=np.int8)
@@ -210,7 +242,7 @@ def train(params: dict, split_dir: str | Path = "artifacts/split", model_dir: st
     from dvclive import Live
 
     config = validate_train(params)
-    task, names = config["task"], class_names(config["task"])
+    task, names = config["task"], output_names(config)
     pool = cross_validation_pool(split_dir, task)
     log.info("train: %s (%s), %d fold models over %d train+val images, backend %s", config["model"], task,
              config["folds"], len(pool["x"]), keras.backend.backend())
@@ -223,7 +255,8 @@ def train(params: dict, split_dir: str | Path = "artifacts/split", model_dir: st
         members, summaries, oof, fold_of = fit_folds(params, pool, live_metrics)
     ensemble = average_of(members, mirrored=config["mirror_average"])
     info = {
-        "model": config["model"], "task": task, "class_names": names, "folds": len(members),
+        "model": config["model"], "task": task, "class_names": names, "subtypes": names != class_names(task),
+        "folds": len(members),
         "image_size": int(pool["x"].shape[1]), "input": "uint8 RGB image scaled to image_size, 0..255 float",
         "keras_backend": keras.backend.backend(), "keras_version": keras.__version__,
     }
