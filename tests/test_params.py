@@ -57,6 +57,16 @@ def test_mirror_average_needs_models_that_learnt_flips(params):
     validate_train(params)
 
 
+def test_subtypes_belong_to_the_binary_task(params):
+    from braintumor.params import validate_train
+
+    params["train"].update(subtypes=True, task="multiclass")
+    with pytest.raises(ParamError, match="train.subtypes"):
+        validate_train(params)
+    params["train"]["task"] = "binary"
+    validate_train(params)
+
+
 def test_unknown_source_and_all_disabled(params):
     bad = copy.deepcopy(params)
     bad["fetch"]["sources"]["kaggle2019"] = {"enabled": True}

@@ -150,8 +150,10 @@ def _choice(params: dict, dotted: str, choices: tuple) -> str:
 
 def validate_train(params: dict) -> dict:
     model = _choice(params, "train.model", MODEL_NAMES)
-    _choice(params, "train.task", ("binary", "multiclass"))
-    _bool(params, "train.subtypes")
+    task = _choice(params, "train.task", ("binary", "multiclass"))
+    if _bool(params, "train.subtypes") and task == "multiclass":
+        raise ParamError("params.yaml: `train.subtypes: true` applies to `train.task: binary` (the multiclass task "
+                         "learns the tumor types anyway); set one of them differently")
     _int(params, "train.folds", 2, 10)
     _int(params, "train.epochs", 1)
     _int(params, "train.batch_size", 1)

@@ -45,8 +45,9 @@ def output_names(config: dict) -> list[str]:
 def subtype_targets(data: dict) -> np.ndarray:
     """Targets for `train.subtypes`: the class index of a healthy scan or a tumor of known type, ANY_TUMOR for a
     tumor whose type its source does not give."""
-    tumor = [MULTICLASS_CLASSES.index(s) if s in MULTICLASS_CLASSES else ANY_TUMOR for s in data["subtype"]]
-    return np.where(data["label"] == 1, tumor, MULTICLASS_CLASSES.index("no_tumor")).astype(np.int64)
+    no_tumor = MULTICLASS_CLASSES.index("no_tumor")
+    typed = np.array([MULTICLASS_CLASSES.index(SUBTYPE_CLASS.get(s, "no_tumor")) for s in data["subtype"]])
+    return np.where(data["label"] == 1, np.where(typed == no_tumor, ANY_TUMOR, typed), no_tumor).astype(np.int64)
 
 
 @keras.saving.register_keras_serializable(package="braintumor")
