@@ -139,8 +139,8 @@ def jit_ready(model: keras.Model) -> keras.Model:
     """`model`, compiled with XLA by `fit` and `predict` on the JAX backend; `build_model` and `load_model` apply
     it (and so must any other loader). Keras marks its rotation, zoom and translation layers unfit for XLA
     because TensorFlow's transform op is (loading a model marks them again, and compiles it with jit off); their
-    JAX version is plain jax.numpy and compiles. Unmarked, one such layer turns jit off for the whole model, and JAX then runs every step op by op:
-    75x slower on an H100."""
+    JAX version is plain jax.numpy and compiles. Unmarked, one such layer turns jit off for the whole model, and
+    JAX then runs every step op by op: 75x slower on an H100."""
     if keras.backend.backend() == "jax":
         for layer in model.layers:
             if isinstance(layer, keras.Model):

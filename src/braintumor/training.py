@@ -45,9 +45,10 @@ def output_names(config: dict) -> list[str]:
 def subtype_targets(data: dict) -> np.ndarray:
     """Targets for `train.subtypes`: the class index of a healthy scan or a tumor of known type, ANY_TUMOR for a
     tumor whose type its source does not give."""
-    no_tumor = MULTICLASS_CLASSES.index("no_tumor")
-    typed = np.array([MULTICLASS_CLASSES.index(SUBTYPE_CLASS.get(s, "no_tumor")) for s in data["subtype"]])
-    return np.where(data["label"] == 1, np.where(typed == no_tumor, ANY_TUMOR, typed), no_tumor).astype(np.int64)
+    tumor_types = {subtype: MULTICLASS_CLASSES.index(name)
+                   for subtype, name in SUBTYPE_CLASS.items() if name != "no_tumor"}
+    tumor = [tumor_types.get(subtype, ANY_TUMOR) for subtype in data["subtype"]]
+    return np.where(data["label"] == 1, tumor, MULTICLASS_CLASSES.index("no_tumor")).astype(np.int64)
 
 
 @keras.saving.register_keras_serializable(package="braintumor")
