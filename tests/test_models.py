@@ -62,6 +62,7 @@ def test_saved_model_reloads_with_the_same_predictions(tmp_path):
 @pytest.mark.parametrize("change, message", [
     ({"model": "resnet18"}, "train.model"),
     ({"class_weight": "auto"}, "train.class_weight"),
+    ({"weight_decay": -0.01}, "train.weight_decay"),
 ])
 def test_train_params_are_validated(change, message):
     params = tiny_params(**change) if "model" not in change else tiny_params(change["model"])

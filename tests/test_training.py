@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from braintumor.models import members_of, mirror
-from braintumor.training import (MULTICLASS_CLASSES, fit, load_split, sample_weights, subtype_crossentropy,
+from braintumor.training import (MULTICLASS_CLASSES, compile_model, fit, load_split, sample_weights, subtype_crossentropy,
                                  subtype_targets, train, tumor_probability)
 from conftest import REPO
 from conftest_split import make_split, tiny_params
@@ -32,6 +32,15 @@ def test_sample_weights_balance_classes_or_each_source_s_classes():
                                    abs=1e-4)  # reported to 4 decimals
 
     assert sample_weights(data, names, "none") == (None, {})
+
+
+@pytest.mark.parametrize("weight_decay, kernel_after", [(0.0, 1.0), (0.5, 0.95)])
+def test_weight_decay_shrinks_weights_by_learning_rate_times_decay(weight_decay, kernel_after):
+    # zero inputs: the loss has no gradient, so only the decay moves the kernel (lr 0.1 * decay 0.5 = 5 %)
+    model = keras.Sequential([keras.Input((1,)), keras.layers.Dense(1, use_bias=False, kernel_initializer="ones")])
+    compile_model(model, "adam", 0.1, {"task": "binary", "subtypes": False, "weight_decay": weight_decay})
+    model.train_on_batch(np.zeros((4, 1), "float32"), np.ones((4, 1), "float32"))
+    assert float(model.get_weights()[0][0, 0]) == pytest.approx(kernel_after)
 
 
 def test_multiclass_keeps_only_known_subtypes(tmp_path):

@@ -158,6 +158,7 @@ def validate_train(params: dict) -> dict:
     _int(params, "train.epochs", 1)
     _int(params, "train.batch_size", 1)
     _number(params, "train.learning_rate", 1e-7, 1.0)
+    _number(params, "train.weight_decay", 0.0, 1.0)
     _number(params, "train.dropout", 0.0, 0.9)
     _choice(params, "train.class_weight", ("balanced", "balanced_by_source", "none"))
     _int(params, "train.early_stopping_patience", 1)

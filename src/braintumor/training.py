@@ -125,6 +125,7 @@ class LiveMetrics(keras.callbacks.Callback):
 
 
 def compile_model(model: keras.Model, optimizer: str, learning_rate: float, config: dict) -> None:
+    """Compile for the task, with `train.weight_decay` (Keras applies it decoupled, as AdamW does, to any optimizer)."""
     if output_names(config) == BINARY_CLASSES:
         loss, metrics = "binary_crossentropy", ["accuracy", keras.metrics.Recall(name="recall")]
     elif config["task"] == "multiclass":
@@ -132,7 +133,8 @@ def compile_model(model: keras.Model, optimizer: str, learning_rate: float, conf
     else:  # binary, learnt through the four-way head of `train.subtypes`
         loss, metrics = subtype_crossentropy, []
     model.compile(
-        optimizer=keras.optimizers.get({"class_name": optimizer, "config": {"learning_rate": learning_rate}}),
+        optimizer=keras.optimizers.get({"class_name": optimizer, "config": {
+            "learning_rate": learning_rate, "weight_decay": config["weight_decay"] or None}}),
         loss=loss, metrics=metrics,
     )
 
