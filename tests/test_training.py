@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from braintumor.models import members_of, mirror
+from braintumor.sources import collection_of
 from braintumor.training import (MULTICLASS_CLASSES, compile_model, fit, load_split, sample_weights, subtype_crossentropy,
                                  subtype_targets, train, tumor_probability)
 from conftest import REPO
@@ -34,6 +35,32 @@ def test_sample_weights_balance_classes_or_each_source_s_classes():
     assert sample_weights(data, names, "none") == (None, {})
 
 
+def test_sample_weights_by_collection_balance_each_folder_of_a_source():
+    # source a: collection Training 10 healthy / 30 tumor, Testing 5 / 5; source b (no collections): 4 / 6
+    y = np.array([0] * 10 + [1] * 30 + [0] * 5 + [1] * 5 + [0] * 4 + [1] * 6)
+    data = {"y": y, "source": np.array(["a"] * 50 + ["b"] * 10),
+            "collection": np.array(["Training"] * 40 + ["Testing"] * 10 + [""] * 10, dtype=object)}
+    weights, strata = sample_weights(data, ["no_tumor", "tumor"], "balanced_by_collection")
+    assert set(strata) == {"a/Training/no_tumor", "a/Training/tumor", "a/Testing/no_tumor", "a/Testing/tumor",
+                           "b/no_tumor", "b/tumor"}
+    keys = np.array([f"{s}/{c}/{k}" for s, c, k in zip(data["source"], data["collection"], y)])
+    totals = [weights[keys == key].sum() for key in np.unique(keys)]
+    assert totals == pytest.approx([len(y) / 6] * 6)
+    assert strata["a/Testing/no_tumor"] == pytest.approx(60 / 30, abs=1e-4)
+
+
+@pytest.mark.parametrize("source, original, collection", [
+    ("kaggle2020", "Training/glioma_tumor/gg (1).jpg", "Training"),
+    ("kaggle2020", "Testing/no_tumor/image(3).jpg", "Testing"),
+    ("kaggle2018", "brain_tumor_dataset/no/N1.jpg", "brain_tumor_dataset"),
+    ("kaggle2018", "yes/Y1.jpg", ""),
+    ("local", "tumor/patient-7/slice.png", ""),
+    ("ixi", "http://example.org/IXI-T1.tar#IXI002-Guys-0828-T1.nii.gz", ""),
+])
+def test_collection_is_the_folders_above_the_class_folder(source, original, collection):
+    assert collection_of(source, original) == collection
+
+
 @pytest.mark.parametrize("weight_decay, kernel_after", [(0.0, 1.0), (0.5, 0.95)])
 def test_weight_decay_shrinks_weights_by_learning_rate_times_decay(weight_decay, kernel_after):
     # zero inputs: the loss has no gradient, so only the decay moves the kernel (lr 0.1 * decay 0.5 = 5 %)
@@ -47,8 +74,8 @@ def test_multiclass_keeps_only_known_subtypes(tmp_path):
     split = make_split(tmp_path / "split")
     np.savez(split / "extra.npz", x=np.zeros((3, 48, 48, 3), np.uint8), y=np.array([1, 1, 0], np.int8),
              subtype=np.array(["unknown", "glioma", "none"]), path=np.array(["a", "b", "c"]))
-    with open(split / "manifest.csv", "a") as manifest:  # path,label,subtype,source,group,split,sha256
-        manifest.writelines(f"{p},{y},{t},{s},g-{p},extra,0\n" for p, y, t, s in
+    with open(split / "manifest.csv", "a") as manifest:  # path,label,subtype,source,group,split,sha256,original
+        manifest.writelines(f"{p},{y},{t},{s},g-{p},extra,0,{p}\n" for p, y, t, s in
                             [("a", 1, "unknown", "x"), ("b", 1, "glioma", "y"), ("c", 0, "none", "x")])
     data = load_split(split, "extra", "multiclass")
     assert data["path"].tolist() == ["b", "c"] and data["y"].tolist() == [0, 2]  # glioma, no_tumor

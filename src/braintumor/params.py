@@ -160,7 +160,7 @@ def validate_train(params: dict) -> dict:
     _number(params, "train.learning_rate", 1e-7, 1.0)
     _number(params, "train.weight_decay", 0.0, 1.0)
     _number(params, "train.dropout", 0.0, 0.9)
-    _choice(params, "train.class_weight", ("balanced", "balanced_by_source", "none"))
+    _choice(params, "train.class_weight", ("balanced", "balanced_by_source", "balanced_by_collection", "none"))
     _int(params, "train.early_stopping_patience", 1)
     _int(params, "train.reduce_lr_patience", 1)
     _bool(params, "train.mixed_precision")

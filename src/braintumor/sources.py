@@ -13,7 +13,7 @@ import logging
 import shutil
 from collections import Counter
 from dataclasses import asdict, dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import pandas as pd
 
@@ -58,6 +58,15 @@ class Candidate:
     subtype: str
     group: str
     original: str  # provenance: path inside the source
+
+
+def collection_of(source: str, original: str) -> str:
+    """The sub-collection of `source` that an image comes from: the folders above its class folder (Kaggle
+    2020's `Training` and `Testing`, gathered apart and unlike in look), or "" where there are none."""
+    folders = PurePosixPath(original).parts[:-1]
+    classes = CLASS_FOLDERS.get(source, {})
+    inner = next((i for i in range(len(folders) - 1, -1, -1) if folders[i] in classes), 0)
+    return "/".join(folders[:inner])
 
 
 def kaggle_root(name: str, handle: str) -> Path:

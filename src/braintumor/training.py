@@ -21,6 +21,7 @@ from sklearn.model_selection import StratifiedGroupKFold
 from braintumor.atomic import atomic_path, write_json
 from braintumor.models import BACKBONES, average_of, build_model
 from braintumor.params import validate_train
+from braintumor.sources import collection_of
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +77,8 @@ def load_split(split_dir: str | Path, name: str, task: str) -> dict[str, np.ndar
                          f"{arrays['path'][missing][0]}); the split is inconsistent, re-run `dvc repro split`")
     rows = manifest.loc[arrays["path"].astype(object)]
     arrays["source"], arrays["group"] = rows["source"].to_numpy(), rows["group"].to_numpy()
+    arrays["collection"] = np.array([collection_of(source, original)
+                                     for source, original in zip(rows["source"], rows["original"])], dtype=object)
     arrays["label"] = arrays.pop("y").astype(np.int64)
     if task == "binary":
         arrays["y"] = arrays["label"]
@@ -99,11 +102,18 @@ def sample_weights(data: dict, names: list[str], mode: str) -> tuple[np.ndarray 
 
     `balanced`: every class carries the same total weight (sklearn's rule). `balanced_by_source`: every
     (source, class) stratum does, so that the scans of a small source (Kaggle 2018: 8 % of the images, and
-    the tumors the models miss most) are not drowned by those of a large one. `none`: no weights."""
+    the tumors the models miss most) are not drowned by those of a large one. `balanced_by_collection`: every
+    (source, sub-collection, class) stratum does, the sub-collections being a source's folders above its class
+    folders (Kaggle 2020's Training and Testing). `none`: no weights."""
     if mode == "none":
         return None, {}
     classes = np.array(names, dtype=object)[data["y"]]
-    strata = classes if mode == "balanced" else data["source"].astype(object) + "/" + classes
+    strata = classes
+    if mode != "balanced":
+        origin = data["source"].astype(object)
+        if mode == "balanced_by_collection":
+            origin = np.array([f"{s}/{c}" if c else s for s, c in zip(origin, data["collection"])], dtype=object)
+        strata = origin + "/" + classes
     keys, index, counts = np.unique(strata, return_inverse=True, return_counts=True)
     weight = len(strata) / (len(keys) * counts)
     return weight[index], {str(k): round(float(w), 4) for k, w in zip(keys, weight)}
