@@ -60,13 +60,16 @@ class Candidate:
     original: str  # provenance: path inside the source
 
 
+def class_folder(folders: tuple[str, ...], classes: dict) -> int | None:
+    """Index of the innermost of `folders` named after one of `classes` (the one that labels the image), or None."""
+    return next((i for i in reversed(range(len(folders))) if folders[i] in classes), None)
+
+
 def collection_of(source: str, original: str) -> str:
     """The sub-collection of `source` that an image comes from: the folders above its class folder (Kaggle
     2020's `Training` and `Testing`, gathered apart and unlike in look), or "" where there are none."""
     folders = PurePosixPath(original).parts[:-1]
-    classes = CLASS_FOLDERS.get(source, {})
-    inner = next((i for i in range(len(folders) - 1, -1, -1) if folders[i] in classes), 0)
-    return "/".join(folders[:inner])
+    return "/".join(folders[: class_folder(folders, CLASS_FOLDERS.get(source, {})) or 0])
 
 
 def kaggle_root(name: str, handle: str) -> Path:
@@ -103,11 +106,11 @@ def find_candidates(name: str, root: Path, images_dir: Path, strict_folders: boo
         if any(part.startswith(".") for part in rel.parts):
             skipped.append(_skip(name, path, "hidden_file", "dot-files are not images"))
             continue
-        folder = next((part for part in reversed(rel.parts[:-1]) if part in classes), None)
+        folder = class_folder(rel.parts[:-1], classes)
         if folder is None:
             skipped.append(_skip(name, path, "not_in_class_folder", f"expected under one of {', '.join(classes)}"))
             continue
-        label, subtype = classes[folder]
+        label, subtype = classes[rel.parts[folder]]
         dest = images_dir / name / rel
         candidates.append(Candidate(name, str(path), str(dest), label, subtype, "", str(rel)))
     return candidates, skipped

@@ -109,11 +109,11 @@ def sample_weights(data: dict, names: list[str], mode: str) -> tuple[np.ndarray 
         return None, {}
     classes = np.array(names, dtype=object)[data["y"]]
     strata = classes
-    if mode != "balanced":
-        origin = data["source"].astype(object)
-        if mode == "balanced_by_collection":
-            origin = np.array([f"{s}/{c}" if c else s for s, c in zip(origin, data["collection"])], dtype=object)
-        strata = origin + "/" + classes
+    if mode == "balanced_by_source":
+        strata = data["source"].astype(object) + "/" + classes
+    elif mode == "balanced_by_collection":  # a source without sub-collections keeps its (source, class) strata
+        strata = np.array(["/".join(filter(None, key)) for key in zip(data["source"], data["collection"], classes)],
+                          dtype=object)
     keys, index, counts = np.unique(strata, return_inverse=True, return_counts=True)
     weight = len(strata) / (len(keys) * counts)
     return weight[index], {str(k): round(float(w), 4) for k, w in zip(keys, weight)}
