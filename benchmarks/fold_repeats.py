@@ -6,7 +6,9 @@ train+val image has r out-of-fold predictions, each from a model that never saw 
 a shipped model would average r × k members. The table scores single repeats and every combination of r of
 them as `evaluate` would: the threshold from the (averaged) out-of-fold predictions at
 `evaluate.target_recall`, then the test split at that threshold. Its baseline is a single repeat: the ratio
-column is the share of healthy scans flagged out of fold, against the mean of single repeats.
+column is the share of healthy scans flagged out of fold, against the mean of single repeats. The last column
+is a ceiling, not a result: the test specificity with the threshold placed on the test split itself for
+`--ceiling-recall`, which bounds what any honestly placed threshold can give there.
 
 Repeats run in parallel worker processes (`--jobs`); each one's predictions go to `--out`, where a later
 call finds and reuses them. On a GPU host, from the split packed by `fold_training.py --pack`:
