@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import logging
 import multiprocessing
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -37,6 +38,7 @@ def run_repeat(params: dict, split_dir: Path, seed: int, out_file: Path) -> str:
     from braintumor.models import average_of  # imported in the worker: each process starts its own backend
     from braintumor.training import class_names, cross_validation_pool, fit_folds, load_split, tumor_probability
 
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s seed {seed}: %(message)s")  # fit_folds' progress
     params = {**params, "seed": seed}
     config = params["train"]
     pool = cross_validation_pool(split_dir, config["task"])
