@@ -32,6 +32,8 @@ import numpy as np
 import yaml
 from fold_training import override  # benchmarks/ is on the path of a script run from it
 
+from braintumor.params import ParamError, validate_train
+
 
 def run_repeat(params: dict, split_dir: Path, seed: int, out_file: Path) -> str:
     """One k-fold training under `seed`: its out-of-fold and test P(tumor), saved to `out_file`."""
@@ -52,7 +54,8 @@ def run_repeat(params: dict, split_dir: Path, seed: int, out_file: Path) -> str:
     partial = out_file.with_suffix(".partial.npz")
     np.savez(partial, path=pool["path"], label=pool["label"], oof=oof, fold=fold_of, test_path=test["path"],
              test_label=test["label"], test_p=test_p, seconds=seconds,
-             epochs=np.array([(s["epochs_run"], s["best_epoch"]) for s in summaries]))
+             epochs=np.array([(s["epochs_run"], s["best_epoch"]) for s in summaries]),
+             train_params=json.dumps(config, sort_keys=True))
     partial.replace(out_file)
     return f"seed {seed}: {len(members)} folds in {seconds:.0f} s"
 
@@ -145,6 +148,10 @@ def main() -> None:
         override(params, assignment)
     if args.jobs < 1:
         parser.error("--jobs must be at least 1")
+    try:
+        validate_train(params)  # a bad override stops here, before any worker starts
+    except ParamError as err:
+        parser.error(str(err))
     files = {seed: args.out / f"seed{seed}.npz" for seed in args.seeds}
     todo = [seed for seed, file in files.items() if not file.exists()]
     print(f"{len(args.seeds) - len(todo)} repeats found in {args.out}, {len(todo)} to train, {args.jobs} at a time",
@@ -157,6 +164,9 @@ def main() -> None:
     for seed, file in files.items():
         with np.load(file) as data:
             repeats[seed] = {key: data[key] for key in data.files}
+        saved = repeats[seed].get("train_params")  # absent in files made before it was recorded
+        if saved is not None and json.loads(str(saved)) != params["train"]:
+            raise SystemExit(f"{file} was trained with other `train` params than these; give another --out")
     rows = report(repeats, params["evaluate"]["target_recall"], args.ceiling_recall)
     print(f"All {len(repeats)} repeats averaged, test split by sub-collection: {by_collection(repeats, args.split_dir)}")
     (args.out / "summary.json").write_text(json.dumps(rows, indent=1) + "\n")
