@@ -24,48 +24,37 @@ import itertools
 import json
 import logging
 import multiprocessing
-import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 import numpy as np
 import yaml
-from fold_training import override  # benchmarks/ is on the path of a script run from it
+from fold_training import fold_predictions, override  # benchmarks/ is on the path of a script run from it
+from sklearn.metrics import roc_auc_score
 
+from braintumor.atomic import atomic_path, write_json
+from braintumor.evaluation import binary_metrics, threshold_for_recall
 from braintumor.params import ParamError, validate_train
+from braintumor.training import load_split
 
 
 def run_repeat(params: dict, split_dir: Path, seed: int, out_file: Path) -> str:
     """One k-fold training under `seed`: its out-of-fold and test P(tumor), saved to `out_file`."""
-    from braintumor.models import average_of  # imported in the worker: each process starts its own backend
-    from braintumor.training import class_names, cross_validation_pool, fit_folds, load_split, tumor_probability
-
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s seed {seed}: %(message)s")  # fit_folds' progress
-    params = {**params, "seed": seed}
-    config = params["train"]
-    pool = cross_validation_pool(split_dir, config["task"])
-    test = load_split(split_dir, "test", config["task"])
-    started = time.perf_counter()
-    members, summaries, oof, fold_of = fit_folds(params, pool, verbose=0)
-    seconds = time.perf_counter() - started
-    test_p = tumor_probability(average_of(members, mirrored=config["mirror_average"]), test["x"],
-                               class_names(config["task"]))
-    out_file.parent.mkdir(parents=True, exist_ok=True)
-    partial = out_file.with_suffix(".partial.npz")
-    np.savez(partial, path=pool["path"], label=pool["label"], oof=oof, fold=fold_of, test_path=test["path"],
-             test_label=test["label"], test_p=test_p, seconds=seconds,
-             epochs=np.array([(s["epochs_run"], s["best_epoch"]) for s in summaries]),
-             train_params=json.dumps(config, sort_keys=True))
-    partial.replace(out_file)
-    return f"seed {seed}: {len(members)} folds in {seconds:.0f} s"
+    fitted = fold_predictions({**params, "seed": seed}, split_dir)
+    pool, test, summaries = fitted["pool"], fitted["test"], fitted["summaries"]
+    with atomic_path(out_file) as partial:
+        np.savez(partial, path=pool["path"], label=pool["label"], oof=fitted["oof"], fold=fitted["fold"],
+                 test_path=test["path"], test_label=test["label"], test_p=fitted["test_p"], seconds=fitted["seconds"],
+                 epochs=np.array([(s["epochs_run"], s["best_epoch"]) for s in summaries]),
+                 train_params=json.dumps(params["train"], sort_keys=True))
+    return f"seed {seed}: {len(summaries)} folds in {fitted['seconds']:.0f} s"
 
 
 def score(repeats: list[dict], target_recall: float, ceiling_recall: float) -> dict:
     """Evaluate's operating point for the average of `repeats`: out-of-fold threshold, then test. Also the
     ceiling: the test specificity at the threshold placed on the test split itself for `ceiling_recall`, which
     no threshold chosen without the test split can beat."""
-    from braintumor.evaluation import binary_metrics, threshold_for_recall
-
     label, test_label = repeats[0]["label"], repeats[0]["test_label"]
     oof = np.mean([r["oof"] for r in repeats], axis=0)
     test_p = np.mean([r["test_p"] for r in repeats], axis=0)
@@ -85,10 +74,10 @@ def summarize(results: list[dict], key: str, metric: str) -> str:
 def report(repeats: dict[int, dict], target_recall: float, ceiling_recall: float) -> list[dict]:
     """Print one row per ensemble size r: the mean (min–max) over every combination of r repeats."""
     rows, seeds = [], sorted(repeats)
-    for first, other in itertools.combinations(seeds, 2):
-        same = (repeats[first]["path"] == repeats[other]["path"]).all()
-        if not same or not (repeats[first]["test_path"] == repeats[other]["test_path"]).all():
-            raise SystemExit(f"seeds {first} and {other} were run on different splits; use one --out per split")
+    first = repeats[seeds[0]]
+    for seed in seeds[1:]:
+        if not all(np.array_equal(first[key], repeats[seed][key]) for key in ("path", "test_path")):
+            raise SystemExit(f"seeds {seeds[0]} and {seed} were run on different splits; use one --out per split")
     seconds = ", ".join(f"{float(repeats[s]['seconds']):.0f}" for s in seeds)
     print(f"{len(seeds)} repeats (seeds {', '.join(map(str, seeds))}); train s per repeat: {seconds}")
     print("| repeats averaged | combinations | OOF AUC | OOF specificity | OOF accuracy | flagged healthy ratio | "
@@ -111,18 +100,13 @@ def report(repeats: dict[int, dict], target_recall: float, ceiling_recall: float
     return rows
 
 
-def by_collection(repeats: dict[int, dict], split_dir: Path) -> str:
+def by_collection(repeats: dict[int, dict], split_dir: Path, task: str) -> str:
     """Test ROC AUC of the average of all repeats within each source's sub-collection (Kaggle 2020's folders)."""
-    import pandas as pd
-    from sklearn.metrics import roc_auc_score
-
-    from braintumor.sources import collection_of
-
     first = next(iter(repeats.values()))
-    manifest = pd.read_csv(split_dir / "manifest.csv", keep_default_na=False).set_index("path")
-    rows = manifest.loc[first["test_path"].astype(object)]
-    collection = np.array(["/".join(filter(None, (source, collection_of(source, original))))
-                           for source, original in zip(rows["source"], rows["original"])])
+    test = load_split(split_dir, "test", task)
+    if not np.array_equal(test["path"], first["test_path"]):
+        raise SystemExit(f"{split_dir}: its test split is not the one the repeats were scored on; give their --split-dir")
+    collection = np.array(["/".join(filter(None, key)) for key in zip(test["source"], test["collection"])])
     label, p = first["test_label"], np.mean([r["test_p"] for r in repeats.values()], axis=0)
     parts = []
     for name in np.unique(collection):
@@ -148,6 +132,9 @@ def main() -> None:
         override(params, assignment)
     if args.jobs < 1:
         parser.error("--jobs must be at least 1")
+    if not (args.split_dir / "manifest.csv").is_file():
+        parser.error(f"--split-dir {args.split_dir}: no manifest.csv there; give the split stage's output folder "
+                     "(artifacts/split) or one packed by fold_training.py --pack")
     try:
         validate_train(params)  # a bad override stops here, before any worker starts
     except ParamError as err:
@@ -168,8 +155,9 @@ def main() -> None:
         if saved is not None and json.loads(str(saved)) != params["train"]:
             raise SystemExit(f"{file} was trained with other `train` params than these; give another --out")
     rows = report(repeats, params["evaluate"]["target_recall"], args.ceiling_recall)
-    print(f"All {len(repeats)} repeats averaged, test split by sub-collection: {by_collection(repeats, args.split_dir)}")
-    (args.out / "summary.json").write_text(json.dumps(rows, indent=1) + "\n")
+    print(f"All {len(repeats)} repeats averaged, test split by sub-collection: "
+          f"{by_collection(repeats, args.split_dir, params['train']['task'])}")
+    write_json(args.out / "summary.json", rows)
 
 
 if __name__ == "__main__":

@@ -51,24 +51,34 @@ def override(params: dict, assignment: str) -> None:
     node = params
     for part in path:
         if not isinstance(node.get(part), dict):
-            raise SystemExit(f"--variant {assignment!r}: params.yaml has no section {key.rsplit('.', 1)[0]!r}")
+            raise SystemExit(f"{assignment!r}: params.yaml has no section {key.rsplit('.', 1)[0]!r}")
         node = node[part]
     if last not in node:
-        raise SystemExit(f"--variant {assignment!r}: params.yaml has no key {key!r}")
+        raise SystemExit(f"{assignment!r}: params.yaml has no key {key!r}")
     node[last] = yaml.safe_load(value)
+
+
+def fold_predictions(params: dict, split_dir: Path) -> dict:
+    """Fit the folds of train+val and ship-average them: the out-of-fold and test P(tumor), with the pool, the
+    test split, each fold's summary and the training time."""
+    config = params["train"]
+    pool = cross_validation_pool(split_dir, config["task"])
+    test = load_split(split_dir, "test", config["task"])
+    started = time.perf_counter()
+    members, summaries, oof, fold_of = fit_folds(params, pool, verbose=0)
+    seconds = time.perf_counter() - started
+    test_p = tumor_probability(average_of(members, mirrored=config["mirror_average"]), test["x"],
+                               class_names(config["task"]))
+    return {"pool": pool, "test": test, "oof": oof, "fold": fold_of, "test_p": test_p, "summaries": summaries,
+            "seconds": seconds}
 
 
 def run(params: dict, split_dir: Path) -> dict:
     """Fit the folds, ship-average them, and score out of fold and on the test split."""
-    config, target = params["train"], params["evaluate"]["target_recall"]
-    names = class_names(config["task"])
-    pool = cross_validation_pool(split_dir, config["task"])
-    started = time.perf_counter()
-    members, summaries, oof, _ = fit_folds(params, pool, verbose=0)
-    seconds = time.perf_counter() - started
-    threshold = threshold_for_recall(pool["label"], oof, target)
-    test = load_split(split_dir, "test", config["task"])
-    p = tumor_probability(average_of(members, mirrored=config["mirror_average"]), test["x"], names)
+    fitted = fold_predictions(params, split_dir)
+    pool, test, oof, p = fitted["pool"], fitted["test"], fitted["oof"], fitted["test_p"]
+    summaries, seconds = fitted["summaries"], fitted["seconds"]
+    threshold = threshold_for_recall(pool["label"], oof, params["evaluate"]["target_recall"])
     return {
         "seconds": round(seconds, 1),
         "images_per_second": round(sum(s["images"] * s["epochs_run"] for s in summaries) / seconds, 1),
