@@ -85,3 +85,53 @@ def test_missing_params_file_says_where(tmp_path):
     (tmp_path / "params.yaml").write_text(yaml.safe_dump({"seed": 1}))
     with pytest.raises(ParamError, match="missing `split"):
         validate_split(load_params(tmp_path / "params.yaml"))
+
+
+@pytest.mark.parametrize("path, typo, nearest", [
+    ("train", "epoch", "train.epochs"),
+    ("dedup", "phash_max_dist", "dedup.phash_max_distance"),
+    ("fetch.sources.ixi", "max_subject", "fetch.sources.ixi.max_subjects"),
+    ("train.augment", "rotaton", "train.augment.rotation"),
+])
+def test_a_misspelt_key_is_refused_with_the_nearest_name(params, tmp_path, path, typo, nearest):
+    """`dvc exp run -S train.epoch=5` adds the typo beside `train.epochs`: the stage must refuse it, not train 60."""
+    node = params
+    for key in path.split("."):
+        node = node[key]
+    node[typo] = 5
+    written = tmp_path / "params.yaml"
+    written.write_text(yaml.safe_dump(params))
+    with pytest.raises(ParamError, match=f"unknown key `{path}.{typo}`; did you mean `{nearest}`"):
+        load_params(written)
+    from braintumor.params import validate_fetch, validate_train  # each stage checks its own section too
+    section = path.split(".")[0]
+    validator = {"train": validate_train, "dedup": validate_dedup, "fetch": validate_fetch}[section]
+    with pytest.raises(ParamError, match=f"unknown key `{path}.{typo}`"):
+        validator(params)
+
+
+def test_an_unknown_section_is_refused(params, tmp_path):
+    params["trian"] = {"epochs": 3}
+    written = tmp_path / "params.yaml"
+    written.write_text(yaml.safe_dump(params))
+    with pytest.raises(ParamError, match="unknown key `trian`; did you mean `train`"):
+        load_params(written)
+
+
+@pytest.mark.parametrize("path, value", [
+    ("train.epochs", 100_000), ("train.batch_size", 100_000), ("fetch.workers", 10_000),
+    ("split.image_size", 2048), ("evaluate.bootstrap", 10**9), ("explain.lime_samples", 10**7),
+    ("fetch.max_image_pixels", 10**12),
+])
+def test_counts_have_upper_bounds(params, path, value):
+    from braintumor.params import validate_evaluate, validate_explain, validate_train
+
+    node = params
+    *parents, leaf = path.split(".")
+    for key in parents:
+        node = node[key]
+    node[leaf] = value
+    validator = {"train": validate_train, "fetch": validate_fetch, "split": validate_split,
+                 "evaluate": validate_evaluate, "explain": validate_explain}[parents[0]]
+    with pytest.raises(ParamError, match=path):
+        validator(params)
