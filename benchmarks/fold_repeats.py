@@ -35,7 +35,7 @@ from sklearn.metrics import roc_auc_score
 from braintumor.atomic import atomic_path, write_json
 from braintumor.evaluation import binary_metrics, threshold_for_recall
 from braintumor.params import ParamError, validate_train
-from braintumor.training import load_split
+from braintumor.datasets import load_split
 
 
 def run_repeat(params: dict, split_dir: Path, seed: int, out_file: Path) -> str:

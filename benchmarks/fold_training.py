@@ -30,8 +30,10 @@ import numpy as np
 import yaml
 
 from braintumor.evaluation import binary_metrics, threshold_for_recall
-from braintumor.models import average_of
-from braintumor.training import class_names, cross_validation_pool, fit_folds, load_split, tumor_probability
+from braintumor.datasets import load_split
+from braintumor.inference import average_of, tumor_probability
+from braintumor.labels import class_names
+from braintumor.training import cross_validation_pool, fit_folds
 
 
 def pack(split_dir: Path, out_dir: Path) -> None:

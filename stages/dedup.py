@@ -1,8 +1,9 @@
-"""DVC stage `dedup`: see dvc.yaml; the logic lives in the braintumor package."""
+"""DVC stage `dedup`: see dvc.yaml; the logic lives in braintumor.dedup."""
 
 import sys
 
-from braintumor.cli import main
+from braintumor.dedup import dedup
+from braintumor.stage import run
 
 if __name__ == "__main__":
-    sys.exit(main(["dedup", *sys.argv[1:]]))
+    sys.exit(run("dedup", dedup))

@@ -1,8 +1,9 @@
-"""DVC stage `evaluate`: see dvc.yaml; the logic lives in the braintumor package."""
+"""DVC stage `evaluate`: see dvc.yaml; the logic lives in braintumor.evaluation."""
 
 import sys
 
-from braintumor.cli import main
+from braintumor.evaluation import evaluate
+from braintumor.stage import run
 
 if __name__ == "__main__":
-    sys.exit(main(["evaluate", *sys.argv[1:]]))
+    sys.exit(run("evaluate", evaluate))

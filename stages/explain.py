@@ -1,8 +1,9 @@
-"""DVC stage `explain`: see dvc.yaml; the logic lives in the braintumor package."""
+"""DVC stage `explain`: see dvc.yaml; the logic lives in braintumor.explanation."""
 
 import sys
 
-from braintumor.cli import main
+from braintumor.explanation import explain
+from braintumor.stage import run
 
 if __name__ == "__main__":
-    sys.exit(main(["explain", *sys.argv[1:]]))
+    sys.exit(run("explain", explain))

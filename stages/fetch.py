@@ -1,8 +1,9 @@
-"""DVC stage `fetch`: see dvc.yaml; the logic lives in the braintumor package."""
+"""DVC stage `fetch`: see dvc.yaml; the logic lives in braintumor.sources."""
 
 import sys
 
-from braintumor.cli import main
+from braintumor.sources import fetch
+from braintumor.stage import run
 
 if __name__ == "__main__":
-    sys.exit(main(["fetch", *sys.argv[1:]]))
+    sys.exit(run("fetch", fetch))

@@ -1,8 +1,9 @@
-"""DVC stage `register`: see dvc.yaml; the logic lives in the braintumor package."""
+"""DVC stage `register`: see dvc.yaml; the logic lives in braintumor.registry."""
 
 import sys
 
-from braintumor.cli import main
+from braintumor.registry import register
+from braintumor.stage import run
 
 if __name__ == "__main__":
-    sys.exit(main(["register", *sys.argv[1:]]))
+    sys.exit(run("register", register))

@@ -1,8 +1,9 @@
-"""DVC stage `split`: see dvc.yaml; the logic lives in the braintumor package."""
+"""DVC stage `split`: see dvc.yaml; the logic lives in braintumor.splitting."""
 
 import sys
 
-from braintumor.cli import main
+from braintumor.splitting import split
+from braintumor.stage import run
 
 if __name__ == "__main__":
-    sys.exit(main(["split", *sys.argv[1:]]))
+    sys.exit(run("split", split))

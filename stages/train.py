@@ -1,8 +1,9 @@
-"""DVC stage `train`: see dvc.yaml; the logic lives in the braintumor package."""
+"""DVC stage `train`: see dvc.yaml; the logic lives in braintumor.training."""
 
 import sys
 
-from braintumor.cli import main
+from braintumor.stage import run
+from braintumor.training import train
 
 if __name__ == "__main__":
-    sys.exit(main(["train", *sys.argv[1:]]))
+    sys.exit(run("train", train))

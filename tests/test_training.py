@@ -8,10 +8,10 @@ import keras
 import numpy as np
 import pytest
 
-from braintumor.models import members_of, mirror
-from braintumor.sources import collection_of
-from braintumor.training import (MULTICLASS_CLASSES, compile_model, fit, load_split, sample_weights, subtype_crossentropy,
-                                 subtype_targets, train, tumor_probability)
+from braintumor.datasets import load_split
+from braintumor.inference import members_of, mirror, tumor_probability
+from braintumor.labels import MULTICLASS_CLASSES, collection_of
+from braintumor.training import compile_model, fit, sample_weights, subtype_crossentropy, subtype_targets, train
 from conftest import REPO
 from conftest_split import make_split, tiny_params
 
@@ -179,9 +179,10 @@ def test_mirror_flips_left_right_exactly_after_a_save_and_load(in_tmp):
 SECOND_BACKEND = textwrap.dedent("""
     import json, sys
     import keras
+    from braintumor.datasets import load_split
     from braintumor.explanation import grad_cam
-    from braintumor.models import load_model
-    from braintumor.training import fit, load_split
+    from braintumor.inference import load_model
+    from braintumor.training import fit
     sys.path.insert(0, sys.argv[2])
     from conftest_split import make_split, tiny_params
     from pathlib import Path

@@ -1,4 +1,4 @@
-"""The `braintumor` command: one subcommand per pipeline stage (the DVC stages call these), and `predict`."""
+"""The `braintumor` command: one subcommand per pipeline stage (as `stages/*.py` run them), and `predict`."""
 
 from __future__ import annotations
 
@@ -8,11 +8,10 @@ import json
 import logging
 import os
 import sys
-import time
 from pathlib import Path
 
-from braintumor.errors import SourceError
-from braintumor.params import ParamError, load_params
+from braintumor.images import DEFAULT_MAX_PIXELS
+from braintumor.stage import add_arguments, configure_logging, execute
 
 log = logging.getLogger("braintumor")
 
@@ -45,13 +44,16 @@ def add_predict(sub) -> None:
     predict.add_argument("--json", action="store_true", help="one JSON object per line")
     predict.add_argument("--explain", metavar="DIR", help="write a Grad-CAM overlay PNG per image into DIR")
     predict.add_argument("--batch-size", type=positive_int, default=32, help="images per model call (default 32)")
+    predict.add_argument("--max-pixels", type=positive_int, default=DEFAULT_MAX_PIXELS,
+                         help="refuse larger images (width x height) before decoding them (default %(default)s)")
 
 
 def run_predict(args) -> int:
     """Exit status 0 when every file was classified, 1 when some could not be read (they are reported)."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's start-up chatter off the output
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    from braintumor.prediction import ModelLoadError, image_files, load, predict, write_grad_cams
+    from braintumor.errors import ModelLoadError
+    from braintumor.prediction import image_files, load, predict, write_grad_cams
 
     files = image_files(args.paths)
     if not files:
@@ -62,7 +64,7 @@ def run_predict(args) -> int:
     except ModelLoadError as err:
         print(f"braintumor predict: error: {err}", file=sys.stderr)
         return 2
-    results, images = predict(loaded, files, args.batch_size)
+    results, images = predict(loaded, files, args.batch_size, args.max_pixels)
     for result in results:
         if args.json:
             print(json.dumps(result), flush=True)
@@ -83,23 +85,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="braintumor", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (module, _) in STAGES.items():
-        stage = sub.add_parser(name, help=f"run the `{name}` stage ({module})")
-        stage.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+        add_arguments(sub.add_parser(name, help=f"run the `{name}` stage ({module})"))
     add_predict(sub)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        stream=sys.stderr)
+    configure_logging()
     if args.command == "predict":
         return run_predict(args)
-    started = time.perf_counter()
-    try:
-        module, function = STAGES[args.command]
-        getattr(importlib.import_module(module), function)(load_params(args.params))
-    except (ParamError, SourceError) as err:
-        print(f"braintumor {args.command}: error: {err}", file=sys.stderr)
-        return 2
-    log.info("%s finished in %.1f s", args.command, time.perf_counter() - started)
-    return 0
+    module, function = STAGES[args.command]
+    return execute(args.command, getattr(importlib.import_module(module), function), args.params)
 
 
 if __name__ == "__main__":

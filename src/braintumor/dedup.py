@@ -28,6 +28,7 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
 from braintumor.atomic import atomic_path, write_csv, write_json
+from braintumor.datasets import read_manifest
 from braintumor.hashing import Hashes, Pairs, hamming, hash_images, near_pairs
 from braintumor.images import center_on_head, load_grayscale, pixel_digest
 from braintumor.params import validate_dedup
@@ -39,10 +40,6 @@ KNOWN_SUBTYPES = ("glioma", "meningioma", "pituitary")
 REVIEW_MARGIN = 1.25
 DUPLICATE_COLUMNS = ["path", "source", "label", "subtype", "reason", "representative", "representative_source",
                      "phash_distance", "dhash_distance", "cluster", "detail"]
-
-
-def read_manifest(path: str | Path) -> pd.DataFrame:
-    return pd.read_csv(path, dtype={"group": str, "subtype": str}, keep_default_na=False)
 
 
 def cluster_ids(n: int, pairs: Pairs) -> np.ndarray:
@@ -234,7 +231,8 @@ def review_montage(
         for col, k in enumerate(picks):
             for offset, row in enumerate((loose.i[k], loose.j[k])):
                 ax = axes[2 * block + offset, col]
-                ax.imshow(center_on_head(load_grayscale(frame.path.iloc[row], draft_size=128)), cmap="gray")
+                gray = load_grayscale(frame.path.iloc[row], draft_size=128, max_pixels=None)  # fetch checked sizes
+                ax.imshow(center_on_head(gray), cmap="gray")
                 ax.set_title(f"{frame.source.iloc[row]} y={frame.label.iloc[row]}", fontsize=6)
             axes[2 * block, col].set_title(
                 f"{title}: p={loose.phash[k]} d={loose.dhash[k]}\n{frame.source.iloc[loose.i[k]]} "

@@ -22,9 +22,9 @@ from lime import lime_image
 from skimage.segmentation import mark_boundaries
 
 from braintumor.atomic import atomic_path
-from braintumor.models import load_model, members_of
+from braintumor.datasets import load_split
+from braintumor.inference import load_model, members_of, tumor_probability
 from braintumor.params import validate_explain
-from braintumor.training import load_split, tumor_probability
 
 log = logging.getLogger(__name__)
 

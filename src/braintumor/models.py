@@ -8,11 +8,11 @@ during `fit`, run on the accelerator with the rest of the model, and are no-ops 
 from __future__ import annotations
 
 from collections.abc import Callable
-from pathlib import Path
 
 import keras
-import numpy as np
 from keras import layers
+
+from braintumor.inference import jit_ready
 
 # keras.applications backbones by model name.
 BACKBONES = {"efficientnetb0": "EfficientNetB0", "resnet50": "ResNet50", "vgg16": "VGG16"}
@@ -135,27 +135,6 @@ BUILDERS: dict[str, Callable] = {
 }
 
 
-def jit_ready(model: keras.Model) -> keras.Model:
-    """`model`, compiled with XLA by `fit` and `predict` on the JAX backend; `build_model` and `load_model` apply
-    it (and so must any other loader). Keras marks its rotation, zoom and translation layers unfit for XLA
-    because TensorFlow's transform op is (loading a model marks them again, and compiles it with jit off); their
-    JAX version is plain jax.numpy and compiles. Unmarked, one such layer turns jit off for the whole model, and
-    JAX then runs every step op by op: 75x slower on an H100."""
-    if keras.backend.backend() == "jax":
-        for layer in model.layers:
-            if isinstance(layer, keras.Model):
-                jit_ready(layer)
-            elif isinstance(layer, (layers.RandomRotation, layers.RandomZoom, layers.RandomTranslation)):
-                layer.supports_jit = True
-        model.jit_compile = True  # Keras still turns it off, with a warning, if another layer cannot compile
-    return model
-
-
-def load_model(path: str | Path) -> keras.Model:
-    """A saved `.keras` model, ready to run on any backend (see `jit_ready`): every stage loads models this way."""
-    return jit_ready(keras.saving.load_model(path))
-
-
 def build_model(name: str, image_size: int, classes: int, config: dict, seed: int,
                 model_name: str | None = None) -> tuple[keras.Model, str]:
     """The Keras model `name` (called `model_name`, default `name`) with augmentation in front; returns it
@@ -167,33 +146,3 @@ def build_model(name: str, image_size: int, classes: int, config: dict, seed: in
     builder_config = {**config.get(name, {}), **config.get("transfer", {}), "dropout": config["dropout"]}
     outputs, optimizer = BUILDERS[name](x, classes, builder_config)
     return jit_ready(keras.Model(inputs, outputs, name=model_name or name)), optimizer
-
-
-def mirror(image_size: int) -> keras.Sequential:
-    """Left-right mirror of (batch, height, width, channels) images, from built-in layers only so that the
-    saved model needs no custom code: the width axis times a fixed anti-identity matrix. Exact for the
-    0..255 integer pixels the models take, in float32, float16 and TF32 alike."""
-    flip = layers.Dense(image_size, use_bias=False, trainable=False, name="anti_identity")
-    model = keras.Sequential([layers.Permute((1, 3, 2)), flip, layers.Permute((1, 3, 2))], name="mirror")
-    model.build((None, image_size, image_size, 3))
-    flip.set_weights([np.eye(image_size, dtype="float32")[::-1]])
-    return model
-
-
-def average_of(members: list[keras.Model], mirrored: bool) -> keras.Model:
-    """One model whose output is the mean of the members' outputs (the cross-validated ensemble that ships)
-    and, when `mirrored`, of their outputs on the left-right mirrored image as well (test-time augmentation:
-    the members learnt with random flips, and the two views' errors partly cancel). Needs two outputs to
-    average: two members, or one mirrored."""
-    inputs = keras.Input(members[0].inputs[0].shape[1:], name="image")
-    views = [inputs, mirror(inputs.shape[1])(inputs)] if mirrored else [inputs]
-    mean = layers.Average(name="mean_prediction", dtype="float32")(
-        [member(view) for member in members for view in views])
-    return keras.Model(inputs, mean, name="ensemble")
-
-
-def members_of(model: keras.Model) -> tuple[list[keras.Model], bool]:
-    """(the fold models inside a model built by `average_of`, whether it also averages the mirrored view);
-    ([], False) for a single model."""
-    inner = [layer for layer in model.layers if isinstance(layer, keras.Model)]
-    return [m for m in inner if m.name != "mirror"], any(m.name == "mirror" for m in inner)

@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 from braintumor.atomic import atomic_path, write_csv, write_json
-from braintumor.dedup import read_manifest
+from braintumor.datasets import read_manifest
 from braintumor.hashing import Hashes, near_pairs
 from braintumor.images import model_input
 from braintumor.parallel import parallel_map
@@ -75,8 +75,8 @@ def split(
         raise AssertionError(f"{straddling} groups straddle two splits")
     checks = leakage(hashes, frame.split, dedup_config["phash_max_distance"], dedup_config["dhash_max_distance"])
 
-    size = config["image_size"]
-    arrays = parallel_map(functools.partial(model_input, size=size), frame.path.tolist(),
+    size = config["image_size"]  # (fetch refused the images over its pixel limit: none is applied again)
+    arrays = parallel_map(functools.partial(model_input, size=size, max_pixels=None), frame.path.tolist(),
                           config.get("workers"), desc="split: prepare arrays")
     images = np.stack(arrays) if arrays else np.zeros((0, size, size, 3), dtype=np.uint8)
     with atomic_path(out_dir) as staging:

@@ -14,27 +14,21 @@ from pathlib import Path
 
 import keras
 import numpy as np
-import pandas as pd
 from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import StratifiedGroupKFold
 
 from braintumor.atomic import atomic_path, write_json
-from braintumor.models import BACKBONES, average_of, build_model
+from braintumor.datasets import load_split
+from braintumor.inference import average_of, tumor_probability
+from braintumor.labels import BINARY_CLASSES, MULTICLASS_CLASSES, SUBTYPE_CLASS, class_names
+from braintumor.models import BACKBONES, build_model
 from braintumor.params import validate_train
-from braintumor.sources import collection_of
 
 log = logging.getLogger(__name__)
 
-BINARY_CLASSES = ["no_tumor", "tumor"]
-MULTICLASS_CLASSES = ["glioma", "meningioma", "no_tumor", "pituitary"]
-SUBTYPE_CLASS = {"glioma": "glioma", "meningioma": "meningioma", "none": "no_tumor", "pituitary": "pituitary"}
 # Targets of `train.subtypes`: the four classes, plus "a tumor of unknown type" (the Kaggle 2018 tumors).
 ANY_TUMOR = len(MULTICLASS_CLASSES)
 ALLOWED_CLASSES = np.vstack([np.eye(ANY_TUMOR), [name != "no_tumor" for name in MULTICLASS_CLASSES]]).astype("float32")
-
-
-def class_names(task: str) -> list[str]:
-    return BINARY_CLASSES if task == "binary" else MULTICLASS_CLASSES
 
 
 def output_names(config: dict) -> list[str]:
@@ -60,41 +54,6 @@ def subtype_crossentropy(y_true, y_pred):
                              keras.ops.cast(keras.ops.reshape(y_true, (-1,)), "int32"), axis=0)
     likelihood = keras.ops.sum(keras.ops.cast(y_pred, "float32") * allowed, axis=-1)
     return -keras.ops.log(keras.ops.clip(likelihood, 1e-7, 1.0))
-
-
-def load_split(split_dir: str | Path, name: str, task: str) -> dict[str, np.ndarray]:
-    """Arrays of one split for `task`: x (uint8 images), y (class index), plus path/subtype/label, and each
-    image's source and dedup group from the split's manifest.
-
-    The multiclass task keeps only images whose tumor type is known."""
-    with np.load(Path(split_dir) / f"{name}.npz") as data:
-        arrays = {key: data[key] for key in data.files}
-    manifest_path = Path(split_dir) / "manifest.csv"
-    manifest = pd.read_csv(manifest_path, keep_default_na=False).set_index("path")
-    missing = ~np.isin(arrays["path"].astype(object), manifest.index)
-    if missing.any():
-        raise ValueError(f"{manifest_path}: {missing.sum()} images of {name}.npz are not listed (first: "
-                         f"{arrays['path'][missing][0]}); the split is inconsistent, re-run `dvc repro split`")
-    rows = manifest.loc[arrays["path"].astype(object)]
-    arrays["source"], arrays["group"] = rows["source"].to_numpy(), rows["group"].to_numpy()
-    arrays["collection"] = np.array([collection_of(source, original)
-                                     for source, original in zip(rows["source"], rows["original"])], dtype=object)
-    arrays["label"] = arrays.pop("y").astype(np.int64)
-    if task == "binary":
-        arrays["y"] = arrays["label"]
-        return arrays
-    known = np.isin(arrays["subtype"], list(SUBTYPE_CLASS))
-    arrays = {key: value[known] for key, value in arrays.items()}
-    arrays["y"] = np.array([MULTICLASS_CLASSES.index(SUBTYPE_CLASS[s]) for s in arrays["subtype"]], dtype=np.int64)
-    return arrays
-
-
-def tumor_probability(model, x: np.ndarray, class_names: list[str], batch_size: int = 64) -> np.ndarray:
-    """P(tumor) per image: the sigmoid output, or 1 - P(no_tumor) for the multiclass model."""
-    probs = np.asarray(model.predict(x.astype("float32"), batch_size=batch_size, verbose=0), dtype=np.float64)
-    if probs.shape[1] == 1:
-        return probs[:, 0]
-    return 1.0 - probs[:, class_names.index("no_tumor")]
 
 
 def sample_weights(data: dict, names: list[str], mode: str) -> tuple[np.ndarray | None, dict[str, float]]:

@@ -1,0 +1,45 @@
+"""Reading what the data stages wrote: their manifests, and the split stage's model-ready arrays.
+
+Training, evaluation and explanation read the splits through `load_split`, so none of them needs the code
+of another stage to do so.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from braintumor.labels import MULTICLASS_CLASSES, SUBTYPE_CLASS, collection_of
+
+
+def read_manifest(path: str | Path) -> pd.DataFrame:
+    return pd.read_csv(path, dtype={"group": str, "subtype": str}, keep_default_na=False)
+
+
+def load_split(split_dir: str | Path, name: str, task: str) -> dict[str, np.ndarray]:
+    """Arrays of one split for `task`: x (uint8 images), y (class index), plus path/subtype/label, and each
+    image's source, dedup group and sub-collection from the split's manifest.
+
+    The multiclass task keeps only images whose tumor type is known."""
+    with np.load(Path(split_dir) / f"{name}.npz") as data:
+        arrays = {key: data[key] for key in data.files}
+    manifest_path = Path(split_dir) / "manifest.csv"
+    manifest = pd.read_csv(manifest_path, keep_default_na=False).set_index("path")
+    missing = ~np.isin(arrays["path"].astype(object), manifest.index)
+    if missing.any():
+        raise ValueError(f"{manifest_path}: {missing.sum()} images of {name}.npz are not listed (first: "
+                         f"{arrays['path'][missing][0]}); the split is inconsistent, re-run `dvc repro split`")
+    rows = manifest.loc[arrays["path"].astype(object)]
+    arrays["source"], arrays["group"] = rows["source"].to_numpy(), rows["group"].to_numpy()
+    arrays["collection"] = np.array([collection_of(source, original)
+                                     for source, original in zip(rows["source"], rows["original"])], dtype=object)
+    arrays["label"] = arrays.pop("y").astype(np.int64)
+    if task == "binary":
+        arrays["y"] = arrays["label"]
+        return arrays
+    known = np.isin(arrays["subtype"], list(SUBTYPE_CLASS))
+    arrays = {key: value[known] for key, value in arrays.items()}
+    arrays["y"] = np.array([MULTICLASS_CLASSES.index(SUBTYPE_CLASS[s]) for s in arrays["subtype"]], dtype=np.int64)
+    return arrays

@@ -1,0 +1,115 @@
+"""The shipped model: how the fold models are averaged into it, how it is loaded safely, how it scores images.
+
+Training builds the average; evaluation, explanation, `braintumor predict` and the web service load and run
+it. They share this module, so none of them imports training code. Loading never runs code from the file:
+Keras' safe mode is on, explicitly, and the model's own description (image size, classes, threshold) is
+checked against the network before anything uses it.
+"""
+
+from __future__ import annotations
+
+import math
+import zipfile
+from pathlib import Path
+
+import keras
+import numpy as np
+from keras import layers
+
+from braintumor.errors import ModelLoadError
+from braintumor.labels import BINARY_CLASSES, MULTICLASS_CLASSES
+
+
+def jit_ready(model: keras.Model) -> keras.Model:
+    """`model`, compiled with XLA by `fit` and `predict` on the JAX backend; `build_model` and `load_model` apply
+    it (and so must any other loader). Keras marks its rotation, zoom and translation layers unfit for XLA
+    because TensorFlow's transform op is (loading a model marks them again, and compiles it with jit off); their
+    JAX version is plain jax.numpy and compiles. Unmarked, one such layer turns jit off for the whole model, and
+    JAX then runs every step op by op: 75x slower on an H100."""
+    if keras.backend.backend() == "jax":
+        for layer in model.layers:
+            if isinstance(layer, keras.Model):
+                jit_ready(layer)
+            elif isinstance(layer, (layers.RandomRotation, layers.RandomZoom, layers.RandomTranslation)):
+                layer.supports_jit = True
+        model.jit_compile = True  # Keras still turns it off, with a warning, if another layer cannot compile
+    return model
+
+
+def load_model(path: str | Path) -> keras.Model:
+    """A saved `.keras` model, ready to run on any backend (see `jit_ready`): every stage loads models this way.
+
+    Safe mode is explicit (a Lambda layer or any other serialised Python code is refused, whatever the
+    environment says), and the model is not compiled: inference needs no loss, so a file naming one cannot
+    make the loader import it."""
+    path = Path(path)
+    if not zipfile.is_zipfile(path):
+        raise ModelLoadError(f"{path}: not a Keras 3 .keras archive (the only format this project loads)")
+    try:
+        return jit_ready(keras.saving.load_model(path, compile=False, safe_mode=True))
+    except ValueError as err:  # Keras raises ValueError for lambdas, unknown classes and modules in safe mode
+        raise ModelLoadError(f"{path}: refused by Keras safe mode or unreadable ({err})") from err
+
+
+def check_model_info(info: dict, model: keras.Model, where: str) -> dict:
+    """`info` (model.json, or the MLflow model's metadata) when it describes `model` and holds what inference
+    needs; else a `ModelLoadError` naming the field. A wrong image size or class list would give numbers that
+    look right and mean nothing."""
+    size = info.get("image_size")
+    if isinstance(size, bool) or not isinstance(size, int) or not 32 <= size <= 1024:
+        raise ModelLoadError(f"{where}: `image_size` must be an integer between 32 and 1024 (got {size!r})")
+    threshold = info.get("threshold")
+    if isinstance(threshold, bool) or not isinstance(threshold, int | float) or not (
+            math.isfinite(threshold) and 0.0 <= threshold <= 1.0):
+        raise ModelLoadError(f"{where}: `threshold` must be a probability between 0 and 1 (got {threshold!r})")
+    names = info.get("class_names")
+    if names not in (BINARY_CLASSES, MULTICLASS_CLASSES):
+        raise ModelLoadError(f"{where}: `class_names` must be {BINARY_CLASSES} or {MULTICLASS_CLASSES} "
+                             f"(got {names!r})")
+    expected_in = (None, size, size, 3)
+    if tuple(model.input_shape) != expected_in:
+        raise ModelLoadError(f"{where}: the network takes inputs of shape {tuple(model.input_shape)}, but "
+                             f"`image_size` {size} means {expected_in}")
+    outputs = model.output_shape[-1]
+    if outputs != (1 if names == BINARY_CLASSES else len(names)):
+        raise ModelLoadError(f"{where}: the network has {outputs} outputs, which does not fit `class_names` "
+                             f"{names}")
+    return info
+
+
+def tumor_probability(model, x: np.ndarray, class_names: list[str], batch_size: int = 64) -> np.ndarray:
+    """P(tumor) per image: the sigmoid output, or 1 - P(no_tumor) for the multiclass model."""
+    probs = np.asarray(model.predict(x.astype("float32"), batch_size=batch_size, verbose=0), dtype=np.float64)
+    if probs.shape[1] == 1:
+        return probs[:, 0]
+    return 1.0 - probs[:, class_names.index("no_tumor")]
+
+
+def mirror(image_size: int) -> keras.Sequential:
+    """Left-right mirror of (batch, height, width, channels) images, from built-in layers only so that the
+    saved model needs no custom code: the width axis times a fixed anti-identity matrix. Exact for the
+    0..255 integer pixels the models take, in float32, float16 and TF32 alike."""
+    flip = layers.Dense(image_size, use_bias=False, trainable=False, name="anti_identity")
+    model = keras.Sequential([layers.Permute((1, 3, 2)), flip, layers.Permute((1, 3, 2))], name="mirror")
+    model.build((None, image_size, image_size, 3))
+    flip.set_weights([np.eye(image_size, dtype="float32")[::-1]])
+    return model
+
+
+def average_of(members: list[keras.Model], mirrored: bool) -> keras.Model:
+    """One model whose output is the mean of the members' outputs (the cross-validated ensemble that ships)
+    and, when `mirrored`, of their outputs on the left-right mirrored image as well (test-time augmentation:
+    the members learnt with random flips, and the two views' errors partly cancel). Needs two outputs to
+    average: two members, or one mirrored."""
+    inputs = keras.Input(members[0].inputs[0].shape[1:], name="image")
+    views = [inputs, mirror(inputs.shape[1])(inputs)] if mirrored else [inputs]
+    mean = layers.Average(name="mean_prediction", dtype="float32")(
+        [member(view) for member in members for view in views])
+    return keras.Model(inputs, mean, name="ensemble")
+
+
+def members_of(model: keras.Model) -> tuple[list[keras.Model], bool]:
+    """(the fold models inside a model built by `average_of`, whether it also averages the mirrored view);
+    ([], False) for a single model."""
+    inner = [layer for layer in model.layers if isinstance(layer, keras.Model)]
+    return [m for m in inner if m.name != "mirror"], any(m.name == "mirror" for m in inner)

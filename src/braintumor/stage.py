@@ -1,0 +1,48 @@
+"""Running one pipeline stage from the command line: params, logging, errors and timing, the same for all.
+
+Each `stages/<name>.py` calls `run` with its own stage function, so a stage's code is that function's
+imports and this module: DVC lists exactly those files as the stage's deps (tests/test_stage_deps.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from collections.abc import Callable
+
+from braintumor.errors import ModelLoadError, RegistryError, SourceError
+from braintumor.params import ParamError, load_params
+
+log = logging.getLogger("braintumor")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+
+
+def configure_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr)
+
+
+def execute(name: str, function: Callable[[dict], object], params_path: str) -> int:
+    """Run `function(params)`; a bad param, source or model ends it with exit status 2 and the message."""
+    started = time.perf_counter()
+    try:
+        function(load_params(params_path))
+    except (ParamError, SourceError, ModelLoadError, RegistryError) as err:
+        print(f"braintumor {name}: error: {err}", file=sys.stderr)
+        return 2
+    log.info("%s finished in %.1f s", name, time.perf_counter() - started)
+    return 0
+
+
+def run(name: str, function: Callable[[dict], object], argv: list[str] | None = None) -> int:
+    """The whole command line of one stage script."""
+    parser = argparse.ArgumentParser(prog=f"stages/{name}.py", description=f"the `{name}` stage (see dvc.yaml)")
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    configure_logging()
+    return execute(name, function, args.params)
