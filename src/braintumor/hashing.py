@@ -50,8 +50,9 @@ def pack(bits: np.ndarray) -> np.ndarray:
 def image_hashes(path: str, hash_size: int) -> tuple[np.ndarray, np.ndarray] | ImageReadError:
     """pHash and dHash words of one image file, or the read error (returned, so a pool can carry it)."""
     try:
-        # JPEG draft decoding at >= 8x the hash side is plenty for a 4x-oversampled pHash, and much faster.
-        picture = Image.fromarray(center_on_head(load_grayscale(path, draft_size=8 * hash_size)))
+        # JPEG draft decoding at >= 8x the hash side is plenty for a 4x-oversampled pHash, and much faster;
+        # fetch refused the images over its pixel limit, so none is applied again here.
+        picture = Image.fromarray(center_on_head(load_grayscale(path, draft_size=8 * hash_size, max_pixels=None)))
     except ImageReadError as err:
         return err
     return (

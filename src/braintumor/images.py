@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +22,14 @@ BACKGROUND_FRACTION = 0.1
 MIN_FOREGROUND_SHARE = 0.02
 # Half-side of the hashing window in radii of gyration of the head (a uniform disc has radius 1.41 of them).
 HASH_WINDOW_RADII = 2.0
+# The image formats decoded here; any other (EPS, which Pillow hands to Ghostscript, PSD, ICO, ...) is refused
+# as `unsupported_format` before decoding.
+FORMATS = ("JPEG", "PNG", "BMP", "GIF", "TIFF", "WEBP")
+# Images larger than this (width x height) are refused as `too_large` from their header, before decoding:
+# a 200 KB PNG can hold 10000 x 10000 16-bit pixels. 4096 x 4096 covers scanners and photos of film; params
+# (`fetch.max_image_pixels`) and `braintumor predict --max-pixels` can change it.
+DEFAULT_MAX_PIXELS = 4096 * 4096
+HIGH_BIT_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")
 
 
 class ImageReadError(ValueError):
@@ -33,42 +42,75 @@ class ImageReadError(ValueError):
         self.detail = detail
 
 
-def open_image(path: str | Path, draft_size: int | None = None, data: bytes | None = None) -> Image.Image:
+def identify(data: bytes | Path) -> str | None:
+    """The format Pillow would read `data` as (header only, nothing decoded), or None."""
+    try:
+        with Image.open(io.BytesIO(data) if isinstance(data, bytes) else data) as img:
+            return img.format
+    except Exception:  # noqa: BLE001 - any failure means: no format Pillow knows
+        return None
+
+
+def open_image(path: str | Path, draft_size: int | None = None, data: bytes | None = None,
+               max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
     """Fully decode an image file, raising `ImageReadError` with a reason instead of PIL's zoo of errors.
 
+    Only `FORMATS` are decoded (`unsupported_format` otherwise), and an image over `max_pixels` is refused as
+    `too_large` from its header (None: no limit of ours, for stages whose input fetch already checked).
     `draft_size` lets the JPEG decoder scale down while decoding (1/2 to 1/8), which is several
     times faster when only a small version of the image is needed (hashing). `data`, the file's bytes
     when the caller has read them already, saves reading the file again; `path` then only names it.
     """
     path = Path(path)
+    source = io.BytesIO(data) if data is not None else path
     try:
         if (len(data) if data is not None else path.stat().st_size) == 0:
             raise ImageReadError(path, "empty_file", "file has 0 bytes")
-        with Image.open(io.BytesIO(data) if data is not None else path) as img:
-            if draft_size is not None and img.format == "JPEG":
-                img.draft("L", (draft_size, draft_size))
-            img.load()
-            return img.copy()
+        with warnings.catch_warnings():  # Pillow's own bomb warning (past 89.5 M pixels): our limit replaces it
+            warnings.simplefilter("ignore" if max_pixels is not None else "error", Image.DecompressionBombWarning)
+            with Image.open(source, formats=FORMATS) as img:
+                if max_pixels is not None and img.width * img.height > max_pixels:
+                    raise ImageReadError(path, "too_large", f"{img.width} x {img.height} pixels, over the limit of "
+                                         f"{max_pixels}; not decoded")
+                if draft_size is not None and img.format == "JPEG":
+                    img.draft("L", (draft_size, draft_size))
+                img.load()
+                return img.copy()
     except ImageReadError:
         raise
     except UnidentifiedImageError as err:
-        raise ImageReadError(path, "not_an_image", str(err)) from err
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
-        raise ImageReadError(path, "truncated_or_corrupt", str(err)) from err
+        found = identify(data if data is not None else path)
+        if found:
+            raise ImageReadError(path, "unsupported_format", f"{found} image; only {', '.join(FORMATS)} are "
+                                 "decoded") from err
+        raise ImageReadError(path, "not_an_image", f"not a {', '.join(FORMATS)} image") from err
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise ImageReadError(path, "too_large", str(err)) from err
+    except (OSError, SyntaxError, ValueError, EOFError) as err:
+        raise ImageReadError(path, "truncated_or_corrupt", f"{type(err).__name__}: {err}") from err
 
 
 def to_grayscale(img: Image.Image) -> np.ndarray:
-    """8-bit grayscale array of any PIL image: alpha is composited on black, high bit depths rescaled."""
-    if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
-        pixels = np.asarray(img, dtype=np.float64)
-        lo, hi = float(pixels.min()), float(pixels.max())
-        scaled = (pixels - lo) / (hi - lo) * 255.0 if hi > lo else np.zeros_like(pixels)
+    """8-bit grayscale array of any PIL image: alpha is composited on black, high bit depths rescaled (in
+    float32: a full-size float64 copy of a large 16-bit image would cost 8 bytes a pixel), LAB keeps its
+    lightness. A mode that has no grayscale raises ValueError naming it."""
+    if img.mode in HIGH_BIT_MODES:
+        pixels = np.asarray(img)
+        lo, hi = pixels.min(), pixels.max()
+        if hi <= lo:
+            return np.zeros(pixels.shape, dtype=np.uint8)
+        scaled = (pixels.astype(np.float32) - np.float32(lo)) * np.float32(255.0 / (float(hi) - float(lo)))
         return np.round(scaled).astype(np.uint8)
+    if img.mode == "LAB":
+        return np.asarray(img.getchannel("L"), dtype=np.uint8)
     if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
         rgba = img.convert("RGBA")
         black = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
         img = Image.alpha_composite(black, rgba)
-    return np.asarray(img.convert("L"), dtype=np.uint8)
+    try:
+        return np.asarray(img.convert("L"), dtype=np.uint8)
+    except ValueError as err:
+        raise ValueError(f"image mode {img.mode} has no grayscale conversion ({err})") from err
 
 
 def percentiles(gray: np.ndarray, q: list[float]) -> np.ndarray:
@@ -120,9 +162,10 @@ def center_on_head(gray: np.ndarray) -> np.ndarray:
     return window
 
 
-def load_grayscale(path: str | Path, draft_size: int | None = None) -> np.ndarray:
+def load_grayscale(path: str | Path, draft_size: int | None = None,
+                   max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """Decode and convert to 8-bit grayscale."""
-    return to_grayscale(open_image(path, draft_size))
+    return to_grayscale(open_image(path, draft_size, max_pixels=max_pixels))
 
 
 def square_resize(gray: np.ndarray, size: int) -> np.ndarray:
@@ -136,14 +179,27 @@ def square_resize(gray: np.ndarray, size: int) -> np.ndarray:
     return np.repeat(np.asarray(resized)[:, :, None], 3, axis=2)
 
 
-def model_input(path: str | Path, size: int) -> np.ndarray:
+def prepare(gray: np.ndarray, size: int) -> np.ndarray:
+    """The model-ready array of a grayscale image: (size, size, 3) uint8."""
+    return square_resize(crop_to_content(gray), size)
+
+
+def model_input(path: str | Path, size: int, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """The model-ready array of one image file: (size, size, 3) uint8. Training and inference share it."""
-    return square_resize(crop_to_content(load_grayscale(path)), size)
+    return prepare(load_grayscale(path, max_pixels=max_pixels), size)
+
+
+def check_usable(img: Image.Image) -> None:
+    """Run every step later stages take on a decoded image (grayscale, the hashing window, the model crop),
+    so that an image that would fail there fails here, once, with its name; raises ValueError if one fails."""
+    gray = to_grayscale(img)
+    center_on_head(gray)
+    prepare(gray, 32)
 
 
 def pixel_digest(path: str | Path) -> str:
     """sha256 of the fully decoded pixels (mode, size and bytes): equal digests mean identical images."""
-    img = open_image(path)
+    img = open_image(path, max_pixels=None)
     digest = hashlib.sha256(f"{img.mode}:{img.size}:".encode())
     digest.update(img.tobytes())
     return digest.hexdigest()

@@ -8,42 +8,27 @@ Duplicates are kept on purpose: `dedup` finds them across sources.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import shutil
 from collections import Counter
 from dataclasses import asdict, dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 import pandas as pd
 
 from braintumor import ixi
 from braintumor.atomic import atomic_path, write_csv, write_json
 from braintumor.errors import SourceError
-from braintumor.images import ImageReadError, open_image
+from braintumor.images import ImageReadError, check_usable, open_image
+from braintumor.labels import CLASS_FOLDERS, NO_TUMOR, TUMOR, class_folder
+from braintumor.listing import printable, walk_files
 from braintumor.parallel import parallel_map
 from braintumor.params import validate_fetch
 
 log = logging.getLogger(__name__)
 
-# (label, subtype) for each class folder name; label 1 = tumor, 0 = no tumor.
-TUMOR, NO_TUMOR = 1, 0
-CLASS_FOLDERS = {
-    "kaggle2018": {"yes": (TUMOR, "unknown"), "no": (NO_TUMOR, "none")},
-    "kaggle2020": {
-        "glioma_tumor": (TUMOR, "glioma"),
-        "meningioma_tumor": (TUMOR, "meningioma"),
-        "pituitary_tumor": (TUMOR, "pituitary"),
-        "no_tumor": (NO_TUMOR, "none"),
-    },
-    "local": {
-        "tumor": (TUMOR, "unknown"),
-        "no_tumor": (NO_TUMOR, "none"),
-        "glioma": (TUMOR, "glioma"),
-        "meningioma": (TUMOR, "meningioma"),
-        "pituitary": (TUMOR, "pituitary"),
-    },
-}
 MANIFEST_COLUMNS = ["path", "source", "label", "subtype", "group", "sha256", "width", "height", "mode", "original"]
 
 
@@ -58,18 +43,6 @@ class Candidate:
     subtype: str
     group: str
     original: str  # provenance: path inside the source
-
-
-def class_folder(folders: tuple[str, ...], classes: dict) -> int | None:
-    """Index of the innermost of `folders` named after one of `classes` (the one that labels the image), or None."""
-    return next((i for i in reversed(range(len(folders))) if folders[i] in classes), None)
-
-
-def collection_of(source: str, original: str) -> str:
-    """The sub-collection of `source` that an image comes from: the folders above its class folder (Kaggle
-    2020's `Training` and `Testing`, gathered apart and unlike in look), or "" where there are none."""
-    folders = PurePosixPath(original).parts[:-1]
-    return "/".join(folders[: class_folder(folders, CLASS_FOLDERS.get(source, {})) or 0])
 
 
 def kaggle_root(name: str, handle: str) -> Path:
@@ -87,7 +60,7 @@ def kaggle_root(name: str, handle: str) -> Path:
 
 
 def find_candidates(name: str, root: Path, images_dir: Path, strict_folders: bool) -> tuple[list[Candidate], list[dict]]:
-    """Files under `root`, labelled by the nearest enclosing class folder.
+    """Files under `root`, labelled by the nearest enclosing class folder; every other entry gets a skipped row.
 
     With `strict_folders` (the user's `data/`), a first-level folder that is not a class name is an error,
     since a typo would otherwise drop a whole class.
@@ -97,12 +70,16 @@ def find_candidates(name: str, root: Path, images_dir: Path, strict_folders: boo
         for child in sorted(root.iterdir()):
             if child.is_dir() and child.name not in classes and not child.name.startswith("."):
                 raise SourceError(
-                    f"{child}: unknown class folder in the local source; name it one of "
+                    f"{printable(child)}: unknown class folder in the local source; name it one of "
                     f"{', '.join(classes)} (or move it out of {root})"
                 )
-    candidates, skipped = [], []
-    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+    files, problems = walk_files(root)
+    candidates, skipped = [], [_skip(name, path, reason, detail) for path, reason, detail in problems]
+    for path in files:
         rel = path.relative_to(root)
+        if printable(rel) != str(rel):
+            skipped.append(_skip(name, path, "file_name_not_utf8", "rename the file: its name is not valid UTF-8"))
+            continue
         if any(part.startswith(".") for part in rel.parts):
             skipped.append(_skip(name, path, "hidden_file", "dot-files are not images"))
             continue
@@ -117,18 +94,22 @@ def find_candidates(name: str, root: Path, images_dir: Path, strict_folders: boo
 
 
 def _skip(source: str, path: Path | str, reason: str, detail: str) -> dict:
-    return {"source": source, "original": str(path), "reason": reason, "detail": detail}
+    return {"source": source, "original": printable(path), "reason": reason, "detail": detail}
 
 
-def check_and_copy(candidate: Candidate) -> dict:
-    """Decode one file fully; copy its bytes to `dest` when it is a readable image, else report why not."""
+def check_and_copy(candidate: Candidate, max_pixels: int) -> dict:
+    """Decode one file fully and run every step later stages take on it (grayscale, hashing window, model
+    crop); copy its bytes to `dest` when all pass, else report why not. No failure of one file stops the stage."""
     try:
         data = Path(candidate.src).read_bytes()
-        img = open_image(candidate.src, data=data)
+        img = open_image(candidate.src, data=data, max_pixels=max_pixels)
+        check_usable(img)
     except ImageReadError as err:
         return _skip(candidate.source, candidate.src, err.reason, err.detail)
     except OSError as err:
-        return _skip(candidate.source, candidate.src, "unreadable_file", str(err))
+        return _skip(candidate.source, candidate.src, "unreadable_file", f"{type(err).__name__}: {err.strerror or err}")
+    except Exception as err:  # noqa: BLE001 - pixels that a later step cannot use: recorded, never fatal
+        return _skip(candidate.source, candidate.src, "unusable_pixels", f"{type(err).__name__}: {err}")
     dest = Path(candidate.dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     dest.write_bytes(data)
@@ -153,7 +134,7 @@ def fetch(params: dict, out_dir: str | Path = "artifacts/fetch", metrics_path: s
                 scratch = staging / "ixi-slices"
                 found, bad = ixi.fetch_slices(
                     source["urls"], scratch, source["max_subjects"], source["slices_per_volume"],
-                    source["planes"], source["timeout_s"],
+                    source["planes"], source["timeout_s"], source["deadline_s"],
                 )
                 candidates += [
                     Candidate("ixi", str(scratch / s.name), str(images_dir / "ixi" / s.name), NO_TUMOR, "none",
@@ -181,7 +162,8 @@ def fetch(params: dict, out_dir: str | Path = "artifacts/fetch", metrics_path: s
                       c.subtype, c.group, c.original)
             for c in candidates
         ]
-        results = parallel_map(check_and_copy, staged, config.get("workers"), desc="fetch: check and copy")
+        results = parallel_map(functools.partial(check_and_copy, max_pixels=config["max_image_pixels"]), staged,
+                               config.get("workers"), desc="fetch: check and copy")
         rows = []
         for final, result in zip(candidates, results):
             if "reason" in result:
