@@ -175,3 +175,93 @@ def test_registry_on_postgresql(trained_states, monkeypatch, in_tmp):
         for name in ("seed_fsm", "seed_cnn"):
             run(trained_states[name])
         assert champion_model(MlflowClient(), "postgres-model") == better(trained_states)
+
+
+def test_a_failed_registration_does_not_block_the_next(mlflow_server, trained_states, monkeypatch, in_tmp):
+    """A run that failed after it set its digest tag (here: logging the model raised) must not be reused."""
+    from mlflow.models import Model
+
+    run = registering(mlflow_server, monkeypatch, "wedge")
+    real_log = Model.log
+
+    def fails(*args, **kwargs):
+        raise RuntimeError("artifact store unreachable")
+
+    monkeypatch.setattr(Model, "log", fails)
+    with pytest.raises(RuntimeError, match="artifact store unreachable"):
+        run(trained_states["seed_fsm"])
+    failed = mlflow.search_runs(experiment_names=["wedge"], output_format="list")
+    assert [r.info.status for r in failed] == ["FAILED"]
+    monkeypatch.setattr(Model, "log", real_log)
+    decision = run(trained_states["seed_fsm"])
+    assert decision["run_logged"] == 1 and decision["promoted"] == 1 and decision["run_id"] != failed[0].info.run_id
+
+
+def test_a_slower_registration_cannot_put_back_a_worse_champion(mlflow_server, trained_states, monkeypatch,
+                                                               in_tmp):
+    """Two registrations from different clones into one server both read "no champion", then move the alias:
+    the better one first. The barrier forces that overlap; the worse one must then decide again and keep out."""
+    import threading
+
+    from braintumor import registry
+
+    run = registering(mlflow_server, monkeypatch, "race")
+    best_name = better(trained_states)
+    worse_name = next(name for name in trained_states if name != best_name)
+    decisions = {name: run(trained_states[name]) for name in trained_states}
+    client = MlflowClient()
+    client.delete_registered_model_alias("race-model", CHAMPION)
+    runs = {name: client.get_run(d["run_id"]) for name, d in decisions.items()}
+    versions = {name: client.get_model_version("race-model", str(d["candidate"]["version"]))
+                for name, d in decisions.items()}
+    assert {name: d["candidate"]["run_id"] for name, d in decisions.items()} == {
+        name: d["run_id"] for name, d in decisions.items()}  # each registered its own version
+
+    barrier, best_moved = threading.Barrier(2, timeout=60), threading.Event()
+    real_decide, real_set = registry.decide, client.set_registered_model_alias
+    first_decision = threading.local()
+
+    def decide(candidate, champion, mode):
+        outcome = real_decide(candidate, champion, mode)
+        if not getattr(first_decision, "done", False):  # both have decided against "no champion" ...
+            first_decision.done = True
+            barrier.wait()
+            if candidate.info.run_id == runs[worse_name].info.run_id:
+                assert best_moved.wait(60)  # ... and the better one moves the alias first
+        return outcome
+
+    def set_alias(name, alias, version):
+        real_set(name, alias, version)
+        if str(version) == versions[best_name].version:
+            best_moved.set()
+
+    monkeypatch.setattr(registry, "decide", decide)
+    monkeypatch.setattr(client, "set_registered_model_alias", set_alias)
+    outcomes = {}
+
+    def register_as(name):
+        outcomes[name] = registry.move_champion(client, "race-model", runs[name], versions[name], "keep")
+
+    threads = [threading.Thread(target=register_as, args=(name,)) for name in (best_name, worse_name)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert outcomes[best_name][0] is True and outcomes[worse_name][0] is False, outcomes
+    assert champion_model(client, "race-model") == best_name
+
+
+def test_models_and_metrics_of_two_evaluations_are_not_registered_together(mlflow_server, trained_states,
+                                                                          monkeypatch, in_tmp):
+    """An evaluate stage killed between writing models/ and metrics/evaluate.json leaves them disagreeing."""
+    from braintumor.errors import RegistryError
+
+    workspace, params = trained_states["seed_fsm"]
+    copy_root = in_tmp / "interrupted"
+    shutil.copytree(workspace, copy_root)
+    other, _ = trained_states["seed_cnn"]
+    shutil.copy(other / "metrics/evaluate.json", copy_root / "metrics/evaluate.json")
+    run = registering(mlflow_server, monkeypatch, "mixed")
+    with pytest.raises(RegistryError, match="do not describe"):
+        run((copy_root, params))
+    assert mlflow.search_runs(experiment_names=["mixed"], output_format="list") == []

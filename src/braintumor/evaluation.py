@@ -10,6 +10,7 @@ the model, with the threshold in its `model.json`, is written to `models/`.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -25,11 +26,15 @@ import pandas as pd
 from sklearn import metrics as skm
 
 from braintumor.atomic import atomic_path, write_json
-from braintumor.models import load_model, members_of
+from braintumor.datasets import load_split
+from braintumor.inference import load_model, members_of, tumor_probability
 from braintumor.params import validate_evaluate
-from braintumor.training import load_split, tumor_probability
 
 log = logging.getLogger(__name__)
+
+
+def file_sha256(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def threshold_for_recall(y: np.ndarray, p: np.ndarray, target_recall: float) -> float:
@@ -98,6 +103,7 @@ def evaluate(params: dict, split_dir: str | Path = "artifacts/split", train_dir:
     manifest = pd.read_csv(Path(split_dir) / "manifest.csv", keep_default_na=False)
     sources = manifest.set_index("path").loc[test["path"].astype(object), "source"].to_numpy()
     result = {
+        "model_sha256": file_sha256(train_dir / "model.keras"),  # what register checks models/ against
         **{k: chosen[k] for k in ("recall", "accuracy", "specificity", "precision", "f1", "roc_auc", "pr_auc",
                                   "brier")},
         "threshold": round(threshold, 6),
@@ -123,7 +129,8 @@ def evaluate(params: dict, split_dir: str | Path = "artifacts/split", train_dir:
         staging.mkdir()
         shutil.copy(train_dir / "model.keras", staging / "model.keras")
         (staging / "model.json").write_text(json.dumps(
-            {**info, "mirror_average": members_of(model)[1], "threshold": threshold, "target_recall": target,
+            {**info, "model_sha256": result["model_sha256"], "mirror_average": members_of(model)[1],
+             "threshold": threshold, "target_recall": target,
              "test_metrics": {k: result[k] for k in ("recall", "accuracy", "specificity", "roc_auc")}},
             indent=2) + "\n")
     write_json(metrics_path, result)

@@ -14,27 +14,31 @@ candidate then replaces it or the champion stays.
 
 It is a DVC stage so that every `dvc repro` and `dvc exp run` records its run and updates the registry, and
 `metrics/register.json` (the decision) is versioned with each experiment. The decision runs under a file
-lock next to the local store, so concurrent registrations (queued experiments) do not interleave; with a
-shared tracking server, the server's database serialises the individual registry writes.
+lock next to the local store, so concurrent registrations of one clone (queued experiments) do not interleave;
+registrations from several clones or hosts into one shared tracking server re-read the alias around its move
+(`move_champion`). Only a finished run that recorded its model is reused, so a killed registration never
+blocks a later one.
 """
 
 from __future__ import annotations
 
 import logging
-import re
 from pathlib import Path
 
-from filelock import FileLock
+from filelock import FileLock, Timeout
 
 from braintumor.atomic import write_json
+from braintumor.errors import RegistryError
 from braintumor.model_card import model_card
 from braintumor.params import validate_register
 from braintumor.tracking import (CARD_FILE, DATA_TAG, MODEL_URI_TAG, configure, data_fingerprint, log_run,
-                                 project_root)
+                                 project_root, redact)
 
 log = logging.getLogger(__name__)
 
 CHAMPION = "champion"
+LOCK_TIMEOUT_S = 600  # registrations into the embedded store take about a minute
+MOVE_ATTEMPTS = 10
 # The ranking, most important first: MLflow metric keys (flattened metrics/evaluate.json) and their short names.
 COMPARED = {"threshold_selection.out_of_fold.accuracy": "out_of_fold_accuracy", "recall": "recall",
             "accuracy": "accuracy"}
@@ -118,48 +122,81 @@ def decide(candidate, champion, champion_on_new_data: str) -> tuple[bool, str]:
     return False, f"champion {theirs} is at least as good as {ours}"
 
 
+def number(version) -> int | None:
+    return int(version.version) if version is not None else None
+
+
+def move_champion(client, name: str, candidate, version, champion_on_new_data: str) -> tuple[bool, str]:
+    """Point `champion` at `version` (of run `candidate`) if it beats the current champion; (moved?, why).
+
+    Registrations from other clones or hosts share the tracking server but not the file lock, so the alias can
+    move between our read and our write. It is read again right before the write, and after it: whenever it
+    moved meanwhile, the decision is taken again against the new champion. Each registration thus ends having
+    compared itself with the champion it leaves, and a slower one cannot put back a worse model."""
+    for _ in range(MOVE_ATTEMPTS):
+        seen_version, seen_run = current_champion(client, name)
+        promote, why = decide(candidate, seen_run, champion_on_new_data)
+        if not promote:
+            return False, why
+        if number(current_champion(client, name)[0]) != number(seen_version):
+            continue  # moved while we decided
+        client.set_registered_model_alias(name, CHAMPION, version.version)
+        if number(current_champion(client, name)[0]) == number(version):
+            return True, why
+    raise RegistryError(f"the `{CHAMPION}` alias of {name} moved {MOVE_ATTEMPTS} times while this registration "
+                        "decided; other registrations are racing it. Run `dvc repro register` again.")
+
+
 def register(params: dict, model_dir: str | Path = "models", split_dir: str | Path = "artifacts/split",
              metrics_dir: str | Path = "metrics", plots_dir: str | Path = "plots",
              decision_path: str | Path = "metrics/register.json") -> dict:
     """Run the register stage (see the module docstring); returns the decision written to `decision_path`."""
-    from mlflow import MlflowClient
-
     config = validate_register(params)
     model_dir, split_dir, metrics_dir = Path(model_dir), Path(split_dir), Path(metrics_dir)
-    name = config["model_name"]
-    target_recall = params["evaluate"]["target_recall"]
-    floors = {metric: config[f"min_{metric}"] for metric in ("recall", "accuracy", "specificity")}
     uri = configure(config["experiment"])
     lock = project_root() / "mlflow" / "register.lock"
     lock.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(lock):
-        fingerprint = data_fingerprint(split_dir / "manifest.csv")
-        card = model_card(model_dir, metrics_dir, fingerprint)
-        run = log_run(params, config["experiment"], fingerprint, card, model_dir, split_dir, metrics_dir,
-                      Path(plots_dir))
-        client = MlflowClient()
-        before_version, before_run = current_champion(client, name)
-        decision = {
-            "tracking_uri": re.sub(r"//[^/@]*@", "//", uri), "model_name": name, "data_fingerprint": fingerprint,
-            "run_id": run["run_id"], "run_logged": int(run["new"]), "compared": list(COMPARED.values()),
-            "target_recall": target_recall, "floors": floors,
-            "champion_before": summary(before_run, before_version) if before_run else None,
-        }
-        ranked = eligible_runs(config["experiment"], fingerprint, target_recall, floors)
-        if not ranked:
-            decision.update(candidate=None, promoted=0, champion=decision["champion_before"],
-                            outcome="no run on this data and target recall clears the floors; nothing registered")
-        else:
-            best = ranked[0]
-            version = registered_version(client, name, best)
-            promote, why = decide(best, before_run, config["champion_on_new_data"])
-            if promote:
-                client.set_registered_model_alias(name, CHAMPION, version.version)
-            after_version, after_run = current_champion(client, name)
-            decision.update(candidate=summary(best, version), promoted=int(promote),
-                            champion=summary(after_run, after_version) if after_run else None,
-                            outcome=("promoted: " if promote else "kept: ") + why)
+    try:
+        with FileLock(lock, timeout=LOCK_TIMEOUT_S):
+            decision = record_and_decide(params, config, uri, model_dir, split_dir, metrics_dir, Path(plots_dir))
+    except Timeout as err:
+        raise RegistryError(f"{lock}: another registration has held this lock for over {LOCK_TIMEOUT_S} s. If "
+                            "none is running (a killed one leaves the file but not the lock), run again; "
+                            "otherwise wait for it to finish") from err
     decision["champion_version"] = (decision["champion"] or {}).get("version")
     write_json(decision_path, decision)
     log.info("register: %s (champion: version %s)", decision["outcome"], decision["champion_version"])
+    return decision
+
+
+def record_and_decide(params: dict, config: dict, uri: str, model_dir: Path, split_dir: Path, metrics_dir: Path,
+                      plots_dir: Path) -> dict:
+    """Log this state as a run, register the best eligible run and move the champion to it if it ranks higher."""
+    from mlflow import MlflowClient
+
+    name, target_recall = config["model_name"], params["evaluate"]["target_recall"]
+    floors = {metric: config[f"min_{metric}"] for metric in ("recall", "accuracy", "specificity")}
+    fingerprint = data_fingerprint(split_dir / "manifest.csv")
+    card = model_card(model_dir, metrics_dir, fingerprint)
+    run = log_run(params, config["experiment"], fingerprint, card, model_dir, split_dir, metrics_dir, plots_dir)
+    client = MlflowClient()
+    before_version, before_run = current_champion(client, name)
+    decision = {
+        "tracking_uri": redact(uri), "model_name": name, "data_fingerprint": fingerprint,
+        "run_id": run["run_id"], "run_logged": int(run["new"]), "compared": list(COMPARED.values()),
+        "target_recall": target_recall, "floors": floors,
+        "champion_before": summary(before_run, before_version) if before_run else None,
+    }
+    ranked = eligible_runs(config["experiment"], fingerprint, target_recall, floors)
+    if not ranked:
+        decision.update(candidate=None, promoted=0, champion=decision["champion_before"],
+                        outcome="no run on this data and target recall clears the floors; nothing registered")
+    else:
+        best = ranked[0]
+        version = registered_version(client, name, best)
+        promote, why = move_champion(client, name, best, version, config["champion_on_new_data"])
+        after_version, after_run = current_champion(client, name)
+        decision.update(candidate=summary(best, version), promoted=int(promote),
+                        champion=summary(after_run, after_version) if after_run else None,
+                        outcome=("promoted: " if promote else "kept: ") + why)
     return decision

@@ -15,12 +15,15 @@ import json
 import logging
 import os
 import platform
+import re
 import subprocess
 from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
+
+from braintumor.errors import RegistryError
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +37,12 @@ CARD_FILE = "model_card.md"
 def project_root() -> Path:
     """The repository root: `DVC_ROOT` inside `dvc exp run` (which may run in a temporary copy), else cwd."""
     return Path(os.environ.get("DVC_ROOT") or Path.cwd()).resolve()
+
+
+def redact(text: str) -> str:
+    """`text` (a URI, or a message that quotes one) without the user and password a URI may carry:
+    `https://user:token@host/...` becomes `https://host/...`."""
+    return re.sub(r"(?<=://)[^/\s@]+@", "", text)
 
 
 def local_store(root: Path | None = None) -> tuple[str, str]:
@@ -152,13 +161,37 @@ def keras_flavor():
 
 
 def existing_run(experiment: str, model_digest: str, fingerprint: str):
-    """The run that already logged this exact model, evaluated on the same data, if any."""
+    """The finished run that already logged this exact model, evaluated on the same data, if any. A run that
+    failed or was killed part-way (before it recorded its model) is never reused: registering again logs anew."""
     import mlflow
 
-    runs = mlflow.search_runs(experiment_names=[experiment], output_format="list", max_results=1,
+    runs = mlflow.search_runs(experiment_names=[experiment], output_format="list",
                               filter_string=f"tags.`{MODEL_DIGEST_TAG}` = '{model_digest}' and "
-                                            f"tags.`{DATA_TAG}` = '{fingerprint}'")
-    return runs[0] if runs else None
+                                            f"tags.`{DATA_TAG}` = '{fingerprint}' and attributes.status = 'FINISHED'",
+                              order_by=["attributes.start_time ASC"])
+    return next((run for run in runs if MODEL_URI_TAG in run.data.tags), None)
+
+
+def check_consistent(model_dir: Path, metrics_dir: Path) -> tuple[dict, dict]:
+    """(model.json, evaluate.json) when both describe the model in `model_dir` (evaluate writes its digest, its
+    threshold and its test metrics into both); else a `RegistryError`, so that an evaluate stage interrupted
+    between its two outputs cannot register one model with another's metrics."""
+    info = json.loads((model_dir / "model.json").read_text())
+    evaluation = json.loads((metrics_dir / "evaluate.json").read_text())
+    actual = hashlib.sha256((model_dir / "model.keras").read_bytes()).hexdigest()
+    problems = [f"{name} says model {digest}" for name, digest in
+                (("model.json", info.get("model_sha256")), ("evaluate.json", evaluation.get("model_sha256")))
+                if digest != actual]
+    if round(float(info.get("threshold", -1)), 6) != evaluation.get("threshold"):
+        problems.append(f"thresholds differ ({info.get('threshold')} and {evaluation.get('threshold')})")
+    tested = info.get("test_metrics", {})
+    problems += [f"test {key} differs ({tested.get(key)} and {evaluation.get(key)})" for key in
+                 ("recall", "accuracy", "specificity", "roc_auc") if tested.get(key) != evaluation.get(key)]
+    if problems:
+        raise RegistryError(f"{model_dir / 'model.json'} and {metrics_dir / 'evaluate.json'} do not describe "
+                            f"{model_dir / 'model.keras'} (sha256 {actual[:12]}): {'; '.join(problems)}. Re-run "
+                            "`dvc repro evaluate` so that both come from the same model.")
+    return info, evaluation
 
 
 def log_run(params: dict, experiment: str, fingerprint: str, card: str, model_dir: Path = Path("models"),
@@ -173,17 +206,16 @@ def log_run(params: dict, experiment: str, fingerprint: str, card: str, model_di
     from mlflow.models import Model, ModelSignature
     from mlflow.types import Schema, TensorSpec
 
-    from braintumor.models import load_model
+    from braintumor.inference import load_model
 
+    info, evaluation = check_consistent(model_dir, metrics_dir)
     model_digest = file_digest(model_dir / "model.keras", model_dir / "model.json")
-    evaluation = json.loads((metrics_dir / "evaluate.json").read_text())
     found = existing_run(experiment, model_digest, fingerprint)
     if found is not None:
         log.info("register: this model is already MLflow run %s", found.info.run_id)
         return {"run_id": found.info.run_id, "model_uri": found.data.tags[MODEL_URI_TAG],
                 "data_fingerprint": fingerprint, "metrics": found.data.metrics, "new": False}
 
-    info = json.loads((model_dir / "model.json").read_text())
     training = json.loads((metrics_dir / "train.json").read_text())
     model = load_model(model_dir / "model.keras")
     size = info["image_size"]
