@@ -15,7 +15,8 @@ import pytest
 import requests
 
 from braintumor.images import model_input
-from braintumor.prediction import ModelLoadError, image_files, load, predict
+from braintumor.errors import ModelLoadError
+from braintumor.prediction import image_files, load, predict
 from braintumor.registry import register
 from conftest import brain_image, save
 from conftest_mlflow import BIN, free_port, serving, tool_env
@@ -33,7 +34,7 @@ def scans(tmp_path_factory) -> Path:
     save(root / "odd_size.jpg", brain_image(4, 200)[:173, :131], mode="RGB")
     (root / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
     (root / "empty.png").write_bytes(b"")
-    (root / "notes.txt").write_text("not an image, and not picked from a folder")
+    (root / "notes.txt").write_text("not an image: listed with an error, never passed over")
     return root
 
 
@@ -59,7 +60,8 @@ def expected(workspace: Path, files: list[Path]) -> np.ndarray:
 
 def test_folders_expand_to_their_images(scans):
     names = {p.relative_to(scans).as_posix() for p in image_files([str(scans)])}
-    assert names == {"gray.png", "nested/rgba.png", "sixteen_bit.png", "odd_size.jpg", "corrupt.jpg", "empty.png"}
+    assert names == {"gray.png", "nested/rgba.png", "sixteen_bit.png", "odd_size.jpg", "corrupt.jpg", "empty.png",
+                     "notes.txt"}
 
 
 def test_local_model_predicts_every_readable_image_and_reports_the_rest(trained_states, scans):
@@ -69,7 +71,8 @@ def test_local_model_predicts_every_readable_image_and_reports_the_rest(trained_
     results, _ = predict(loaded, files)
     assert [r["path"] for r in results] == [str(f) for f in files]
     bad = {Path(r["path"]).name: r["error"] for r in results if "error" in r}
-    assert set(bad) == {"corrupt.jpg", "empty.png"} and "empty_file" in bad["empty.png"]
+    assert set(bad) == {"corrupt.jpg", "empty.png", "notes.txt"} and "empty_file" in bad["empty.png"]
+    assert bad["notes.txt"].startswith("not_an_image")
     good = [r for r in results if "error" not in r]
     want = expected(workspace, [Path(r["path"]) for r in good])
     assert [r["probability"] for r in good] == pytest.approx(want, abs=1e-5)
@@ -88,7 +91,7 @@ def test_a_keras_file_without_its_model_json_is_refused_with_a_hint(trained_stat
 def test_predict_command_pulls_the_champion_in_a_fresh_process(mlflow_server, registered, scans, tmp_path):
     env = {"PATH": f"{BIN}{os.pathsep}/usr/bin:/bin", "HOME": str(tmp_path), "MLFLOW_TRACKING_URI": mlflow_server}
     result = subprocess.run([str(BIN / "braintumor"), "predict", "--model", MODEL, "--json", str(scans),
-                             str(scans / "notes.txt"), "--explain", str(tmp_path / "cams")],
+                             "--explain", str(tmp_path / "cams")],
                             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 1, result.stderr  # some files could not be read; the rest are predicted
     lines = [json.loads(line) for line in result.stdout.splitlines()]

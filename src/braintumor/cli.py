@@ -1,4 +1,4 @@
-"""The `braintumor` command: one subcommand per pipeline stage (as `stages/*.py` run them), and `predict`."""
+"""The `braintumor` command: one subcommand per pipeline stage (as `stages/*.py` run them), `predict` and `serve`."""
 
 from __future__ import annotations
 
@@ -48,6 +48,38 @@ def add_predict(sub) -> None:
                          help="refuse larger images (width x height) before decoding them (default %(default)s)")
 
 
+def add_serve(sub) -> None:
+    serve = sub.add_parser("serve", help="the triage web page and REST API over a model",
+                           description="Serve a model over HTTP: the page at /, the API under /v1 (docs at /docs).")
+    serve.add_argument("--model", default="models:/brain-tumor-classifier@champion",
+                       help="any reference `predict --model` takes, fixed at start-up (default: %(default)s)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s, this machine only)")
+    serve.add_argument("--port", type=positive_int, default=8000, help="port (default: %(default)s)")
+    serve.add_argument("--poll-seconds", type=float, default=30.0,
+                       help="how often to look whether a models:/NAME@ALIAS reference moved (0: never; default 30)")
+    serve.add_argument("--max-body-mb", type=positive_int, default=100, help="request body limit (default 100)")
+    serve.add_argument("--max-file-mb", type=positive_int, default=20, help="limit per uploaded file (default 20)")
+    serve.add_argument("--max-files", type=positive_int, default=64, help="files per request (default 64)")
+    serve.add_argument("--max-pixels", type=positive_int, default=DEFAULT_MAX_PIXELS,
+                       help="refuse larger images (width x height) before decoding them (default %(default)s)")
+
+
+def run_serve(args) -> int:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    from braintumor.errors import ModelLoadError
+    from braintumor.serving import Limits, serve
+
+    limits = Limits(max_body_bytes=args.max_body_mb << 20, max_file_bytes=args.max_file_mb << 20,
+                    max_files=args.max_files, max_pixels=args.max_pixels)
+    try:
+        serve(args.model, args.host, args.port, limits, args.poll_seconds)
+    except ModelLoadError as err:
+        print(f"braintumor serve: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def run_predict(args) -> int:
     """Exit status 0 when every file was classified, 1 when some could not be read (they are reported)."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's start-up chatter off the output
@@ -87,10 +119,13 @@ def main(argv: list[str] | None = None) -> int:
     for name, (module, _) in STAGES.items():
         add_arguments(sub.add_parser(name, help=f"run the `{name}` stage ({module})"))
     add_predict(sub)
+    add_serve(sub)
     args = parser.parse_args(argv)
     configure_logging()
     if args.command == "predict":
         return run_predict(args)
+    if args.command == "serve":
+        return run_serve(args)
     module, function = STAGES[args.command]
     return execute(args.command, getattr(importlib.import_module(module), function), args.params)
 

@@ -101,20 +101,29 @@ def load(reference: str) -> LoadedModel:
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    from braintumor.tracking import local_store, project_root, redact
+    from braintumor.tracking import redact
+
+    connect_tracking()
+    with tempfile.TemporaryDirectory(prefix="braintumor-model-") as scratch:  # the model ends up in memory
+        try:
+            folder = Path(mlflow.artifacts.download_artifacts(artifact_uri=reference, dst_path=scratch))
+        except MlflowException as err:
+            raise ModelLoadError(f"{redact(reference)}: {redact(err.message)} (tracking URI "
+                                 f"{redact(mlflow.get_tracking_uri())}; set MLFLOW_TRACKING_URI to the server or "
+                                 "database that holds the model)") from err
+        return _from_mlflow_folder(folder)
+
+
+def connect_tracking() -> None:
+    """Point MLflow at `MLFLOW_TRACKING_URI`, else at the project's embedded store when run inside the project."""
+    import mlflow
+
+    from braintumor.tracking import local_store, project_root
 
     if not os.environ.get("MLFLOW_TRACKING_URI") and (project_root() / "mlflow" / "mlflow.db").is_file():
-        store = local_store()[0]  # the project's embedded store, when run inside the project
+        store = local_store()[0]
         mlflow.set_tracking_uri(store)
         mlflow.set_registry_uri(store)
-    try:
-        folder = Path(mlflow.artifacts.download_artifacts(artifact_uri=reference,
-                                                          dst_path=tempfile.mkdtemp(prefix="braintumor-model-")))
-    except MlflowException as err:
-        raise ModelLoadError(f"{redact(reference)}: {redact(err.message)} (tracking URI "
-                             f"{redact(mlflow.get_tracking_uri())}; set "
-                             "MLFLOW_TRACKING_URI to the server or database that holds the model)") from err
-    return _from_mlflow_folder(folder)
 
 
 def image_files(paths: list[str]) -> list[Path]:
