@@ -8,6 +8,7 @@ backend (TensorFlow, JAX or PyTorch) for them; everything else is backend-agnost
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from pathlib import Path
@@ -29,9 +30,11 @@ from braintumor.params import validate_explain
 log = logging.getLogger(__name__)
 
 
+@functools.lru_cache(maxsize=32)
 def split_at_features(model: keras.Model) -> tuple[keras.Model, keras.Model]:
     """(image -> last 4-D feature maps, feature maps -> prediction). The layers after the last spatial layer
-    (pooling or flatten, dropout, dense) form a chain in every model of `models.py`."""
+    (pooling or flatten, dropout, dense) form a chain in every model of `models.py`. Kept per model (building
+    the two halves costs more than a map): the web service explains one scan a request."""
     index = max(i for i, layer in enumerate(model.layers)
                 if len(layer.output.shape) == 4 and not isinstance(layer, keras.layers.InputLayer))
     layer = model.layers[index]
@@ -84,7 +87,7 @@ def grad_cam(model: keras.Model, images: np.ndarray, class_names: list[str]) -> 
         cams = np.mean(maps, axis=0)
         return cams / (cams.max(axis=(1, 2), keepdims=True) + 1e-12)
     features_of, tail = split_at_features(model)
-    features = keras.ops.convert_to_numpy(features_of(images.astype("float32"), training=False))
+    features = np.asarray(features_of.predict_on_batch(images.astype("float32")))  # compiled, unlike a call
     grads = gradient(lambda f: tumor_score(tail(f, training=False), class_names), features)
     weights = grads.mean(axis=(1, 2), keepdims=True)
     cams = np.maximum((weights * features).sum(axis=-1), 0)
