@@ -32,6 +32,7 @@ from fastapi import FastAPI, File, HTTPException, UploadFile
 from fastapi.responses import JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from PIL import Image
+from starlette.concurrency import run_in_threadpool
 
 from braintumor.errors import ModelLoadError
 from braintumor.images import DEFAULT_MAX_PIXELS, ImageReadError, open_image, prepare, to_grayscale
@@ -188,6 +189,25 @@ def read_scan(name: str, data: bytes, size: int, limits: Limits) -> np.ndarray:
     return prepare(to_grayscale(open_image(name, data=data, max_pixels=limits.max_pixels)), size)
 
 
+def classify(scorer: Scorer, uploads: list[tuple[str, bytes]], limits: Limits) -> list[dict]:
+    """One result per upload, in order: {"filename", "probability", "label"} or {"filename", "error"}."""
+    size = int(scorer.served.loaded.info["image_size"])
+    results, images, rows = [], [], []
+    for name, data in uploads:
+        try:
+            images.append(read_scan(name, data, size, limits))
+            rows.append(len(results))
+            results.append({"filename": name})
+        except ImageReadError as err:
+            results.append({"filename": name, "error": f"{err.reason}: {err.detail}"})
+        except Exception as err:  # noqa: BLE001 - one bad file never fails the others
+            results.append({"filename": name, "error": f"{type(err).__name__}: {err}"})
+    if images:
+        for row, p in zip(rows, scorer.probabilities(np.stack(images))):
+            results[row].update(probability=round(float(p), 6), label=int(p >= scorer.served.loaded.threshold))
+    return results
+
+
 def side_by_side(image: np.ndarray, cam: np.ndarray, side: int = 256) -> bytes:
     """PNG of the scan and the scan under its Grad-CAM heat map (jet, 40 %), as the explain stage draws it."""
     from matplotlib import colormaps
@@ -282,21 +302,8 @@ def create_app(reference: str, limits: Limits = Limits(), poll_seconds: float = 
         if len(files) > limits.max_files:
             raise HTTPException(413, f"{len(files)} files, over the limit of {limits.max_files} a request")
         scorer = holder.current
-        size = int(scorer.served.loaded.info["image_size"])
-        results, images, rows = [], [], []
-        for upload in files:
-            name = upload.filename or "upload"
-            try:
-                images.append(read_scan(name, await upload.read(limits.max_file_bytes + 1), size, limits))
-                rows.append(len(results))
-                results.append({"filename": name})
-            except ImageReadError as err:
-                results.append({"filename": name, "error": f"{err.reason}: {err.detail}"})
-            except Exception as err:  # noqa: BLE001 - one bad file never fails the others
-                results.append({"filename": name, "error": f"{type(err).__name__}: {err}"})
-        if images:
-            for row, p in zip(rows, scorer.probabilities(np.stack(images))):
-                results[row].update(probability=round(float(p), 6), label=int(p >= scorer.served.loaded.threshold))
+        uploads = [(upload.filename or "upload", await upload.read(limits.max_file_bytes + 1)) for upload in files]
+        results = await run_in_threadpool(classify, scorer, uploads, limits)  # the event loop stays free
         return {"model": scorer.served.describe(), "results": results}
 
     @app.post("/v1/explain", response_class=Response,
@@ -304,11 +311,12 @@ def create_app(reference: str, limits: Limits = Limits(), poll_seconds: float = 
     async def explain(file: UploadFile = File(..., description="one scan")):
         scorer = holder.current
         size = int(scorer.served.loaded.info["image_size"])
+        data = await file.read(limits.max_file_bytes + 1)
         try:
-            image = read_scan(file.filename or "upload", await file.read(limits.max_file_bytes + 1), size, limits)
+            image = await run_in_threadpool(read_scan, file.filename or "upload", data, size, limits)
         except ImageReadError as err:
             raise HTTPException(422, f"{file.filename}: {err.reason}: {err.detail}") from err
-        png = side_by_side(image, scorer.grad_cam(image))
+        png = await run_in_threadpool(lambda: side_by_side(image, scorer.grad_cam(image)))
         return Response(png, media_type="image/png", headers={"X-Model-Version": str(scorer.served.version)})
 
     app.mount("/", StaticFiles(directory=WEB, html=True), name="page")
