@@ -43,20 +43,30 @@ def main() -> None:
             seconds = time.perf_counter() - started
             for max_p, max_d in points:
                 result = rates(base, copies, altered, classes, max_p, max_d)
-                rows.append({"hash_size": hash_size, **{k: v for k, v in result.items() if k != "per_alteration"},
-                             "hash_seconds": round(seconds, 1)})
-                if (hash_size, max_p, max_d) == (config["hash_size"], config["phash_max_distance"],
-                                                 config["dhash_max_distance"]):
+                rows.append(
+                    {
+                        "hash_size": hash_size,
+                        **{k: v for k, v in result.items() if k != "per_alteration"},
+                        "hash_seconds": round(seconds, 1),
+                    }
+                )
+                if (hash_size, max_p, max_d) == (
+                    config["hash_size"],
+                    config["phash_max_distance"],
+                    config["dhash_max_distance"],
+                ):
                     chosen = result
     print(f"{len(paths)} training scans of 4 classes, {len(altered)} altered copies of {args.sample} of them")
     print(pd.DataFrame(rows).to_string(index=False))
     print("chosen thresholds (params.yaml), detection per alteration:")
     print(pd.Series(chosen["per_alteration"]).to_string())
     baseline = rows[0]
-    print(f"summary: chosen pHash<={chosen['phash_max_distance']} & dHash<={chosen['dhash_max_distance']} "
-          f"(hash_size {config['hash_size']}) detects {chosen['detection_rate']:.1%} of altered copies with "
-          f"{chosen['images_with_false_twin']:.2%} of scans given a false twin; baseline 64-bit pHash<=8: "
-          f"{baseline['detection_rate']:.1%} detected, {baseline['images_with_false_twin']:.2%} false twins")
+    print(
+        f"summary: chosen pHash<={chosen['phash_max_distance']} & dHash<={chosen['dhash_max_distance']} "
+        f"(hash_size {config['hash_size']}) detects {chosen['detection_rate']:.1%} of altered copies with "
+        f"{chosen['images_with_false_twin']:.2%} of scans given a false twin; baseline 64-bit pHash<=8: "
+        f"{baseline['detection_rate']:.1%} detected, {baseline['images_with_false_twin']:.2%} false twins"
+    )
 
 
 if __name__ == "__main__":

@@ -32,8 +32,8 @@ from PIL import Image
 from braintumor.dedup import cluster_ids
 from braintumor.hashing import Hashes, Pairs, _append, _popcount, hash_images, near_pairs
 from braintumor.images import center_on_head, load_grayscale
-from braintumor.params import load_params
 from braintumor.parallel import parallel_map
+from braintumor.params import load_params
 
 
 def decode(path: str, draft_size: int) -> int:
@@ -62,8 +62,9 @@ def step_times(paths: list[str], size: int) -> dict[str, float]:
             imagehash.phash(picture, hash_size=size)
             phashed = time.perf_counter()
             imagehash.dhash(picture, hash_size=size)
-            for step, seconds in zip(spent, (decoded - started, centred - decoded, phashed - centred,
-                                             time.perf_counter() - phashed)):
+            for step, seconds in zip(
+                spent, (decoded - started, centred - decoded, phashed - centred, time.perf_counter() - phashed)
+            ):
                 spent[step] += seconds
             small.append(picture.resize((4 * size, 4 * size), Image.Resampling.LANCZOS))
         for step, hash_function in (("pHash floor", imagehash.phash), ("dHash floor", imagehash.dhash)):
@@ -123,9 +124,10 @@ def _all_pairs_block(qp, qd, start, stop, max_p, max_d):
 
 def all_pairs_near_pairs(query: Hashes, max_p: int, max_d: int, workers: int) -> Pairs:
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        blocks = pool.map(lambda start: _all_pairs_block(query.phash, query.dhash, start,
-                                                         min(start + 64, len(query)), max_p, max_d),
-                          range(0, len(query), 64))
+        blocks = pool.map(
+            lambda start: _all_pairs_block(query.phash, query.dhash, start, min(start + 64, len(query)), max_p, max_d),
+            range(0, len(query), 64),
+        )
         found = np.concatenate(list(blocks))
     return Pairs(found[:, 0], found[:, 1], found[:, 2], found[:, 3])
 
@@ -153,8 +155,9 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="*", default=[20_000, 100_000])
     parser.add_argument("--baseline-images", type=int, default=1000)
     parser.add_argument("--step-images", type=int, default=1000, help="images for the per-step timing")
-    parser.add_argument("--all-pairs-up-to", type=int, default=100_000,
-                        help="run the previous all-pairs search up to this N")
+    parser.add_argument(
+        "--all-pairs-up-to", type=int, default=100_000, help="run the previous all-pairs search up to this N"
+    )
     args = parser.parse_args()
     config = load_params()["dedup"]
     size, max_p, max_d = config["hash_size"], config["phash_max_distance"], config["dhash_max_distance"]
@@ -175,11 +178,15 @@ def main() -> None:
         ratio = rates[f"decode + pHash + dHash, {workers} proc"] / rates[f"decode, draft mode, {workers} proc"]
         print(f"   hashing / decode-only, {workers} proc: {ratio:.2f}")
     steps = step_times(paths[: args.step_images], size)
-    print(f"   where the time goes, 1 proc, {min(args.step_images, len(paths))} images (ms per image): "
-          + ", ".join(f"{step} {ms:.3f}" for step, ms in steps.items()))
+    print(
+        f"   where the time goes, 1 proc, {min(args.step_images, len(paths))} images (ms per image): "
+        + ", ".join(f"{step} {ms:.3f}" for step, ms in steps.items())
+    )
     decode_ms, floor_ms = steps["decode (draft mode)"], steps["pHash floor"] + steps["dHash floor"]
-    print(f"   ceiling of hashing / decode-only with imagehash, even with a free window: "
-          f"{decode_ms / (decode_ms + floor_ms):.2f}")
+    print(
+        f"   ceiling of hashing / decode-only with imagehash, even with a free window: "
+        f"{decode_ms / (decode_ms + floor_ms):.2f}"
+    )
 
     print(f"\n2. clustering N hashes (near-pair search + connected components), {cores} threads")
     few = hashes.take(np.arange(10))  # compile (or load) both searches once, outside the timing
@@ -191,12 +198,21 @@ def main() -> None:
         if n <= args.all_pairs_up_to:
             (old_pairs, _), old_seconds = timed(cluster, grown_set, max_p, max_d, cores, all_pairs_near_pairs)
             assert old_pairs == pairs
-            print(f"   N = {n:>7}: previous all-pairs search {old_seconds:7.2f} s; leader-index search "
-                  f"{old_seconds / seconds:.1f}x faster")
-        growth = "" if previous is None else (
-            f", growth exponent {math.log(seconds / previous[1]) / math.log(n / previous[0]):.2f} vs {previous[0]}")
-        print(f"   N = {n:>7}: {seconds:7.2f} s, {n * (n - 1) / 2 / seconds / 1e6:7.0f} M pairs/s "
-              f"(all-pairs equivalent), {pairs} near pairs, {clusters} clusters{growth}")
+            print(
+                f"   N = {n:>7}: previous all-pairs search {old_seconds:7.2f} s; leader-index search "
+                f"{old_seconds / seconds:.1f}x faster"
+            )
+        growth = (
+            ""
+            if previous is None
+            else (
+                f", growth exponent {math.log(seconds / previous[1]) / math.log(n / previous[0]):.2f} vs {previous[0]}"
+            )
+        )
+        print(
+            f"   N = {n:>7}: {seconds:7.2f} s, {n * (n - 1) / 2 / seconds / 1e6:7.0f} M pairs/s "
+            f"(all-pairs equivalent), {pairs} near pairs, {clusters} clusters{growth}"
+        )
         previous = (n, seconds)
 
     print(f"\n3. baseline on the first {args.baseline_images} images")

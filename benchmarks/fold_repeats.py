@@ -33,9 +33,9 @@ from fold_training import fold_predictions, override  # benchmarks/ is on the pa
 from sklearn.metrics import roc_auc_score
 
 from braintumor.atomic import atomic_path, write_json
+from braintumor.datasets import load_split
 from braintumor.evaluation import binary_metrics, threshold_for_recall
 from braintumor.params import ParamError, validate_train
-from braintumor.datasets import load_split
 
 
 def run_repeat(params: dict, split_dir: Path, seed: int, out_file: Path) -> str:
@@ -44,10 +44,19 @@ def run_repeat(params: dict, split_dir: Path, seed: int, out_file: Path) -> str:
     fitted = fold_predictions({**params, "seed": seed}, split_dir)
     pool, test, summaries = fitted["pool"], fitted["test"], fitted["summaries"]
     with atomic_path(out_file) as partial:
-        np.savez(partial, path=pool["path"], label=pool["label"], oof=fitted["oof"], fold=fitted["fold"],
-                 test_path=test["path"], test_label=test["label"], test_p=fitted["test_p"], seconds=fitted["seconds"],
-                 epochs=np.array([(s["epochs_run"], s["best_epoch"]) for s in summaries]),
-                 train_params=json.dumps(params["train"], sort_keys=True))
+        np.savez(
+            partial,
+            path=pool["path"],
+            label=pool["label"],
+            oof=fitted["oof"],
+            fold=fitted["fold"],
+            test_path=test["path"],
+            test_label=test["label"],
+            test_p=fitted["test_p"],
+            seconds=fitted["seconds"],
+            epochs=np.array([(s["epochs_run"], s["best_epoch"]) for s in summaries]),
+            train_params=json.dumps(params["train"], sort_keys=True),
+        )
     return f"seed {seed}: {len(summaries)} folds in {fitted['seconds']:.0f} s"
 
 
@@ -60,8 +69,12 @@ def score(repeats: list[dict], target_recall: float, ceiling_recall: float) -> d
     test_p = np.mean([r["test_p"] for r in repeats], axis=0)
     threshold = threshold_for_recall(label, oof, target_recall)
     ceiling = binary_metrics(test_label, test_p, threshold_for_recall(test_label, test_p, ceiling_recall))
-    return {"threshold": threshold, "out_of_fold": binary_metrics(label, oof, threshold),
-            "test": binary_metrics(test_label, test_p, threshold), "ceiling": ceiling}
+    return {
+        "threshold": threshold,
+        "out_of_fold": binary_metrics(label, oof, threshold),
+        "test": binary_metrics(test_label, test_p, threshold),
+        "ceiling": ceiling,
+    }
 
 
 def summarize(results: list[dict], key: str, metric: str) -> str:
@@ -80,22 +93,29 @@ def report(repeats: dict[int, dict], target_recall: float, ceiling_recall: float
             raise SystemExit(f"seeds {seeds[0]} and {seed} were run on different splits; use one --out per split")
     seconds = ", ".join(f"{float(repeats[s]['seconds']):.0f}" for s in seeds)
     print(f"{len(seeds)} repeats (seeds {', '.join(map(str, seeds))}); train s per repeat: {seconds}")
-    print("| repeats averaged | combinations | OOF AUC | OOF specificity | OOF accuracy | flagged healthy ratio | "
-          "threshold | test recall | test specificity | test accuracy | test AUC | "
-          f"test specificity ceiling at recall ≥ {ceiling_recall} |")
+    print(
+        "| repeats averaged | combinations | OOF AUC | OOF specificity | OOF accuracy | flagged healthy ratio | "
+        "threshold | test recall | test specificity | test accuracy | test AUC | "
+        f"test specificity ceiling at recall ≥ {ceiling_recall} |"
+    )
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     baseline = None
     for size in range(1, len(seeds) + 1):
-        results = [score([repeats[s] for s in combo], target_recall, ceiling_recall)
-                   for combo in itertools.combinations(seeds, size)]
+        results = [
+            score([repeats[s] for s in combo], target_recall, ceiling_recall)
+            for combo in itertools.combinations(seeds, size)
+        ]
         flagged = np.mean([1 - r["out_of_fold"]["specificity"] for r in results])
         baseline = baseline if baseline is not None else flagged
         thresholds = [r["threshold"] for r in results]
-        print(f"| {size} | {len(results)} | {summarize(results, 'out_of_fold', 'roc_auc')} | "
-              f"{summarize(results, 'out_of_fold', 'specificity')} | {summarize(results, 'out_of_fold', 'accuracy')} | "
-              f"{flagged / baseline:.2f} | {np.mean(thresholds):.3f} | {summarize(results, 'test', 'recall')} | "
-              f"{summarize(results, 'test', 'specificity')} | {summarize(results, 'test', 'accuracy')} | "
-              f"{summarize(results, 'test', 'roc_auc')} | {summarize(results, 'ceiling', 'specificity')} |", flush=True)
+        print(
+            f"| {size} | {len(results)} | {summarize(results, 'out_of_fold', 'roc_auc')} | "
+            f"{summarize(results, 'out_of_fold', 'specificity')} | {summarize(results, 'out_of_fold', 'accuracy')} | "
+            f"{flagged / baseline:.2f} | {np.mean(thresholds):.3f} | {summarize(results, 'test', 'recall')} | "
+            f"{summarize(results, 'test', 'specificity')} | {summarize(results, 'test', 'accuracy')} | "
+            f"{summarize(results, 'test', 'roc_auc')} | {summarize(results, 'ceiling', 'specificity')} |",
+            flush=True,
+        )
         rows.append({"repeats": size, "results": results})
     return rows
 
@@ -105,7 +125,9 @@ def by_collection(repeats: dict[int, dict], split_dir: Path, task: str) -> str:
     first = next(iter(repeats.values()))
     test = load_split(split_dir, "test", task)
     if not np.array_equal(test["path"], first["test_path"]):
-        raise SystemExit(f"{split_dir}: its test split is not the one the repeats were scored on; give their --split-dir")
+        raise SystemExit(
+            f"{split_dir}: its test split is not the one the repeats were scored on; give their --split-dir"
+        )
     collection = np.array(["/".join(filter(None, key)) for key in zip(test["source"], test["collection"])])
     label, p = first["test_label"], np.mean([r["test_p"] for r in repeats.values()], axis=0)
     parts = []
@@ -122,10 +144,19 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", required=True, help="one repeat per seed")
     parser.add_argument("--jobs", type=int, default=1, help="repeats trained at once (one process each)")
     parser.add_argument("--out", type=Path, required=True, help="folder of each repeat's predictions (reused)")
-    parser.add_argument("--ceiling-recall", type=float, default=0.97,
-                        help="test recall at which to report the specificity ceiling (default: %(default)s)")
-    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
-                        help="params.yaml overrides in YAML, keys dotted as in `dvc exp run -S`")
+    parser.add_argument(
+        "--ceiling-recall",
+        type=float,
+        default=0.97,
+        help="test recall at which to report the specificity ceiling (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--set",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help="params.yaml overrides in YAML, keys dotted as in `dvc exp run -S`",
+    )
     args = parser.parse_args()
     params = yaml.safe_load(Path("params.yaml").read_text())
     for assignment in args.set:
@@ -133,16 +164,20 @@ def main() -> None:
     if args.jobs < 1:
         parser.error("--jobs must be at least 1")
     if not (args.split_dir / "manifest.csv").is_file():
-        parser.error(f"--split-dir {args.split_dir}: no manifest.csv there; give the split stage's output folder "
-                     "(artifacts/split) or one packed by fold_training.py --pack")
+        parser.error(
+            f"--split-dir {args.split_dir}: no manifest.csv there; give the split stage's output folder "
+            "(artifacts/split) or one packed by fold_training.py --pack"
+        )
     try:
         validate_train(params)  # a bad override stops here, before any worker starts
     except ParamError as err:
         parser.error(str(err))
     files = {seed: args.out / f"seed{seed}.npz" for seed in args.seeds}
     todo = [seed for seed, file in files.items() if not file.exists()]
-    print(f"{len(args.seeds) - len(todo)} repeats found in {args.out}, {len(todo)} to train, {args.jobs} at a time",
-          flush=True)
+    print(
+        f"{len(args.seeds) - len(todo)} repeats found in {args.out}, {len(todo)} to train, {args.jobs} at a time",
+        flush=True,
+    )
     with ProcessPoolExecutor(max_workers=args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
         futures = [pool.submit(run_repeat, params, args.split_dir, seed, files[seed]) for seed in todo]
         for future in as_completed(futures):
@@ -155,8 +190,10 @@ def main() -> None:
         if saved is not None and json.loads(str(saved)) != params["train"]:
             raise SystemExit(f"{file} was trained with other `train` params than these; give another --out")
     rows = report(repeats, params["evaluate"]["target_recall"], args.ceiling_recall)
-    print(f"All {len(repeats)} repeats averaged, test split by sub-collection: "
-          f"{by_collection(repeats, args.split_dir, params['train']['task'])}")
+    print(
+        f"All {len(repeats)} repeats averaged, test split by sub-collection: "
+        f"{by_collection(repeats, args.split_dir, params['train']['task'])}"
+    )
     write_json(args.out / "summary.json", rows)
 
 

@@ -29,8 +29,8 @@ import keras
 import numpy as np
 import yaml
 
-from braintumor.evaluation import binary_metrics, threshold_for_recall
 from braintumor.datasets import load_split
+from braintumor.evaluation import binary_metrics, threshold_for_recall
 from braintumor.inference import average_of, tumor_probability
 from braintumor.labels import class_names
 from braintumor.training import cross_validation_pool, fit_folds
@@ -69,10 +69,18 @@ def fold_predictions(params: dict, split_dir: Path) -> dict:
     started = time.perf_counter()
     members, summaries, oof, fold_of = fit_folds(params, pool, verbose=0)
     seconds = time.perf_counter() - started
-    test_p = tumor_probability(average_of(members, mirrored=config["mirror_average"]), test["x"],
-                               class_names(config["task"]))
-    return {"pool": pool, "test": test, "oof": oof, "fold": fold_of, "test_p": test_p, "summaries": summaries,
-            "seconds": seconds}
+    test_p = tumor_probability(
+        average_of(members, mirrored=config["mirror_average"]), test["x"], class_names(config["task"])
+    )
+    return {
+        "pool": pool,
+        "test": test,
+        "oof": oof,
+        "fold": fold_of,
+        "test_p": test_p,
+        "summaries": summaries,
+        "seconds": seconds,
+    }
 
 
 def run(params: dict, split_dir: Path) -> dict:
@@ -96,20 +104,33 @@ def run(params: dict, split_dir: Path) -> dict:
 def row(name: str, result: dict, baseline_seconds: float) -> str:
     oof, test, half = result["out_of_fold"], result["test"], result["test_at_0.5"]
     epochs = ", ".join(f"{run} ({best})" for run, best in result["epochs"])
-    return (f"| {name} | {result['image_size']} | {result['seconds']:.0f} | {result['seconds'] / baseline_seconds:.2f} | "
-            f"{result['images_per_second']:.0f} | {epochs} | {oof['roc_auc']:.4f} | {oof['specificity']:.4f} | "
-            f"{oof['accuracy']:.4f} | {result['threshold']:.4f} | {test['recall']:.4f} / {test['specificity']:.4f} / "
-            f"{test['accuracy']:.4f} | {test['roc_auc']:.4f} | {half['recall']:.4f} / {half['specificity']:.4f} / "
-            f"{half['accuracy']:.4f} |")
+    return (
+        f"| {name} | {result['image_size']} | {result['seconds']:.0f} | {result['seconds'] / baseline_seconds:.2f} | "
+        f"{result['images_per_second']:.0f} | {epochs} | {oof['roc_auc']:.4f} | {oof['specificity']:.4f} | "
+        f"{oof['accuracy']:.4f} | {result['threshold']:.4f} | {test['recall']:.4f} / {test['specificity']:.4f} / "
+        f"{test['accuracy']:.4f} | {test['roc_auc']:.4f} | {half['recall']:.4f} / {half['specificity']:.4f} / "
+        f"{half['accuracy']:.4f} |"
+    )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--pack", nargs=2, type=Path, metavar=("SPLIT_DIR", "OUT_DIR"),
-                        help="write compressed copies of SPLIT_DIR's arrays to OUT_DIR and stop")
+    parser.add_argument(
+        "--pack",
+        nargs=2,
+        type=Path,
+        metavar=("SPLIT_DIR", "OUT_DIR"),
+        help="write compressed copies of SPLIT_DIR's arrays to OUT_DIR and stop",
+    )
     parser.add_argument("--split-dir", type=Path, default=Path("artifacts/split"))
-    parser.add_argument("--variant", nargs="+", action="append", default=[], metavar="NAME SPLIT_DIR [KEY=VALUE]",
-                        help="a variant to run after params.yaml; repeatable")
+    parser.add_argument(
+        "--variant",
+        nargs="+",
+        action="append",
+        default=[],
+        metavar="NAME SPLIT_DIR [KEY=VALUE]",
+        help="a variant to run after params.yaml; repeatable",
+    )
     parser.add_argument("--json", type=Path, help="also write every result here")
     args = parser.parse_args()
     if args.pack:
@@ -126,10 +147,14 @@ def main() -> None:
         for assignment in assignments:
             override(variant, assignment)
         runs.append((name, Path(split_dir), variant))  # overrides checked before any training starts
-    print(f"backend {keras.backend.backend()}, {params['train']['folds']} folds, target recall "
-          f"{params['evaluate']['target_recall']}")
-    print("| run | px | train s | time ratio | images/s | epochs per fold (best) | OOF AUC | OOF specificity | "
-          "OOF accuracy | threshold | test recall / spec / acc | test AUC | at 0.5: recall / spec / acc |")
+    print(
+        f"backend {keras.backend.backend()}, {params['train']['folds']} folds, target recall "
+        f"{params['evaluate']['target_recall']}"
+    )
+    print(
+        "| run | px | train s | time ratio | images/s | epochs per fold (best) | OOF AUC | OOF specificity | "
+        "OOF accuracy | threshold | test recall / spec / acc | test AUC | at 0.5: recall / spec / acc |"
+    )
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |", flush=True)
     results = {}
     for name, split_dir, run_params in runs:

@@ -37,8 +37,10 @@ def main() -> None:
     files = manifest[manifest.split == "test"]["path"].tolist()[: args.images]
     predict(loaded, files[:1])
     cold = time.perf_counter() - started
-    print(f"model {args.model}: {loaded.info['model']} x{loaded.info.get('folds', 1)}, "
-          f"{loaded.info['image_size']} px; {len(files)} test images")
+    print(
+        f"model {args.model}: {loaded.info['model']} x{loaded.info.get('folds', 1)}, "
+        f"{loaded.info['image_size']} px; {len(files)} test images"
+    )
     print(f"cold start (imports, load, first prediction): {cold:.2f} s")
 
     latencies = []
@@ -56,8 +58,10 @@ def main() -> None:
     t = time.perf_counter()
     loaded.model.predict(arrays, batch_size=32, verbose=0)
     bare = len(files) / (time.perf_counter() - t)
-    print(f"batches of 32 from files: {batch:.0f} images/s; baseline, model.predict on prepared arrays: "
-          f"{bare:.0f} images/s; ratio {batch / bare:.2f}")
+    print(
+        f"batches of 32 from files: {batch:.0f} images/s; baseline, model.predict on prepared arrays: "
+        f"{bare:.0f} images/s; ratio {batch / bare:.2f}"
+    )
 
 
 if __name__ == "__main__":

@@ -40,7 +40,9 @@ def main() -> None:
         if ran:
             sys.exit(f"the workspace was not up to date: dvc repro ran {ran}; run `dvc repro` first")
         repro.append(seconds)
-    print(f"dvc repro, nothing changed: {min(repro):.2f} s (best of {args.repeats}; all {[round(s, 2) for s in repro]})")
+    print(
+        f"dvc repro, nothing changed: {min(repro):.2f} s (best of {args.repeats}; all {[round(s, 2) for s in repro]})"
+    )
     print(f"baseline, dvc status: {min(status):.2f} s; ratio repro / status {min(repro) / min(status):.2f}")
 
     params = Path("params.yaml")
@@ -48,7 +50,9 @@ def main() -> None:
     shutil.copy(params, backup)
     try:
         text = params.read_text()
-        changed = re.sub(r"(\n  dropout: )([0-9.]+)", lambda m: f"{m.group(1)}{float(m.group(2)) + 0.05:g}", text, count=1)
+        changed = re.sub(
+            r"(\n  dropout: )([0-9.]+)", lambda m: f"{m.group(1)}{float(m.group(2)) + 0.05:g}", text, count=1
+        )
         assert changed != text, "train.dropout not found in params.yaml"
         params.write_text(changed)
         status, _ = dvc("status")
@@ -57,8 +61,10 @@ def main() -> None:
         shutil.move(backup, params)
     would_run = re.findall(r"Running stage '([^']+)'", out)
     changed = re.findall(r"^(\w+):\s*$", status, flags=re.MULTILINE)
-    print(f"after changing train.dropout: dvc status lists {changed} as changed; the dry run starts with "
-          f"{would_run} ({seconds:.2f} s); everything before train is skipped")
+    print(
+        f"after changing train.dropout: dvc status lists {changed} as changed; the dry run starts with "
+        f"{would_run} ({seconds:.2f} s); everything before train is skipped"
+    )
 
 
 if __name__ == "__main__":

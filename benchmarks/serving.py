@@ -71,15 +71,28 @@ def main() -> None:
     bare_one = timed(lambda: model.predict_on_batch(arrays[:1]), args.requests)
     prepare = timed(lambda: model_input(files[0], size), 50)
     bare_32 = timed(lambda: model.predict_on_batch(arrays), 10)
-    print(f"model {args.model}: {loaded.info['model']} x{loaded.info.get('folds', 1)}, {size} px, "
-          f"mirror average {loaded.info.get('mirror_average')}; file {files[0].name} ({len(bodies[0])} bytes)")
+    print(
+        f"model {args.model}: {loaded.info['model']} x{loaded.info.get('folds', 1)}, {size} px, "
+        f"mirror average {loaded.info.get('mirror_average')}; file {files[0].name} ({len(bodies[0])} bytes)"
+    )
     print(f"baseline, bare model on one prepared image:   {ms(bare_one)}")
     print(f"baseline, decode and prepare one file:       {ms(prepare)}")
 
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    server = subprocess.Popen([str(Path(sys.executable).with_name("braintumor")), "serve", "--model", args.model,
-                               "--port", str(port), "--poll-seconds", "0"], stderr=subprocess.DEVNULL)
+    server = subprocess.Popen(
+        [
+            str(Path(sys.executable).with_name("braintumor")),
+            "serve",
+            "--model",
+            args.model,
+            "--port",
+            str(port),
+            "--poll-seconds",
+            "0",
+        ],
+        stderr=subprocess.DEVNULL,
+    )
     try:
         deadline = time.monotonic() + 300
         while True:
@@ -100,30 +113,38 @@ def main() -> None:
         for k in range(10):
             one(k)
         single = timed(one, args.requests)
-        print(f"HTTP, one image a request ({args.requests}): {ms(single)}; "
-              f"p95 / bare-model p95 {np.percentile(single, 95) / np.percentile(bare_one, 95):.1f}")
+        print(
+            f"HTTP, one image a request ({args.requests}): {ms(single)}; "
+            f"p95 / bare-model p95 {np.percentile(single, 95) / np.percentile(bare_one, 95):.1f}"
+        )
 
         def batch() -> None:
-            session.post(f"{url}/v1/predict", files=[("files", (f.name, b)) for f, b in zip(files, bodies)]
-                         ).raise_for_status()
+            session.post(
+                f"{url}/v1/predict", files=[("files", (f.name, b)) for f, b in zip(files, bodies)]
+            ).raise_for_status()
 
         batch()
         batches = timed(batch, 10)
-        print(f"HTTP, 32 files in one request: {32 / np.median(batches):5.0f} images/s; bare model on 32 prepared "
-              f"arrays {32 / np.median(bare_32):5.0f} images/s; ratio {np.median(bare_32) / np.median(batches):.2f}")
+        print(
+            f"HTTP, 32 files in one request: {32 / np.median(batches):5.0f} images/s; bare model on 32 prepared "
+            f"arrays {32 / np.median(bare_32):5.0f} images/s; ratio {np.median(bare_32) / np.median(batches):.2f}"
+        )
 
         def concurrent(k: int) -> float:
             started = time.perf_counter()
-            requests.post(f"{url}/v1/predict", files=[("files", (files[k % 32].name, bodies[k % 32]))],
-                          timeout=120).raise_for_status()
+            requests.post(
+                f"{url}/v1/predict", files=[("files", (files[k % 32].name, bodies[k % 32]))], timeout=120
+            ).raise_for_status()
             return time.perf_counter() - started
 
         started = time.perf_counter()
         with ThreadPoolExecutor(8) as pool:
             waits = list(pool.map(concurrent, range(args.requests)))
         wall = time.perf_counter() - started
-        print(f"HTTP, 8 concurrent clients ({args.requests} requests): {args.requests / wall:5.1f} requests/s, "
-              f"{ms(waits)}; against one at a time {1 / np.median(single):5.1f} requests/s")
+        print(
+            f"HTTP, 8 concurrent clients ({args.requests} requests): {args.requests / wall:5.1f} requests/s, "
+            f"{ms(waits)}; against one at a time {1 / np.median(single):5.1f} requests/s"
+        )
 
         def explain() -> None:
             session.post(f"{url}/v1/explain", files={"file": (files[0].name, bodies[0])}).raise_for_status()

@@ -50,8 +50,9 @@ def input_pipeline(x: np.ndarray, batch_size: int, seed: int) -> float:
     return len(x) / (time.perf_counter() - started)
 
 
-def fit_rates(params: dict, name: str, x: np.ndarray, noise: np.ndarray, y: np.ndarray,
-              epochs: int) -> tuple[float, float, float]:
+def fit_rates(
+    params: dict, name: str, x: np.ndarray, noise: np.ndarray, y: np.ndarray, epochs: int
+) -> tuple[float, float, float]:
     """(images/s, seconds per epoch) of model.fit on `x`, then images/s on `noise`, with the same compiled
     model, after a warm-up epoch that compiles it."""
     config = params["train"]
@@ -83,18 +84,25 @@ def main() -> None:
         x, y = data["x"], data["y"]
     real = x.astype("float32")
     noise = np.random.default_rng(0).uniform(0, 255, real.shape).astype("float32")
-    print(f"backend {keras.backend.backend()}, {len(x)} images of {x.shape[1]} px, batch {params['train']['batch_size']}")
+    print(
+        f"backend {keras.backend.backend()}, {len(x)} images of {x.shape[1]} px, batch {params['train']['batch_size']}"
+    )
     print(f"input pipeline alone: {input_pipeline(x, params['train']['batch_size'], params['seed']):.0f} images/s")
     policies = {"off": [False], "on": [True], "both": [False, True]}[args.mixed_precision]
-    print("| variant | mixed precision | images/s (real) | s/epoch | images/s (random tensors) | step time real/random |")
+    print(
+        "| variant | mixed precision | images/s (real) | s/epoch | images/s (random tensors) | step time real/random |"
+    )
     print("| --- | --- | --- | --- | --- | --- |")
     for name in args.variants:
         for mixed in policies:
             keras.mixed_precision.set_global_policy("mixed_float16" if mixed else "float32")
             config = copy.deepcopy(params)
             rate, epoch, random_rate = fit_rates(config, name, real, noise, y, args.epochs)
-            print(f"| {name} | {'on' if mixed else 'off'} | {rate:.0f} | {epoch:.2f} | {random_rate:.0f} | "
-                  f"{random_rate / rate:.2f} |", flush=True)
+            print(
+                f"| {name} | {'on' if mixed else 'off'} | {rate:.0f} | {epoch:.2f} | {random_rate:.0f} | "
+                f"{random_rate / rate:.2f} |",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

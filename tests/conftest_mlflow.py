@@ -16,7 +16,6 @@ from pathlib import Path
 
 import pytest
 import requests
-
 from conftest_split import make_split, tiny_params
 
 BIN = Path(sys.executable).parent
@@ -49,8 +48,9 @@ def wait_for(url: str, process: subprocess.Popen, log: Path, seconds: float = 12
 def serving(args: list[str], health: str, log: Path, env: dict | None = None):
     """Run a server process until the block ends; yields once `health` answers."""
     with open(log, "w") as out:
-        process = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=env or tool_env(),
-                                   start_new_session=True)
+        process = subprocess.Popen(
+            args, stdout=out, stderr=subprocess.STDOUT, env=env or tool_env(), start_new_session=True
+        )
     try:
         wait_for(health, process, log)
         yield process
@@ -64,8 +64,20 @@ def serving(args: list[str], health: str, log: Path, env: dict | None = None):
 def tracking_server(root: Path, backend_store: str):
     """`mlflow server` on a free loopback port, artifacts served by the server; yields its URL."""
     port = free_port()
-    args = [str(BIN / "mlflow"), "server", "--backend-store-uri", backend_store, "--artifacts-destination",
-            (root / "artifacts").as_uri(), "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+    args = [
+        str(BIN / "mlflow"),
+        "server",
+        "--backend-store-uri",
+        backend_store,
+        "--artifacts-destination",
+        (root / "artifacts").as_uri(),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+    ]
     with serving(args, f"http://127.0.0.1:{port}/health", root / "server.log"):
         yield f"http://127.0.0.1:{port}"
 
@@ -92,14 +104,33 @@ def postgres():
         for path in (root, data):
             os.chown(path, owner.pw_uid, owner.pw_gid)
     port = free_port()
-    subprocess.run(as_user + [initdb, "-D", str(data), "-U", "mlflow", "--auth=trust", "-E", "UTF8"], check=True,
-                   capture_output=True)
-    subprocess.run(as_user + [pg_ctl, "-D", str(data), "-l", str(root / "postgres.log"), "-w", "-o",
-                              f"-p {port} -k {root} -c listen_addresses=127.0.0.1", "start"], check=True,
-                   capture_output=True)
+    subprocess.run(
+        as_user + [initdb, "-D", str(data), "-U", "mlflow", "--auth=trust", "-E", "UTF8"],
+        check=True,
+        capture_output=True,
+    )
+    subprocess.run(
+        as_user
+        + [
+            pg_ctl,
+            "-D",
+            str(data),
+            "-l",
+            str(root / "postgres.log"),
+            "-w",
+            "-o",
+            f"-p {port} -k {root} -c listen_addresses=127.0.0.1",
+            "start",
+        ],
+        check=True,
+        capture_output=True,
+    )
     try:
-        subprocess.run(as_user + ["createdb", "-h", "127.0.0.1", "-p", str(port), "-U", "mlflow", "mlflow"],
-                       check=True, capture_output=True)
+        subprocess.run(
+            as_user + ["createdb", "-h", "127.0.0.1", "-p", str(port), "-U", "mlflow", "mlflow"],
+            check=True,
+            capture_output=True,
+        )
         yield f"postgresql+psycopg2://mlflow@127.0.0.1:{port}/mlflow"
     finally:
         subprocess.run(as_user + [pg_ctl, "-D", str(data), "-m", "fast", "stop"], capture_output=True)
@@ -124,8 +155,10 @@ def trained_state(root: Path, model: str, split: Path, **train_params) -> tuple[
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory):
     """A real MLflow tracking server (SQLite backend) for the whole session; yields its URL."""
-    with tracking_server(tmp_path_factory.mktemp("mlflow-server"), "sqlite:///" + str(
-            tmp_path_factory.getbasetemp() / "mlflow-server.db")) as url:
+    with tracking_server(
+        tmp_path_factory.mktemp("mlflow-server"),
+        "sqlite:///" + str(tmp_path_factory.getbasetemp() / "mlflow-server.db"),
+    ) as url:
         yield url
 
 

@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 
 from braintumor.params import load_params
+
 from conftest import REPO, brain_image
 
 SUBTYPES = ["glioma", "meningioma", "pituitary"]
@@ -39,11 +40,25 @@ def make_split(root: Path, size: int = 48, counts=(("train", 96), ("val", 32), (
             y.append(int(tumor))
             subtype.append(SUBTYPES[k // 2 % 3] if tumor else "none")
             path.append(f"artifacts/fetch/images/synthetic/{split}-{k:03d}.png")
-            rows.append({"path": path[-1], "label": y[-1], "subtype": subtype[-1], "source": "synthetic",
-                         "group": f"g{seed}", "split": split, "sha256": hashlib.sha256(x[-1].tobytes()).hexdigest(),
-                         "original": f"{split}/{'tumor' if tumor else 'no_tumor'}/{k:03d}.png"})
-        np.savez(root / f"{split}.npz", x=np.stack(x), y=np.array(y, dtype=np.int8), subtype=np.array(subtype),
-                 path=np.array(path))
+            rows.append(
+                {
+                    "path": path[-1],
+                    "label": y[-1],
+                    "subtype": subtype[-1],
+                    "source": "synthetic",
+                    "group": f"g{seed}",
+                    "split": split,
+                    "sha256": hashlib.sha256(x[-1].tobytes()).hexdigest(),
+                    "original": f"{split}/{'tumor' if tumor else 'no_tumor'}/{k:03d}.png",
+                }
+            )
+        np.savez(
+            root / f"{split}.npz",
+            x=np.stack(x),
+            y=np.array(y, dtype=np.int8),
+            subtype=np.array(subtype),
+            path=np.array(path),
+        )
     pd.DataFrame(rows).to_csv(root / "manifest.csv", index=False)
     return root
 

@@ -17,6 +17,7 @@ from braintumor.images import ImageReadError, open_image
 from braintumor.params import load_params
 from braintumor.prediction import image_files
 from braintumor.sources import fetch
+
 from conftest import REPO, brain_image, save
 
 EPS = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\nnewpath 0 0 moveto 8 8 lineto stroke\nshowpage\n%%EOF\n"
@@ -24,6 +25,7 @@ EPS = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\nnewpath 0 0 moveto 8 8 
 
 def bomb_png(side: int) -> bytes:
     """A valid 16-bit grayscale PNG of side x side zero pixels: a few hundred KB that decode to gigabytes."""
+
     def chunk(kind: bytes, body: bytes) -> bytes:
         return len(body).to_bytes(4, "big") + kind + body + zlib.crc32(kind + body).to_bytes(4, "big")
 
@@ -43,8 +45,10 @@ def params():
 
 def skipped_reasons() -> dict[str, tuple[str, str]]:
     table = pd.read_csv("artifacts/fetch/skipped.csv", keep_default_na=False)
-    return {original.rsplit("/", 1)[-1]: (reason, detail) for original, reason, detail in
-            table[["original", "reason", "detail"]].itertuples(index=False)}
+    return {
+        original.rsplit("/", 1)[-1]: (reason, detail)
+        for original, reason, detail in table[["original", "reason", "detail"]].itertuples(index=False)
+    }
 
 
 def test_bad_files_are_recorded_and_the_later_stages_still_run(in_tmp, params):
@@ -64,13 +68,14 @@ def test_bad_files_are_recorded_and_the_later_stages_still_run(in_tmp, params):
 
     reasons = skipped_reasons()
     assert reasons["bomb.png"][0] == "too_large" and "10000 x 10000" in reasons["bomb.png"][1]
-    assert reasons["poster.jpg"] == ("unsupported_format", "EPS image; only JPEG, PNG, BMP, GIF, TIFF, WEBP are "
-                                                           "decoded")
+    assert reasons["poster.jpg"] == (
+        "unsupported_format",
+        "EPS image; only JPEG, PNG, BMP, GIF, TIFF, WEBP are decoded",
+    )
     assert reasons["garbage.jpg"][0] == "not_an_image" and "BytesIO" not in reasons["garbage.jpg"][1]
     assert reasons["scan-\\xff\\xfe.png"][0] == "file_name_not_utf8"
     manifest = pd.read_csv("artifacts/fetch/manifest.csv", keep_default_na=False)
-    assert sorted(manifest.path.str.rsplit("/", n=1).str[-1]) == ["lab.tif", "ok.png", "ok0.png", "ok1.png",
-                                                                    "ok2.png"]
+    assert sorted(manifest.path.str.rsplit("/", n=1).str[-1]) == ["lab.tif", "ok.png", "ok0.png", "ok1.png", "ok2.png"]
     assert metrics["skipped"] == 4
     result = dedup(params)  # the LAB image stopped this stage before
     assert result["images_out"] == 5 and result["unreadable"] == 0
@@ -112,8 +117,13 @@ def test_links_fifos_and_unlistable_folders_each_get_a_row(in_tmp, params, tmp_p
     fetch(params)
 
     reasons = {name: reason for name, (reason, _) in skipped_reasons().items()}
-    assert reasons == {"same": "linked_folder_read_already", "loop": "linked_folder_read_already",
-                       "gone.png": "broken_link", "pipe.png": "not_a_file", "locked": "unreadable_folder"}
+    assert reasons == {
+        "same": "linked_folder_read_already",
+        "loop": "linked_folder_read_already",
+        "gone.png": "broken_link",
+        "pipe.png": "not_a_file",
+        "locked": "unreadable_folder",
+    }
     manifest = pd.read_csv("artifacts/fetch/manifest.csv", keep_default_na=False)
     assert sorted(manifest.original) == ["tumor/a.png", "tumor/link/linked.png"]
 

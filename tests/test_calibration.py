@@ -6,6 +6,7 @@ import pytest
 
 from braintumor.calibration import ALTERATIONS, hash_calibration_set, rates, write_altered_copies
 from braintumor.params import load_params
+
 from conftest import KAGGLE2020, REPO, real_subset
 
 pytestmark = pytest.mark.real_data

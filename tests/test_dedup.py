@@ -10,6 +10,7 @@ from PIL import Image
 from braintumor.dedup import dedup
 from braintumor.params import load_params
 from braintumor.sources import fetch
+
 from conftest import KAGGLE2018, KAGGLE2020, REPO, brain_image, kaggle_cache, save
 
 
@@ -26,10 +27,18 @@ def fetched(in_tmp, monkeypatch):
     small_s0 = in_tmp / "src/small0.jpg"
     Image.open(big[0]).resize((128, 128)).convert("RGB").save(small_s0, quality=90)
     cache = in_tmp / "cache"
-    kaggle_cache(cache, KAGGLE2020, {"Training/glioma_tumor/s0.png": big[0], "Training/no_tumor/s1.png": big[1],
-                                     "Testing/meningioma_tumor/s2.png": big[2]})
-    kaggle_cache(cache, KAGGLE2018, {"yes/Y0.jpg": small_s0, "brain_tumor_dataset/yes/Y0.jpg": small_s0,
-                                     "no/N3.png": big[3]})
+    kaggle_cache(
+        cache,
+        KAGGLE2020,
+        {
+            "Training/glioma_tumor/s0.png": big[0],
+            "Training/no_tumor/s1.png": big[1],
+            "Testing/meningioma_tumor/s2.png": big[2],
+        },
+    )
+    kaggle_cache(
+        cache, KAGGLE2018, {"yes/Y0.jpg": small_s0, "brain_tumor_dataset/yes/Y0.jpg": small_s0, "no/N3.png": big[3]}
+    )
     save(in_tmp / "data/tumor/s4.png", brain_image(4, 256))
     save(in_tmp / "data/no_tumor/s4-again.png", brain_image(4, 256))  # same scan, other label: conflict
     save(in_tmp / "data/glioma/s6.png", brain_image(6, 256))
@@ -48,8 +57,13 @@ def test_clusters_representatives_conflicts_and_metrics(in_tmp, fetched):
     kept = pd.read_csv("artifacts/dedup/manifest.csv", keep_default_na=False)
     names = dict(zip(kept.path.str.rsplit("/", n=1).str[-1], kept.subtype))
     # s0: the 256 px 2020 scan beats its 128 px 2018 copies and passes on its subtype
-    assert names == {"s0.png": "glioma", "s1.png": "none", "s2.png": "meningioma", "N3.png": "none",
-                     "s6.png": "unknown"}
+    assert names == {
+        "s0.png": "glioma",
+        "s1.png": "none",
+        "s2.png": "meningioma",
+        "N3.png": "none",
+        "s6.png": "unknown",
+    }
     assert kept.loc[kept.path.str.endswith("s0.png"), "source"].item() == "kaggle2020"
     assert kept.group.is_unique
 
@@ -66,14 +80,36 @@ def test_clusters_representatives_conflicts_and_metrics(in_tmp, fetched):
     copies = dropped[dropped.source == "kaggle2018"]
     assert copies.representative.str.endswith("s0.png").all() and (copies.phash_distance > 0).all()
     assert metrics == json.loads((in_tmp / "metrics/dedup.json").read_text())
-    assert {k: metrics[k] for k in ("images_in", "exact_duplicates", "near_duplicates", "cross_source_duplicates",
-                                    "label_conflicts", "label_conflict_clusters", "subtype_conflicts",
-                                    "images_out")} == {
-        "images_in": 10, "exact_duplicates": 1, "near_duplicates": 2, "cross_source_duplicates": 2,
-        "label_conflicts": 2, "label_conflict_clusters": 1, "subtype_conflicts": 1, "images_out": 5,
+    assert {
+        k: metrics[k]
+        for k in (
+            "images_in",
+            "exact_duplicates",
+            "near_duplicates",
+            "cross_source_duplicates",
+            "label_conflicts",
+            "label_conflict_clusters",
+            "subtype_conflicts",
+            "images_out",
+        )
+    } == {
+        "images_in": 10,
+        "exact_duplicates": 1,
+        "near_duplicates": 2,
+        "cross_source_duplicates": 2,
+        "label_conflicts": 2,
+        "label_conflict_clusters": 1,
+        "subtype_conflicts": 1,
+        "images_out": 5,
     }
-    assert metrics["per_source"]["kaggle2018"] == {"images_in": 3, "images_out": 1, "exact_duplicate": 1,
-                                                   "near_duplicate": 1, "label_conflict": 0, "unreadable": 0}
+    assert metrics["per_source"]["kaggle2018"] == {
+        "images_in": 3,
+        "images_out": 1,
+        "exact_duplicate": 1,
+        "near_duplicate": 1,
+        "label_conflict": 0,
+        "unreadable": 0,
+    }
     hashes = np.load("artifacts/dedup/hashes.npz")
     assert hashes["phash"].shape == (5, 4)
     assert Image.open("plots/dedup_review.png").size[0] > 200
@@ -92,7 +128,12 @@ def test_every_input_is_kept_or_listed(in_tmp, fetched):
 
 def test_deterministic(in_tmp, fetched):
     dedup(fetched)
-    first = (in_tmp / "artifacts/dedup/manifest.csv").read_bytes(), (in_tmp / "artifacts/dedup/duplicates.csv").read_bytes()
+    first = (
+        (in_tmp / "artifacts/dedup/manifest.csv").read_bytes(),
+        (in_tmp / "artifacts/dedup/duplicates.csv").read_bytes(),
+    )
     dedup(fetched)
-    assert first == ((in_tmp / "artifacts/dedup/manifest.csv").read_bytes(),
-                     (in_tmp / "artifacts/dedup/duplicates.csv").read_bytes())
+    assert first == (
+        (in_tmp / "artifacts/dedup/manifest.csv").read_bytes(),
+        (in_tmp / "artifacts/dedup/duplicates.csv").read_bytes(),
+    )

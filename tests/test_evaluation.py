@@ -2,12 +2,12 @@ import json
 
 import numpy as np
 import pytest
+from conftest_split import make_split, tiny_params
 from PIL import Image
 
 from braintumor.evaluation import binary_metrics, bootstrap_intervals, evaluate, threshold_for_recall
 from braintumor.explanation import explain, pick_examples
 from braintumor.training import train
-from conftest_split import make_split, tiny_params
 
 
 @pytest.mark.parametrize("target", [0.5, 0.8, 0.9, 0.95, 1.0])

@@ -4,6 +4,7 @@ import pytest
 import braintumor.hashing as hashing
 from braintumor.hashing import Hashes, hamming, hash_images, leader_index, near_pairs
 from braintumor.params import load_params
+
 from conftest import REPO, brain_image, save
 
 
@@ -83,9 +84,9 @@ def test_leader_index_groups_every_row_within_the_radius():
     index = leader_index(hashes.phash, 18)
     assert sorted(index.members.tolist()) == list(range(80))  # a partition of the rows
     for k, leader in enumerate(index.leaders):
-        rows = index.members[index.starts[k]:index.starts[k + 1]]
+        rows = index.members[index.starts[k] : index.starts[k + 1]]
         distance = hamming(hashes.phash[rows], hashes.phash[leader])
-        assert distance.tolist() == index.member_distance[index.starts[k]:index.starts[k + 1]].tolist()
+        assert distance.tolist() == index.member_distance[index.starts[k] : index.starts[k + 1]].tolist()
         assert leader in rows and distance.max() == index.radii[k] <= 18
         assert list(distance) == sorted(distance)
 

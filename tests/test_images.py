@@ -12,6 +12,7 @@ from braintumor.images import (
     percentiles,
     to_grayscale,
 )
+
 from conftest import brain_image, save
 
 
@@ -74,8 +75,11 @@ def test_crop_and_centre_ignore_padding():
 @pytest.mark.parametrize("shape", [(1, 1), (3, 7), (64, 64), (173, 211)])
 def test_histogram_percentiles_equal_numpy_s(shape):
     rng = np.random.default_rng(shape[0])
-    for gray in (rng.integers(0, 256, shape, dtype=np.uint8), np.full(shape, 9, np.uint8),
-                 (rng.random(shape) < 0.3).astype(np.uint8) * 200):
+    for gray in (
+        rng.integers(0, 256, shape, dtype=np.uint8),
+        np.full(shape, 9, np.uint8),
+        (rng.random(shape) < 0.3).astype(np.uint8) * 200,
+    ):
         q = [0, 1, 37.5, 50, 99, 100]
         assert percentiles(gray, q).tolist() == np.percentile(gray, q).tolist()  # the very same floats
 

@@ -19,6 +19,7 @@ from braintumor.errors import SourceError
 from braintumor.ixi import fetch_slices
 from braintumor.params import load_params
 from braintumor.sources import fetch
+
 from conftest import REPO
 
 
@@ -56,8 +57,9 @@ def server(tmp_path):
 def test_streams_only_max_subjects_and_writes_brain_slices(tmp_path, server):
     make_tar(tmp_path / "IXI-T1.tar", subjects=5)
     out = tmp_path / "slices"
-    slices, skipped = fetch_slices([f"{server}/IXI-T1.tar"], out, max_subjects=3, slices_per_volume=2,
-                                   planes=["axial", "coronal"], timeout_s=10)
+    slices, skipped = fetch_slices(
+        [f"{server}/IXI-T1.tar"], out, max_subjects=3, slices_per_volume=2, planes=["axial", "coronal"], timeout_s=10
+    )
     assert skipped == []
     assert sorted({s.subject for s in slices}) == ["IXI100", "IXI101", "IXI102"]
     assert len(slices) == 3 * 2 * 2
@@ -183,9 +185,9 @@ def test_real_anatomy_gives_windowed_brain_slices_per_subject(tmp_path, server):
     """The MNI152 T1 template (shipped inside nilearn's wheel) packed under IXI's naming: the slices taken must
     show brain, not the empty edges of the volume."""
     from nilearn import datasets
+
     template = datasets.load_mni152_template(resolution=2)
-    payload = gzip.compress(nib.Nifti1Image(np.asarray(template.dataobj, dtype=np.float32),
-                                            template.affine).to_bytes())
+    payload = gzip.compress(nib.Nifti1Image(np.asarray(template.dataobj, dtype=np.float32), template.affine).to_bytes())
     with tarfile.open(tmp_path / "IXI-T1.tar", "w") as tar:
         add_member(tar, "IXI500-Guys-0001-T1.nii.gz", payload)
         add_member(tar, "IXI501-HH-0002-T1.nii.gz", payload)

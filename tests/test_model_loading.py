@@ -74,8 +74,9 @@ def test_a_registered_style_folder_loads(tmp_path):
     assert loaded.threshold == 0.4 and loaded.info["image_size"] == 32
 
 
-@pytest.mark.parametrize("reference", ["s3://bucket/model", "http://127.0.0.1:1/model", "file:///etc/model",
-                                       "hdfs://x/y", "gs://b/m"])
+@pytest.mark.parametrize(
+    "reference", ["s3://bucket/model", "http://127.0.0.1:1/model", "file:///etc/model", "hdfs://x/y", "gs://b/m"]
+)
 def test_only_models_runs_and_local_paths_are_resolved(reference, monkeypatch):
     def never(**kwargs):
         raise AssertionError("download_artifacts must not be reached")
@@ -85,11 +86,17 @@ def test_only_models_runs_and_local_paths_are_resolved(reference, monkeypatch):
         load(reference)
 
 
-@pytest.mark.parametrize("change, field", [
-    ({"threshold": 1.5}, "threshold"), ({"threshold": "0.3"}, "threshold"), ({"image_size": 64}, "image_size"),
-    ({"image_size": None}, "image_size"), ({"class_names": ["tumor", "no_tumor"]}, "class_names"),
-    ({"class_names": ["glioma", "meningioma", "no_tumor", "pituitary"]}, "outputs"),
-])
+@pytest.mark.parametrize(
+    "change, field",
+    [
+        ({"threshold": 1.5}, "threshold"),
+        ({"threshold": "0.3"}, "threshold"),
+        ({"image_size": 64}, "image_size"),
+        ({"image_size": None}, "image_size"),
+        ({"class_names": ["tumor", "no_tumor"]}, "class_names"),
+        ({"class_names": ["glioma", "meningioma", "no_tumor", "pituitary"]}, "outputs"),
+    ],
+)
 def test_a_description_that_does_not_fit_the_network_is_refused(tmp_path, change, field):
     path = keras_folder(tmp_path / "m", tiny_model(), {**INFO, **change})
     with pytest.raises(ModelLoadError, match=field):

@@ -1,11 +1,10 @@
+import keras
 import numpy as np
 import pytest
-
-import keras
+from conftest_split import tiny_params
 
 from braintumor.models import BUILDERS, augmentation, build_model
 from braintumor.params import MODEL_NAMES, ParamError, validate_train
-from conftest_split import tiny_params
 
 
 @pytest.mark.parametrize("name", sorted(BUILDERS))
@@ -32,16 +31,18 @@ def test_seed_models_match_the_reference_architecture():
     kinds = [type(layer).__name__ for layer in fsm.layers]
     assert kinds == ["InputLayer", "Rescaling", "Conv2D", "Flatten", "Dense"]
     cnn, optimizer = build_model("seed_cnn", 48, 1, config, 0)
-    convs = [(layer.filters, layer.kernel_size, layer.activation.__name__)
-             for layer in cnn.layers if isinstance(layer, keras.layers.Conv2D)]
+    convs = [
+        (layer.filters, layer.kernel_size, layer.activation.__name__)
+        for layer in cnn.layers
+        if isinstance(layer, keras.layers.Conv2D)
+    ]
     assert convs == [(32, (3, 3), "relu"), (64, (2, 2), "relu"), (64, (3, 3), "relu"), (64, (3, 3), "selu")]
     assert [layer.rate for layer in cnn.layers if isinstance(layer, keras.layers.Dropout)] == [0.15, 0.2, 0.1]
     assert optimizer == "rmsprop"
 
 
 def test_augmentation_amounts_of_zero_leave_layers_out_and_inference_is_untouched():
-    config = {"horizontal_flip": False, "rotation": 0.1, "zoom": 0, "translation": 0, "brightness": 0.2,
-              "contrast": 0}
+    config = {"horizontal_flip": False, "rotation": 0.1, "zoom": 0, "translation": 0, "brightness": 0.2, "contrast": 0}
     assert [type(layer).__name__ for layer in augmentation(config, 0)] == ["RandomRotation", "RandomBrightness"]
     params = tiny_params("small_xception")
     model, _ = build_model("small_xception", 48, 1, params["train"], 0)
@@ -59,11 +60,14 @@ def test_saved_model_reloads_with_the_same_predictions(tmp_path):
     np.testing.assert_allclose(model.predict(x, verbose=0), again.predict(x, verbose=0), rtol=1e-5)
 
 
-@pytest.mark.parametrize("change, message", [
-    ({"model": "resnet18"}, "train.model"),
-    ({"class_weight": "auto"}, "train.class_weight"),
-    ({"weight_decay": -0.01}, "train.weight_decay"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"model": "resnet18"}, "train.model"),
+        ({"class_weight": "auto"}, "train.class_weight"),
+        ({"weight_decay": -0.01}, "train.weight_decay"),
+    ],
+)
 def test_train_params_are_validated(change, message):
     params = tiny_params(**change) if "model" not in change else tiny_params(change["model"])
     with pytest.raises(ParamError, match=message):

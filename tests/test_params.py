@@ -3,8 +3,8 @@ import copy
 import pytest
 import yaml
 
-from braintumor.params import (ParamError, load_params, validate_dedup, validate_fetch, validate_register,
-                               validate_split)
+from braintumor.params import ParamError, load_params, validate_dedup, validate_fetch, validate_register, validate_split
+
 from conftest import REPO
 
 
@@ -27,8 +27,12 @@ def test_shipped_params_are_valid(params):
         ("split.image_size", 8, validate_split, "split.image_size"),
         ("dedup.hash_size", 12, validate_dedup, "dedup.hash_size"),
         ("dedup.phash_max_distance", -1, validate_dedup, "dedup.phash_max_distance"),
-        ("fetch.sources.kaggle2018.handle", "navoneel/brain-mri-images-for-brain-tumor-detection",
-         validate_fetch, "fetch.sources.kaggle2018.handle"),
+        (
+            "fetch.sources.kaggle2018.handle",
+            "navoneel/brain-mri-images-for-brain-tumor-detection",
+            validate_fetch,
+            "fetch.sources.kaggle2018.handle",
+        ),
         ("fetch.sources.ixi.planes", ["diagonal"], validate_fetch, None),
         ("fetch.workers", 0, validate_fetch, "fetch.workers"),
         ("register.min_recall", 1.5, validate_register, "register.min_recall"),
@@ -87,12 +91,15 @@ def test_missing_params_file_says_where(tmp_path):
         validate_split(load_params(tmp_path / "params.yaml"))
 
 
-@pytest.mark.parametrize("path, typo, nearest", [
-    ("train", "epoch", "train.epochs"),
-    ("dedup", "phash_max_dist", "dedup.phash_max_distance"),
-    ("fetch.sources.ixi", "max_subject", "fetch.sources.ixi.max_subjects"),
-    ("train.augment", "rotaton", "train.augment.rotation"),
-])
+@pytest.mark.parametrize(
+    "path, typo, nearest",
+    [
+        ("train", "epoch", "train.epochs"),
+        ("dedup", "phash_max_dist", "dedup.phash_max_distance"),
+        ("fetch.sources.ixi", "max_subject", "fetch.sources.ixi.max_subjects"),
+        ("train.augment", "rotaton", "train.augment.rotation"),
+    ],
+)
 def test_a_misspelt_key_is_refused_with_the_nearest_name(params, tmp_path, path, typo, nearest):
     """`dvc exp run -S train.epoch=5` adds the typo beside `train.epochs`: the stage must refuse it, not train 60."""
     node = params
@@ -104,6 +111,7 @@ def test_a_misspelt_key_is_refused_with_the_nearest_name(params, tmp_path, path,
     with pytest.raises(ParamError, match=f"unknown key `{path}.{typo}`; did you mean `{nearest}`"):
         load_params(written)
     from braintumor.params import validate_fetch, validate_train  # each stage checks its own section too
+
     section = path.split(".")[0]
     validator = {"train": validate_train, "dedup": validate_dedup, "fetch": validate_fetch}[section]
     with pytest.raises(ParamError, match=f"unknown key `{path}.{typo}`"):
@@ -118,11 +126,18 @@ def test_an_unknown_section_is_refused(params, tmp_path):
         load_params(written)
 
 
-@pytest.mark.parametrize("path, value", [
-    ("train.epochs", 100_000), ("train.batch_size", 100_000), ("fetch.workers", 10_000),
-    ("split.image_size", 2048), ("evaluate.bootstrap", 10**9), ("explain.lime_samples", 10**7),
-    ("fetch.max_image_pixels", 10**12),
-])
+@pytest.mark.parametrize(
+    "path, value",
+    [
+        ("train.epochs", 100_000),
+        ("train.batch_size", 100_000),
+        ("fetch.workers", 10_000),
+        ("split.image_size", 2048),
+        ("evaluate.bootstrap", 10**9),
+        ("explain.lime_samples", 10**7),
+        ("fetch.max_image_pixels", 10**12),
+    ],
+)
 def test_counts_have_upper_bounds(params, path, value):
     from braintumor.params import validate_evaluate, validate_explain, validate_train
 
@@ -131,7 +146,12 @@ def test_counts_have_upper_bounds(params, path, value):
     for key in parents:
         node = node[key]
     node[leaf] = value
-    validator = {"train": validate_train, "fetch": validate_fetch, "split": validate_split,
-                 "evaluate": validate_evaluate, "explain": validate_explain}[parents[0]]
+    validator = {
+        "train": validate_train,
+        "fetch": validate_fetch,
+        "split": validate_split,
+        "evaluate": validate_evaluate,
+        "explain": validate_explain,
+    }[parents[0]]
     with pytest.raises(ParamError, match=path):
         validator(params)

@@ -9,8 +9,8 @@ import sys
 import mlflow
 import pandas as pd
 import pytest
-from mlflow import MlflowClient
 import yaml
+from mlflow import MlflowClient
 
 from conftest import KAGGLE2018, KAGGLE2020, REPO, kaggle_cache, real_subset
 
@@ -44,8 +44,14 @@ def repo(tmp_path_factory, mlflow_server):
     params["train"]["folds"] = 2
     params["evaluate"].update(bootstrap=100)
     params["explain"].update(images=1, lime_samples=20)
-    params["register"].update(experiment="pipeline", model_name="pipeline-model", min_recall=0.0,
-                              min_accuracy=0.0, min_specificity=0.0, champion_on_new_data="replace")
+    params["register"].update(
+        experiment="pipeline",
+        model_name="pipeline-model",
+        min_recall=0.0,
+        min_accuracy=0.0,
+        min_specificity=0.0,
+        champion_on_new_data="replace",
+    )
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     git = ["git", "-c", "user.name=test", "-c", "user.email=test@localhost"]
     subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
@@ -71,8 +77,14 @@ def test_repro_runs_all_stages_then_nothing_then_only_what_a_param_touches(repo)
     dedup = json.loads((repo / "metrics/dedup.json").read_text())
     # the 2018 archive ships every image twice: at least one exact duplicate per pair
     assert dedup["exact_duplicates"] >= 24
-    assert dedup["images_in"] == dedup["images_out"] + dedup["exact_duplicates"] + dedup["near_duplicates"] \
-        + dedup["label_conflicts"] + dedup["unreadable"]
+    assert (
+        dedup["images_in"]
+        == dedup["images_out"]
+        + dedup["exact_duplicates"]
+        + dedup["near_duplicates"]
+        + dedup["label_conflicts"]
+        + dedup["unreadable"]
+    )
     split = json.loads((repo / "metrics/split.json").read_text())
     assert split["leakage"] == {"val_in_train": 0, "test_in_train": 0}
     manifest = pd.read_csv(repo / "artifacts/split/manifest.csv", keep_default_na=False)
@@ -84,8 +96,9 @@ def test_repro_runs_all_stages_then_nothing_then_only_what_a_param_touches(repo)
     evaluated = json.loads((repo / "metrics/evaluate.json").read_text())
     assert evaluated["test_images"] == split["per_split"]["test"]["images"]
     # metrics round the threshold to 6 digits; the model keeps it whole
-    assert json.loads((repo / "models/model.json").read_text())["threshold"] == pytest.approx(evaluated["threshold"],
-                                                                                              abs=1e-6)
+    assert json.loads((repo / "models/model.json").read_text())["threshold"] == pytest.approx(
+        evaluated["threshold"], abs=1e-6
+    )
 
     assert ran(dvc(repo, "repro")) == []
 
@@ -103,8 +116,11 @@ def test_exp_run_of_two_variants_leaves_the_better_as_champion(repo):
     for model in ("seed_fsm", "seed_cnn"):
         dvc(repo, "exp", "run", "-S", f"train.model={model}")
     decision = json.loads((repo / "metrics/register.json").read_text())
-    runs = mlflow.search_runs(experiment_names=["pipeline"], output_format="list",
-                              filter_string=f"tags.`braintumor.data_fingerprint` = '{decision['data_fingerprint']}'")
+    runs = mlflow.search_runs(
+        experiment_names=["pipeline"],
+        output_format="list",
+        filter_string=f"tags.`braintumor.data_fingerprint` = '{decision['data_fingerprint']}'",
+    )
     assert {run.data.tags["model"] for run in runs} == {"seed_fsm", "seed_cnn"}
     assert all(run.data.tags["dvc_experiment"] for run in runs if run.data.tags["model"] == "seed_cnn")
     ranked = ("threshold_selection.out_of_fold.accuracy", "recall", "accuracy")  # the selection rule's order

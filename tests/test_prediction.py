@@ -13,13 +13,14 @@ import keras
 import numpy as np
 import pytest
 import requests
+from conftest_mlflow import BIN, free_port, serving, tool_env
 
-from braintumor.images import model_input
 from braintumor.errors import ModelLoadError
+from braintumor.images import model_input
 from braintumor.prediction import image_files, load, predict
 from braintumor.registry import register
+
 from conftest import brain_image, save
-from conftest_mlflow import BIN, free_port, serving, tool_env
 
 MODEL = "models:/predict-model@champion"
 
@@ -60,8 +61,15 @@ def expected(workspace: Path, files: list[Path]) -> np.ndarray:
 
 def test_folders_expand_to_their_images(scans):
     names = {p.relative_to(scans).as_posix() for p in image_files([str(scans)])}
-    assert names == {"gray.png", "nested/rgba.png", "sixteen_bit.png", "odd_size.jpg", "corrupt.jpg", "empty.png",
-                     "notes.txt"}
+    assert names == {
+        "gray.png",
+        "nested/rgba.png",
+        "sixteen_bit.png",
+        "odd_size.jpg",
+        "corrupt.jpg",
+        "empty.png",
+        "notes.txt",
+    }
 
 
 def test_local_model_predicts_every_readable_image_and_reports_the_rest(trained_states, scans):
@@ -90,9 +98,23 @@ def test_a_keras_file_without_its_model_json_is_refused_with_a_hint(trained_stat
 
 def test_predict_command_pulls_the_champion_in_a_fresh_process(mlflow_server, registered, scans, tmp_path):
     env = {"PATH": f"{BIN}{os.pathsep}/usr/bin:/bin", "HOME": str(tmp_path), "MLFLOW_TRACKING_URI": mlflow_server}
-    result = subprocess.run([str(BIN / "braintumor"), "predict", "--model", MODEL, "--json", str(scans),
-                             "--explain", str(tmp_path / "cams")],
-                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [
+            str(BIN / "braintumor"),
+            "predict",
+            "--model",
+            MODEL,
+            "--json",
+            str(scans),
+            "--explain",
+            str(tmp_path / "cams"),
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 1, result.stderr  # some files could not be read; the rest are predicted
     lines = [json.loads(line) for line in result.stdout.splitlines()]
     assert len(lines) == 7
@@ -108,19 +130,37 @@ def test_predict_command_pulls_the_champion_in_a_fresh_process(mlflow_server, re
 
 def test_predict_command_without_a_reachable_model_says_what_to_set(scans, tmp_path):
     env = {"PATH": f"{BIN}{os.pathsep}/usr/bin:/bin", "HOME": str(tmp_path)}
-    result = subprocess.run([str(BIN / "braintumor"), "predict", "--model", MODEL, str(scans / "gray.png")],
-                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [str(BIN / "braintumor"), "predict", "--model", MODEL, str(scans / "gray.png")],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 2 and "MLFLOW_TRACKING_URI" in result.stderr
 
 
 def test_mlflow_models_serve_answers_with_the_same_probabilities(mlflow_server, registered, scans, tmp_path):
     port = free_port()
-    args = [str(BIN / "mlflow"), "models", "serve", "-m", MODEL, "--env-manager", "local", "--host", "127.0.0.1",
-            "--port", str(port)]
+    args = [
+        str(BIN / "mlflow"),
+        "models",
+        "serve",
+        "-m",
+        MODEL,
+        "--env-manager",
+        "local",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+    ]
     files = [scans / "gray.png", scans / "odd_size.jpg"]
     images = np.stack([model_input(f, 48) for f in files])
-    with serving(args, f"http://127.0.0.1:{port}/ping", tmp_path / "serve.log",
-                 env=tool_env(MLFLOW_TRACKING_URI=mlflow_server)):
+    with serving(
+        args, f"http://127.0.0.1:{port}/ping", tmp_path / "serve.log", env=tool_env(MLFLOW_TRACKING_URI=mlflow_server)
+    ):
         answer = requests.post(f"http://127.0.0.1:{port}/invocations", json={"inputs": images.tolist()}, timeout=60)
     assert answer.status_code == 200, answer.text
     served = np.array(answer.json()["predictions"])[:, 0]

@@ -14,11 +14,11 @@ import mlflow
 import pandas as pd
 import pytest
 import yaml
+from conftest_mlflow import postgres, tool_env, tracking_server
 from mlflow import MlflowClient
 
 from braintumor.registry import CHAMPION, register
 from braintumor.tracking import data_fingerprint
-from conftest_mlflow import postgres, tool_env, tracking_server
 
 
 def registering(server: str, monkeypatch, experiment: str):
@@ -39,16 +39,23 @@ def better(states) -> str:
     """The variant the selection rule must prefer: highest out-of-fold accuracy at the target recall, then
     test recall, then test accuracy."""
     scores = {name: json.loads((ws / "metrics/evaluate.json").read_text()) for name, (ws, _) in states.items()}
-    return max(scores, key=lambda name: (scores[name]["threshold_selection"]["out_of_fold"]["accuracy"],
-                                         scores[name]["recall"], scores[name]["accuracy"]))
+    return max(
+        scores,
+        key=lambda name: (
+            scores[name]["threshold_selection"]["out_of_fold"]["accuracy"],
+            scores[name]["recall"],
+            scores[name]["accuracy"],
+        ),
+    )
 
 
 def champion_model(client, name: str) -> str:
     return client.get_run(client.get_model_version_by_alias(name, CHAMPION).run_id).data.tags["model"]
 
 
-def test_champion_is_the_better_variant_and_registering_again_changes_nothing(mlflow_server, trained_states,
-                                                                             monkeypatch, in_tmp):
+def test_champion_is_the_better_variant_and_registering_again_changes_nothing(
+    mlflow_server, trained_states, monkeypatch, in_tmp
+):
     run = registering(mlflow_server, monkeypatch, "champion")
     first = run(trained_states["seed_fsm"])
     assert first["outcome"] == "promoted: no champion yet" and first["champion_version"] == 1
@@ -83,7 +90,8 @@ def test_run_holds_params_epoch_metrics_tags_model_and_card(mlflow_server, train
         assert [m.step for m in history] == list(range(member["epochs_run"]))
     tags = run.data.tags
     assert tags["keras_backend"] == "tensorflow" and tags["braintumor.data_fingerprint"] == data_fingerprint(
-        workspace / "artifacts/split/manifest.csv")
+        workspace / "artifacts/split/manifest.csv"
+    )
     assert len(tags["git_commit"]) in (40, len("unknown")) and tags["device"]
     artifacts = {a.path for folder in ("metrics", "evaluate") for a in client.list_artifacts(run.info.run_id, folder)}
     assert {"metrics/evaluate.json", "evaluate/roc.json", "evaluate/misclassified.png"} <= artifacts
@@ -122,8 +130,11 @@ def test_champion_tested_on_other_data_stays_unless_replace(mlflow_server, train
     assert champion_model(MlflowClient(), "newdata-model") == "seed_fsm"
     replaced = run((moved, params), champion_on_new_data="replace")
     assert replaced["promoted"] == 1 and replaced["run_logged"] == 0
-    assert replaced["champion"]["data_fingerprint"] == kept["data_fingerprint"] != replaced["champion_before"][
-        "data_fingerprint"]
+    assert (
+        replaced["champion"]["data_fingerprint"]
+        == kept["data_fingerprint"]
+        != replaced["champion_before"]["data_fingerprint"]
+    )
 
 
 def test_champion_at_another_target_recall_is_not_compared(mlflow_server, trained_states, monkeypatch, in_tmp):
@@ -156,9 +167,15 @@ def test_concurrent_registrations_leave_one_version_per_run(mlflow_server, train
         params["register"].update(experiment="concurrent", model_name="concurrent-model")
         (workspace / "concurrent.yaml").write_text(yaml.safe_dump(params))
         env = tool_env(MLFLOW_TRACKING_URI=mlflow_server, DVC_ROOT=str(in_tmp))
-        processes.append(subprocess.Popen([sys.executable, "-m", "braintumor.cli", "register", "--params",
-                                           "concurrent.yaml"], cwd=workspace, env=env, stderr=subprocess.PIPE,
-                                          text=True))
+        processes.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "braintumor.cli", "register", "--params", "concurrent.yaml"],
+                cwd=workspace,
+                env=env,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
     for process in processes:
         assert process.wait(timeout=600) == 0, process.stderr.read()
     mlflow.set_tracking_uri(mlflow_server)
@@ -197,8 +214,7 @@ def test_a_failed_registration_does_not_block_the_next(mlflow_server, trained_st
     assert decision["run_logged"] == 1 and decision["promoted"] == 1 and decision["run_id"] != failed[0].info.run_id
 
 
-def test_a_slower_registration_cannot_put_back_a_worse_champion(mlflow_server, trained_states, monkeypatch,
-                                                               in_tmp):
+def test_a_slower_registration_cannot_put_back_a_worse_champion(mlflow_server, trained_states, monkeypatch, in_tmp):
     """Two registrations from different clones into one server both read "no champion", then move the alias:
     the better one first. The barrier forces that overlap; the worse one must then decide again and keep out."""
     import threading
@@ -212,10 +228,12 @@ def test_a_slower_registration_cannot_put_back_a_worse_champion(mlflow_server, t
     client = MlflowClient()
     client.delete_registered_model_alias("race-model", CHAMPION)
     runs = {name: client.get_run(d["run_id"]) for name, d in decisions.items()}
-    versions = {name: client.get_model_version("race-model", str(d["candidate"]["version"]))
-                for name, d in decisions.items()}
+    versions = {
+        name: client.get_model_version("race-model", str(d["candidate"]["version"])) for name, d in decisions.items()
+    }
     assert {name: d["candidate"]["run_id"] for name, d in decisions.items()} == {
-        name: d["run_id"] for name, d in decisions.items()}  # each registered its own version
+        name: d["run_id"] for name, d in decisions.items()
+    }  # each registered its own version
 
     barrier, best_moved = threading.Barrier(2, timeout=60), threading.Event()
     real_decide, real_set = registry.decide, client.set_registered_model_alias
@@ -251,8 +269,9 @@ def test_a_slower_registration_cannot_put_back_a_worse_champion(mlflow_server, t
     assert champion_model(client, "race-model") == best_name
 
 
-def test_models_and_metrics_of_two_evaluations_are_not_registered_together(mlflow_server, trained_states,
-                                                                          monkeypatch, in_tmp):
+def test_models_and_metrics_of_two_evaluations_are_not_registered_together(
+    mlflow_server, trained_states, monkeypatch, in_tmp
+):
     """An evaluate stage killed between writing models/ and metrics/evaluate.json leaves them disagreeing."""
     from braintumor.errors import RegistryError
 

@@ -16,6 +16,7 @@ from PIL import Image
 from braintumor.prediction import load, predict
 from braintumor.registry import CHAMPION, register
 from braintumor.serving import Limits, create_app
+
 from conftest import brain_image, save
 
 
@@ -27,6 +28,7 @@ def png_bytes(pixels, mode: str = "L") -> bytes:
 
 def bomb_png(side: int) -> bytes:
     """A valid 16-bit PNG of side x side zero pixels: a few hundred KB that would decode to gigabytes."""
+
     def chunk(kind: bytes, body: bytes) -> bytes:
         return len(body).to_bytes(4, "big") + kind + body + zlib.crc32(kind + body).to_bytes(4, "big")
 
@@ -39,15 +41,19 @@ def bomb_png(side: int) -> bytes:
 def local_client(trained_states):
     """The app over a shipped models/ folder (model.keras with model.json)."""
     workspace = trained_states["seed_cnn"][0]
-    with TestClient(create_app(str(workspace / "models/model.keras"), Limits(max_body_bytes=2 << 20,
-                                                                               max_file_bytes=1 << 20))) as client:
+    with TestClient(
+        create_app(str(workspace / "models/model.keras"), Limits(max_body_bytes=2 << 20, max_file_bytes=1 << 20))
+    ) as client:
         yield client, workspace
 
 
 def test_several_files_keep_their_order_and_match_the_command_line(local_client, tmp_path):
     client, workspace = local_client
-    files = [save(tmp_path / "a.png", brain_image(1, 120)), save(tmp_path / "b.jpg", brain_image(2, 90), "RGB"),
-             save(tmp_path / "c.png", brain_image(3, 64), "I;16")]
+    files = [
+        save(tmp_path / "a.png", brain_image(1, 120)),
+        save(tmp_path / "b.jpg", brain_image(2, 90), "RGB"),
+        save(tmp_path / "c.png", brain_image(3, 64), "I;16"),
+    ]
     broken = tmp_path / "broken.jpg"
     broken.write_bytes(b"\xff\xd8\xff\xe0 cut short")
     upload = [files[0], broken, files[1], files[2]]
@@ -76,9 +82,14 @@ def test_bad_requests_get_a_json_4xx(local_client):
 def test_a_bomb_and_foreign_formats_are_refused_per_file(local_client):
     client, _ = local_client
     eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\nshowpage\n"
-    answer = client.post("/v1/predict", files=[("files", ("bomb.png", bomb_png(10_000))),
-                                               ("files", ("poster.jpg", eps)),
-                                               ("files", ("fine.png", png_bytes(brain_image(5))))])
+    answer = client.post(
+        "/v1/predict",
+        files=[
+            ("files", ("bomb.png", bomb_png(10_000))),
+            ("files", ("poster.jpg", eps)),
+            ("files", ("fine.png", png_bytes(brain_image(5)))),
+        ],
+    )
     assert answer.status_code == 200
     results = {r["filename"]: r for r in answer.json()["results"]}
     assert results["bomb.png"]["error"].startswith("too_large")
@@ -102,7 +113,7 @@ def test_explain_answers_the_scan_beside_its_overlay(local_client):
 def test_the_page_and_its_assets_are_served_from_the_app(local_client):
     client, _ = local_client
     page = client.get("/")
-    assert page.status_code == 200 and "<script src=\"app.js\">" in page.text
+    assert page.status_code == 200 and '<script src="app.js">' in page.text
     assert "not a diagnostic device" in page.text
     for asset in ("app.js", "app.css"):
         assert client.get(f"/{asset}").status_code == 200

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 import requests
+from conftest_mlflow import BIN, free_port, serving
 
 from conftest import brain_image, save
-from conftest_mlflow import BIN, free_port, serving
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 
@@ -22,8 +22,16 @@ def server(trained_states, tmp_path_factory):
     workspace = trained_states["seed_cnn"][0]
     port = free_port()
     log = tmp_path_factory.mktemp("serve") / "serve.log"
-    args = [str(BIN / "braintumor"), "serve", "--model", str(workspace / "models/model.keras"), "--port", str(port),
-            "--max-file-mb", "1"]
+    args = [
+        str(BIN / "braintumor"),
+        "serve",
+        "--model",
+        str(workspace / "models/model.keras"),
+        "--port",
+        str(port),
+        "--max-file-mb",
+        "1",
+    ]
     with serving(args, f"http://127.0.0.1:{port}/readyz", log):
         yield f"http://127.0.0.1:{port}"
 
@@ -43,9 +51,17 @@ def test_the_page_ranks_scans_lists_bad_files_and_shows_the_overlay(server, scan
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
-            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-            "--no-first-run", "--disable-sync"])
+        browser = p.chromium.launch(
+            executable_path=CHROMIUM,
+            args=[
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--no-first-run",
+                "--disable-sync",
+            ],
+        )
         page = browser.new_page(viewport={"width": 1280, "height": 900})
         page.goto(server + "/")
         page.wait_for_selector("#model:has-text('threshold')")

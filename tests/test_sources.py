@@ -7,6 +7,7 @@ import pytest
 from braintumor.errors import SourceError
 from braintumor.params import load_params
 from braintumor.sources import fetch
+
 from conftest import KAGGLE2018, KAGGLE2020, REPO, brain_image, kaggle_cache, save
 
 
@@ -48,14 +49,26 @@ def test_local_source_reads_every_mode_and_reports_bad_files(in_tmp, params):
         assert path.startswith("artifacts/fetch/images/local/") and (in_tmp / path).is_file()
     skipped = pd.read_csv("artifacts/fetch/skipped.csv")
     reasons = dict(zip(skipped.original.str.rsplit("/", n=1).str[-1], skipped.reason))
-    assert reasons == {"corrupt.jpg": "truncated_or_corrupt", "notes.txt": "not_an_image", "empty.png": "empty_file",
-                       ".DS_Store": "hidden_file", "README.md": "not_in_class_folder"}
+    assert reasons == {
+        "corrupt.jpg": "truncated_or_corrupt",
+        "notes.txt": "not_an_image",
+        "empty.png": "empty_file",
+        ".DS_Store": "hidden_file",
+        "README.md": "not_in_class_folder",
+    }
     on_disk = json.loads((in_tmp / "metrics/fetch.json").read_text())
     assert on_disk == metrics
     assert metrics["per_source"]["local"] == {
-        "images": 4, "tumor": 2, "no_tumor": 2,
-        "skipped": {"hidden_file": 1, "not_in_class_folder": 1, "truncated_or_corrupt": 1, "not_an_image": 1,
-                    "empty_file": 1},
+        "images": 4,
+        "tumor": 2,
+        "no_tumor": 2,
+        "skipped": {
+            "hidden_file": 1,
+            "not_in_class_folder": 1,
+            "truncated_or_corrupt": 1,
+            "not_an_image": 1,
+            "empty_file": 1,
+        },
     }
 
 
@@ -69,11 +82,17 @@ def test_misnamed_class_folder_is_an_error_that_names_it(in_tmp, params):
 def test_kaggle_sources_through_kagglehub_cache(in_tmp, params, monkeypatch):
     scans = {i: save(in_tmp / f"src/{i}.jpg", brain_image(i), "RGB") for i in range(4)}
     cache = in_tmp / "cache"
-    kaggle_cache(cache, KAGGLE2018, {"yes/Y1.jpg": scans[0], "no/N1.jpg": scans[1],
-                                     "brain_tumor_dataset/yes/Y1.jpg": scans[0],
-                                     "brain_tumor_dataset/no/N1.jpg": scans[1]})
-    kaggle_cache(cache, KAGGLE2020, {"Training/pituitary_tumor/p.jpg": scans[2],
-                                     "Testing/no_tumor/n.jpg": scans[3]})
+    kaggle_cache(
+        cache,
+        KAGGLE2018,
+        {
+            "yes/Y1.jpg": scans[0],
+            "no/N1.jpg": scans[1],
+            "brain_tumor_dataset/yes/Y1.jpg": scans[0],
+            "brain_tumor_dataset/no/N1.jpg": scans[1],
+        },
+    )
+    kaggle_cache(cache, KAGGLE2020, {"Training/pituitary_tumor/p.jpg": scans[2], "Testing/no_tumor/n.jpg": scans[3]})
     monkeypatch.setenv("KAGGLEHUB_CACHE", str(cache))
 
     fetch(only(params, "kaggle2018", "kaggle2020"))

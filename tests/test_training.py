@@ -7,13 +7,14 @@ import textwrap
 import keras
 import numpy as np
 import pytest
+from conftest_split import make_split, tiny_params
 
 from braintumor.datasets import load_split
 from braintumor.inference import members_of, mirror, tumor_probability
 from braintumor.labels import MULTICLASS_CLASSES, collection_of
 from braintumor.training import compile_model, fit, sample_weights, subtype_crossentropy, subtype_targets, train
+
 from conftest import REPO
-from conftest_split import make_split, tiny_params
 
 
 def test_sample_weights_balance_classes_or_each_source_s_classes():
@@ -29,8 +30,9 @@ def test_sample_weights_balance_classes_or_each_source_s_classes():
     weights, strata = sample_weights(data, names, "balanced_by_source")
     totals = [weights[(data["source"] == s) & (y == c)].sum() for s in "ab" for c in (0, 1)]
     assert totals == pytest.approx([len(y) / 4] * 4)
-    assert strata == pytest.approx({"a/no_tumor": 50 / 40, "a/tumor": 50 / 120, "b/no_tumor": 50 / 16, "b/tumor": 50 / 24},
-                                   abs=1e-4)  # reported to 4 decimals
+    assert strata == pytest.approx(
+        {"a/no_tumor": 50 / 40, "a/tumor": 50 / 120, "b/no_tumor": 50 / 16, "b/tumor": 50 / 24}, abs=1e-4
+    )  # reported to 4 decimals
 
     assert sample_weights(data, names, "none") == (None, {})
 
@@ -38,25 +40,37 @@ def test_sample_weights_balance_classes_or_each_source_s_classes():
 def test_sample_weights_by_collection_balance_each_folder_of_a_source():
     # source a: collection Training 10 healthy / 30 tumor, Testing 5 / 5; source b (no collections): 4 / 6
     y = np.array([0] * 10 + [1] * 30 + [0] * 5 + [1] * 5 + [0] * 4 + [1] * 6)
-    data = {"y": y, "source": np.array(["a"] * 50 + ["b"] * 10),
-            "collection": np.array(["Training"] * 40 + ["Testing"] * 10 + [""] * 10, dtype=object)}
+    data = {
+        "y": y,
+        "source": np.array(["a"] * 50 + ["b"] * 10),
+        "collection": np.array(["Training"] * 40 + ["Testing"] * 10 + [""] * 10, dtype=object),
+    }
     weights, strata = sample_weights(data, ["no_tumor", "tumor"], "balanced_by_collection")
-    assert set(strata) == {"a/Training/no_tumor", "a/Training/tumor", "a/Testing/no_tumor", "a/Testing/tumor",
-                           "b/no_tumor", "b/tumor"}
+    assert set(strata) == {
+        "a/Training/no_tumor",
+        "a/Training/tumor",
+        "a/Testing/no_tumor",
+        "a/Testing/tumor",
+        "b/no_tumor",
+        "b/tumor",
+    }
     keys = np.array([f"{s}/{c}/{k}" for s, c, k in zip(data["source"], data["collection"], y)])
     totals = [weights[keys == key].sum() for key in np.unique(keys)]
     assert totals == pytest.approx([len(y) / 6] * 6)
     assert strata["a/Testing/no_tumor"] == pytest.approx(60 / 30, abs=1e-4)
 
 
-@pytest.mark.parametrize("source, original, collection", [
-    ("kaggle2020", "Training/glioma_tumor/gg (1).jpg", "Training"),
-    ("kaggle2020", "Testing/no_tumor/image(3).jpg", "Testing"),
-    ("kaggle2018", "brain_tumor_dataset/no/N1.jpg", "brain_tumor_dataset"),
-    ("kaggle2018", "yes/Y1.jpg", ""),
-    ("local", "tumor/patient-7/slice.png", ""),
-    ("ixi", "http://example.org/IXI-T1.tar#IXI002-Guys-0828-T1.nii.gz", ""),
-])
+@pytest.mark.parametrize(
+    "source, original, collection",
+    [
+        ("kaggle2020", "Training/glioma_tumor/gg (1).jpg", "Training"),
+        ("kaggle2020", "Testing/no_tumor/image(3).jpg", "Testing"),
+        ("kaggle2018", "brain_tumor_dataset/no/N1.jpg", "brain_tumor_dataset"),
+        ("kaggle2018", "yes/Y1.jpg", ""),
+        ("local", "tumor/patient-7/slice.png", ""),
+        ("ixi", "http://example.org/IXI-T1.tar#IXI002-Guys-0828-T1.nii.gz", ""),
+    ],
+)
 def test_collection_is_the_folders_above_the_class_folder(source, original, collection):
     assert collection_of(source, original) == collection
 
@@ -72,11 +86,18 @@ def test_weight_decay_shrinks_weights_by_learning_rate_times_decay(weight_decay,
 
 def test_multiclass_keeps_only_known_subtypes(tmp_path):
     split = make_split(tmp_path / "split")
-    np.savez(split / "extra.npz", x=np.zeros((3, 48, 48, 3), np.uint8), y=np.array([1, 1, 0], np.int8),
-             subtype=np.array(["unknown", "glioma", "none"]), path=np.array(["a", "b", "c"]))
+    np.savez(
+        split / "extra.npz",
+        x=np.zeros((3, 48, 48, 3), np.uint8),
+        y=np.array([1, 1, 0], np.int8),
+        subtype=np.array(["unknown", "glioma", "none"]),
+        path=np.array(["a", "b", "c"]),
+    )
     with open(split / "manifest.csv", "a") as manifest:  # path,label,subtype,source,group,split,sha256,original
-        manifest.writelines(f"{p},{y},{t},{s},g-{p},extra,0,{p}\n" for p, y, t, s in
-                            [("a", 1, "unknown", "x"), ("b", 1, "glioma", "y"), ("c", 0, "none", "x")])
+        manifest.writelines(
+            f"{p},{y},{t},{s},g-{p},extra,0,{p}\n"
+            for p, y, t, s in [("a", 1, "unknown", "x"), ("b", 1, "glioma", "y"), ("c", 0, "none", "x")]
+        )
     data = load_split(split, "extra", "multiclass")
     assert data["path"].tolist() == ["b", "c"] and data["y"].tolist() == [0, 2]  # glioma, no_tumor
     assert data["source"].tolist() == ["y", "x"] and data["group"].tolist() == ["g-b", "g-c"]
@@ -84,8 +105,10 @@ def test_multiclass_keeps_only_known_subtypes(tmp_path):
 
 
 def test_subtype_targets_and_loss_teach_the_type_where_known_and_tumor_where_not():
-    data = {"label": np.array([0, 1, 1, 1, 1]), "subtype": np.array(["none", "glioma", "unknown", "pituitary",
-                                                                       "meningioma"])}
+    data = {
+        "label": np.array([0, 1, 1, 1, 1]),
+        "subtype": np.array(["none", "glioma", "unknown", "pituitary", "meningioma"]),
+    }
     targets = subtype_targets(data)  # classes: glioma, meningioma, no_tumor, pituitary; 4 = some tumor
     assert targets.tolist() == [2, 0, 4, 3, 1]
     p = np.array([[0.1, 0.2, 0.6, 0.1]] * 5, dtype="float32")
@@ -95,8 +118,13 @@ def test_subtype_targets_and_loss_teach_the_type_where_known_and_tumor_where_not
 
 def test_a_split_whose_manifest_misses_images_is_named(tmp_path):
     split = make_split(tmp_path / "split")
-    np.savez(split / "extra.npz", x=np.zeros((1, 48, 48, 3), np.uint8), y=np.array([1], np.int8),
-             subtype=np.array(["glioma"]), path=np.array(["unlisted.png"]))
+    np.savez(
+        split / "extra.npz",
+        x=np.zeros((1, 48, 48, 3), np.uint8),
+        y=np.array([1], np.int8),
+        subtype=np.array(["glioma"]),
+        path=np.array(["unlisted.png"]),
+    )
     with pytest.raises(ValueError, match=r"manifest.csv: 1 images of extra.npz .*unlisted.png.*dvc repro split"):
         load_split(split, "extra", "binary")
 
@@ -125,8 +153,9 @@ def test_train_stage_ships_the_fold_ensemble_with_out_of_fold_predictions(in_tmp
     with np.load(in_tmp / "artifacts/train/oof.npz") as oof:
         assert sorted(np.bincount(oof["fold"])) == sorted(m["held_out"] for m in metrics["members"])
         assert ((oof["probability"] >= 0) & (oof["probability"] <= 1)).all()
-        assert set(oof["path"]) == {p for split in ("train", "val") for p in load_split(
-            in_tmp / "artifacts/split", split, "binary")["path"]}
+        assert set(oof["path"]) == {
+            p for split in ("train", "val") for p in load_split(in_tmp / "artifacts/split", split, "binary")["path"]
+        }
 
     ensemble = keras.saving.load_model(in_tmp / "artifacts/train/model.keras")
     members, mirrored = members_of(ensemble)
@@ -205,8 +234,13 @@ SECOND_BACKEND = textwrap.dedent("""
 def test_training_and_grad_cam_run_on_a_second_keras_backend(tmp_path, backend):
     pytest.importorskip(backend)
     env = {**os.environ, "KERAS_BACKEND": backend}
-    result = subprocess.run([sys.executable, "-c", SECOND_BACKEND, str(tmp_path / "split"), str(REPO / "tests")],
-                            env=env, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [sys.executable, "-c", SECOND_BACKEND, str(tmp_path / "split"), str(REPO / "tests")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report["backend"] == backend and report["epochs"] == 2

@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image, ImageEnhance, ImageOps
 
-from braintumor.hashing import Hashes, hash_images, hamming, near_pairs
+from braintumor.hashing import Hashes, hamming, hash_images, near_pairs
 
 
 def _jpeg(img: Image.Image, quality: int) -> Image.Image:

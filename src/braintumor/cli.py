@@ -35,33 +35,57 @@ def positive_int(text: str) -> int:
 
 
 def add_predict(sub) -> None:
-    predict = sub.add_parser("predict", help="classify image files with a shipped or registered model",
-                             description="Print P(tumor) and the label at the model's threshold for each image.")
+    predict = sub.add_parser(
+        "predict",
+        help="classify image files with a shipped or registered model",
+        description="Print P(tumor) and the label at the model's threshold for each image.",
+    )
     predict.add_argument("paths", nargs="+", help="image files, or folders (every image under them)")
-    predict.add_argument("--model", default="models:/brain-tumor-classifier@champion",
-                         help="models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID/model, an MLflow model "
-                              "folder, or a .keras file with model.json beside it (default: %(default)s)")
+    predict.add_argument(
+        "--model",
+        default="models:/brain-tumor-classifier@champion",
+        help="models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID/model, an MLflow model "
+        "folder, or a .keras file with model.json beside it (default: %(default)s)",
+    )
     predict.add_argument("--json", action="store_true", help="one JSON object per line")
     predict.add_argument("--explain", metavar="DIR", help="write a Grad-CAM overlay PNG per image into DIR")
     predict.add_argument("--batch-size", type=positive_int, default=32, help="images per model call (default 32)")
-    predict.add_argument("--max-pixels", type=positive_int, default=DEFAULT_MAX_PIXELS,
-                         help="refuse larger images (width x height) before decoding them (default %(default)s)")
+    predict.add_argument(
+        "--max-pixels",
+        type=positive_int,
+        default=DEFAULT_MAX_PIXELS,
+        help="refuse larger images (width x height) before decoding them (default %(default)s)",
+    )
 
 
 def add_serve(sub) -> None:
-    serve = sub.add_parser("serve", help="the triage web page and REST API over a model",
-                           description="Serve a model over HTTP: the page at /, the API under /v1 (docs at /docs).")
-    serve.add_argument("--model", default="models:/brain-tumor-classifier@champion",
-                       help="any reference `predict --model` takes, fixed at start-up (default: %(default)s)")
+    serve = sub.add_parser(
+        "serve",
+        help="the triage web page and REST API over a model",
+        description="Serve a model over HTTP: the page at /, the API under /v1 (docs at /docs).",
+    )
+    serve.add_argument(
+        "--model",
+        default="models:/brain-tumor-classifier@champion",
+        help="any reference `predict --model` takes, fixed at start-up (default: %(default)s)",
+    )
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s, this machine only)")
     serve.add_argument("--port", type=positive_int, default=8000, help="port (default: %(default)s)")
-    serve.add_argument("--poll-seconds", type=float, default=30.0,
-                       help="how often to look whether a models:/NAME@ALIAS reference moved (0: never; default 30)")
+    serve.add_argument(
+        "--poll-seconds",
+        type=float,
+        default=30.0,
+        help="how often to look whether a models:/NAME@ALIAS reference moved (0: never; default 30)",
+    )
     serve.add_argument("--max-body-mb", type=positive_int, default=100, help="request body limit (default 100)")
     serve.add_argument("--max-file-mb", type=positive_int, default=20, help="limit per uploaded file (default 20)")
     serve.add_argument("--max-files", type=positive_int, default=64, help="files per request (default 64)")
-    serve.add_argument("--max-pixels", type=positive_int, default=DEFAULT_MAX_PIXELS,
-                       help="refuse larger images (width x height) before decoding them (default %(default)s)")
+    serve.add_argument(
+        "--max-pixels",
+        type=positive_int,
+        default=DEFAULT_MAX_PIXELS,
+        help="refuse larger images (width x height) before decoding them (default %(default)s)",
+    )
 
 
 def run_serve(args) -> int:
@@ -70,8 +94,12 @@ def run_serve(args) -> int:
     from braintumor.errors import ModelLoadError
     from braintumor.serving import Limits, serve
 
-    limits = Limits(max_body_bytes=args.max_body_mb << 20, max_file_bytes=args.max_file_mb << 20,
-                    max_files=args.max_files, max_pixels=args.max_pixels)
+    limits = Limits(
+        max_body_bytes=args.max_body_mb << 20,
+        max_file_bytes=args.max_file_mb << 20,
+        max_files=args.max_files,
+        max_pixels=args.max_pixels,
+    )
     try:
         serve(args.model, args.host, args.port, limits, args.poll_seconds)
     except ModelLoadError as err:
@@ -108,8 +136,13 @@ def run_predict(args) -> int:
         written = write_grad_cams(loaded, results, images, Path(args.explain))
         log.info("predict: %d Grad-CAM overlays in %s", len(written), args.explain)
     failed = sum("error" in r for r in results)
-    log.info("predict: %d images, %d tumor, %d unreadable (threshold %.4f)", len(results) - failed,
-             sum(r.get("label", 0) for r in results), failed, loaded.threshold)
+    log.info(
+        "predict: %d images, %d tumor, %d unreadable (threshold %.4f)",
+        len(results) - failed,
+        sum(r.get("label", 0) for r in results),
+        failed,
+        loaded.threshold,
+    )
     return 1 if failed else 0
 
 

@@ -29,12 +29,15 @@ def load_split(split_dir: str | Path, name: str, task: str) -> dict[str, np.ndar
     manifest = pd.read_csv(manifest_path, keep_default_na=False).set_index("path")
     missing = ~np.isin(arrays["path"].astype(object), manifest.index)
     if missing.any():
-        raise ValueError(f"{manifest_path}: {missing.sum()} images of {name}.npz are not listed (first: "
-                         f"{arrays['path'][missing][0]}); the split is inconsistent, re-run `dvc repro split`")
+        raise ValueError(
+            f"{manifest_path}: {missing.sum()} images of {name}.npz are not listed (first: "
+            f"{arrays['path'][missing][0]}); the split is inconsistent, re-run `dvc repro split`"
+        )
     rows = manifest.loc[arrays["path"].astype(object)]
     arrays["source"], arrays["group"] = rows["source"].to_numpy(), rows["group"].to_numpy()
-    arrays["collection"] = np.array([collection_of(source, original)
-                                     for source, original in zip(rows["source"], rows["original"])], dtype=object)
+    arrays["collection"] = np.array(
+        [collection_of(source, original) for source, original in zip(rows["source"], rows["original"])], dtype=object
+    )
     arrays["label"] = arrays.pop("y").astype(np.int64)
     if task == "binary":
         arrays["y"] = arrays["label"]

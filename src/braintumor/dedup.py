@@ -38,8 +38,19 @@ log = logging.getLogger(__name__)
 KNOWN_SUBTYPES = ("glioma", "meningioma", "pituitary")
 # The review montage also looks this far beyond the thresholds for the nearest pairs kept apart.
 REVIEW_MARGIN = 1.25
-DUPLICATE_COLUMNS = ["path", "source", "label", "subtype", "reason", "representative", "representative_source",
-                     "phash_distance", "dhash_distance", "cluster", "detail"]
+DUPLICATE_COLUMNS = [
+    "path",
+    "source",
+    "label",
+    "subtype",
+    "reason",
+    "representative",
+    "representative_source",
+    "phash_distance",
+    "dhash_distance",
+    "cluster",
+    "detail",
+]
 
 
 def cluster_ids(n: int, pairs: Pairs) -> np.ndarray:
@@ -81,8 +92,9 @@ def dedup(
 
     frame = manifest.iloc[readable].reset_index(drop=True).assign(_row=np.arange(len(readable)))
     good = hashes.take(readable)
-    loose = near_pairs(good, math.ceil(max_p * REVIEW_MARGIN), math.ceil(max_d * REVIEW_MARGIN),
-                       workers=config.get("workers"))
+    loose = near_pairs(
+        good, math.ceil(max_p * REVIEW_MARGIN), math.ceil(max_d * REVIEW_MARGIN), workers=config.get("workers")
+    )
     linked = (loose.phash <= max_p) & (loose.dhash <= max_d)
     frame["cluster"] = cluster_ids(len(frame), loose.where(linked))
     frame["cluster_size"] = frame.groupby("cluster")["path"].transform("size")
@@ -97,15 +109,29 @@ def dedup(
     kept["subtype"] = kept.cluster.map(subtypes)
     kept["group"] = [g if g else f"cluster-{c:05d}" for g, c in zip(kept.group, kept.cluster)]
 
-    dropped = pd.concat([
-        duplicate_rows(clean[~clean._row.isin(reps)], clean, reps, good),
-        conflict_rows(frame[conflict], good),
-        pd.DataFrame([
-            {"path": p, "source": s, "label": l, "subtype": t, "reason": "unreadable", "detail": unreadable[p].detail}
-            for p, s, l, t in manifest.loc[manifest.path.isin(unreadable), ["path", "source", "label", "subtype"]]
-            .itertuples(index=False)
-        ], columns=DUPLICATE_COLUMNS),
-    ], ignore_index=True)
+    dropped = pd.concat(
+        [
+            duplicate_rows(clean[~clean._row.isin(reps)], clean, reps, good),
+            conflict_rows(frame[conflict], good),
+            pd.DataFrame(
+                [
+                    {
+                        "path": p,
+                        "source": s,
+                        "label": l,
+                        "subtype": t,
+                        "reason": "unreadable",
+                        "detail": unreadable[p].detail,
+                    }
+                    for p, s, l, t in manifest.loc[
+                        manifest.path.isin(unreadable), ["path", "source", "label", "subtype"]
+                    ].itertuples(index=False)
+                ],
+                columns=DUPLICATE_COLUMNS,
+            ),
+        ],
+        ignore_index=True,
+    )
 
     out_dir = Path(out_dir)
     kept_hashes = good.take(kept._row.to_numpy())
@@ -114,16 +140,22 @@ def dedup(
         staging.mkdir()
         write_csv(staging / "manifest.csv", kept)
         write_csv(staging / "duplicates.csv", dropped[DUPLICATE_COLUMNS])
-        np.savez(staging / "hashes.npz", phash=kept_hashes.phash, dhash=kept_hashes.dhash,
-                 hash_size=config["hash_size"])
+        np.savez(
+            staging / "hashes.npz", phash=kept_hashes.phash, dhash=kept_hashes.dhash, hash_size=config["hash_size"]
+        )
     metrics = dedup_metrics(manifest, kept, dropped, config)
     write_json(metrics_path, metrics)
     review_montage(frame, loose, linked, max_p, max_d, config["review_pairs"], review_path)
     log.info(
         "dedup: %d images in, %d out; %d exact and %d near duplicates (%d across sources), "
         "%d dropped in %d label-conflict clusters, %d unreadable",
-        metrics["images_in"], metrics["images_out"], metrics["exact_duplicates"], metrics["near_duplicates"],
-        metrics["cross_source_duplicates"], metrics["label_conflicts"], metrics["label_conflict_clusters"],
+        metrics["images_in"],
+        metrics["images_out"],
+        metrics["exact_duplicates"],
+        metrics["near_duplicates"],
+        metrics["cross_source_duplicates"],
+        metrics["label_conflicts"],
+        metrics["label_conflict_clusters"],
         metrics["unreadable"],
     )
     return metrics
@@ -153,15 +185,21 @@ def duplicate_rows(members: pd.DataFrame, frame: pd.DataFrame, reps: pd.Series, 
     rows = members._row.to_numpy()
     rep = frame.loc[rep_rows]
     exact = members._row.isin(exact_rows).to_numpy()
-    return pd.DataFrame({
-        "path": members.path.to_numpy(), "source": members.source.to_numpy(), "label": members.label.to_numpy(),
-        "subtype": members.subtype.to_numpy(), "reason": np.where(exact, "exact_duplicate", "near_duplicate"),
-        "representative": rep.path.to_numpy(), "representative_source": rep.source.to_numpy(),
-        "phash_distance": hamming(hashes.phash[rows], hashes.phash[rep_rows]),
-        "dhash_distance": hamming(hashes.dhash[rows], hashes.dhash[rep_rows]),
-        "cluster": members.cluster.to_numpy(),
-        "detail": np.where(members.sha256.to_numpy() == rep.sha256.to_numpy(), "same file as representative", ""),
-    })
+    return pd.DataFrame(
+        {
+            "path": members.path.to_numpy(),
+            "source": members.source.to_numpy(),
+            "label": members.label.to_numpy(),
+            "subtype": members.subtype.to_numpy(),
+            "reason": np.where(exact, "exact_duplicate", "near_duplicate"),
+            "representative": rep.path.to_numpy(),
+            "representative_source": rep.source.to_numpy(),
+            "phash_distance": hamming(hashes.phash[rows], hashes.phash[rep_rows]),
+            "dhash_distance": hamming(hashes.dhash[rows], hashes.dhash[rep_rows]),
+            "cluster": members.cluster.to_numpy(),
+            "detail": np.where(members.sha256.to_numpy() == rep.sha256.to_numpy(), "same file as representative", ""),
+        }
+    )
 
 
 def conflict_rows(members: pd.DataFrame, hashes: Hashes) -> pd.DataFrame:
@@ -170,15 +208,23 @@ def conflict_rows(members: pd.DataFrame, hashes: Hashes) -> pd.DataFrame:
     ref = first.loc[members.cluster].to_numpy()
     rows = members._row.to_numpy()
     labels = members.groupby("cluster")["label"].agg(lambda s: "/".join(str(v) for v in sorted(set(s))))
-    return pd.DataFrame({
-        "path": members.path.to_numpy(), "source": members.source.to_numpy(), "label": members.label.to_numpy(),
-        "subtype": members.subtype.to_numpy(), "reason": "label_conflict",
-        "representative": "", "representative_source": "",
-        "phash_distance": hamming(hashes.phash[rows], hashes.phash[ref]),
-        "dhash_distance": hamming(hashes.dhash[rows], hashes.dhash[ref]),
-        "cluster": members.cluster.to_numpy(),
-        "detail": [f"cluster of {n} with labels {labels[c]}" for n, c in zip(members.cluster_size, members.cluster)],
-    })
+    return pd.DataFrame(
+        {
+            "path": members.path.to_numpy(),
+            "source": members.source.to_numpy(),
+            "label": members.label.to_numpy(),
+            "subtype": members.subtype.to_numpy(),
+            "reason": "label_conflict",
+            "representative": "",
+            "representative_source": "",
+            "phash_distance": hamming(hashes.phash[rows], hashes.phash[ref]),
+            "dhash_distance": hamming(hashes.dhash[rows], hashes.dhash[ref]),
+            "cluster": members.cluster.to_numpy(),
+            "detail": [
+                f"cluster of {n} with labels {labels[c]}" for n, c in zip(members.cluster_size, members.cluster)
+            ],
+        }
+    )
 
 
 def dedup_metrics(manifest: pd.DataFrame, kept: pd.DataFrame, dropped: pd.DataFrame, config: dict) -> dict:
@@ -190,8 +236,10 @@ def dedup_metrics(manifest: pd.DataFrame, kept: pd.DataFrame, dropped: pd.DataFr
         per_source[name] = {
             "images_in": int((manifest.source == name).sum()),
             "images_out": int((kept.source == name).sum()),
-            **{reason: int((mine.reason == reason).sum())
-               for reason in ("exact_duplicate", "near_duplicate", "label_conflict", "unreadable")},
+            **{
+                reason: int((mine.reason == reason).sum())
+                for reason in ("exact_duplicate", "near_duplicate", "label_conflict", "unreadable")
+            },
         }
     conflicts = dropped[dropped.reason == "label_conflict"]
     return {
@@ -205,8 +253,11 @@ def dedup_metrics(manifest: pd.DataFrame, kept: pd.DataFrame, dropped: pd.DataFr
         "unreadable": int(reasons.get("unreadable", 0)),
         "images_out": len(kept),
         "clusters_with_duplicates": int((kept.cluster_size > 1).sum()),
-        "thresholds": {"hash_size": config["hash_size"], "phash": config["phash_max_distance"],
-                       "dhash": config["dhash_max_distance"]},
+        "thresholds": {
+            "hash_size": config["hash_size"],
+            "phash": config["phash_max_distance"],
+            "dhash": config["dhash_max_distance"],
+        },
         "per_source": per_source,
     }
 
@@ -236,9 +287,14 @@ def review_montage(
                 ax.set_title(f"{frame.source.iloc[row]} y={frame.label.iloc[row]}", fontsize=6)
             axes[2 * block, col].set_title(
                 f"{title}: p={loose.phash[k]} d={loose.dhash[k]}\n{frame.source.iloc[loose.i[k]]} "
-                f"y={frame.label.iloc[loose.i[k]]}", fontsize=6)
-    fig.suptitle(f"dedup review: thresholds pHash<={max_p}, dHash<={max_d}; rows 1-2 merged pairs nearest the "
-                 f"limit, rows 3-4 closest pairs kept apart", fontsize=7)
+                f"y={frame.label.iloc[loose.i[k]]}",
+                fontsize=6,
+            )
+    fig.suptitle(
+        f"dedup review: thresholds pHash<={max_p}, dHash<={max_d}; rows 1-2 merged pairs nearest the "
+        f"limit, rows 3-4 closest pairs kept apart",
+        fontsize=7,
+    )
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=110, format="png")

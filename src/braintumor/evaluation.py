@@ -59,7 +59,10 @@ def binary_metrics(y: np.ndarray, p: np.ndarray, threshold: float) -> dict[str, 
         "roc_auc": skm.roc_auc_score(y, p) if both else float("nan"),
         "pr_auc": skm.average_precision_score(y, p) if both else float("nan"),
         "brier": skm.brier_score_loss(y, p),
-        "tp": int(tp), "fn": int(fn), "tn": int(tn), "fp": int(fp),
+        "tp": int(tp),
+        "fn": int(fn),
+        "tn": int(tn),
+        "fp": int(fp),
     }
     return {k: (round(float(v), 4) if isinstance(v, float | np.floating) else v) for k, v in result.items()}
 
@@ -75,13 +78,20 @@ def bootstrap_intervals(y: np.ndarray, p: np.ndarray, threshold: float, resample
         if (yy == 1).any():
             recalls.append(pp[yy == 1].mean())
         accuracies.append((pp == yy).mean())
-    return {name: [round(float(np.percentile(values, 2.5)), 4), round(float(np.percentile(values, 97.5)), 4)]
-            for name, values in (("recall", recalls), ("accuracy", accuracies))}
+    return {
+        name: [round(float(np.percentile(values, 2.5)), 4), round(float(np.percentile(values, 97.5)), 4)]
+        for name, values in (("recall", recalls), ("accuracy", accuracies))
+    }
 
 
-def evaluate(params: dict, split_dir: str | Path = "artifacts/split", train_dir: str | Path = "artifacts/train",
-             model_dir: str | Path = "models", metrics_path: str | Path = "metrics/evaluate.json",
-             plots_dir: str | Path = "plots/evaluate") -> dict:
+def evaluate(
+    params: dict,
+    split_dir: str | Path = "artifacts/split",
+    train_dir: str | Path = "artifacts/train",
+    model_dir: str | Path = "models",
+    metrics_path: str | Path = "metrics/evaluate.json",
+    plots_dir: str | Path = "plots/evaluate",
+) -> dict:
     """Run the evaluate stage (see the module docstring)."""
     config = validate_evaluate(params)
     train_dir, plots_dir = Path(train_dir), Path(plots_dir)
@@ -93,8 +103,10 @@ def evaluate(params: dict, split_dir: str | Path = "artifacts/split", train_dir:
     target = config["target_recall"]
     threshold = threshold_for_recall(oof["label"], oof["probability"], target)
     folds = sorted(set(oof["fold"].tolist()))
-    fold_thresholds = [threshold_for_recall(oof["label"][oof["fold"] == f], oof["probability"][oof["fold"] == f],
-                                            target) for f in folds]
+    fold_thresholds = [
+        threshold_for_recall(oof["label"][oof["fold"] == f], oof["probability"][oof["fold"] == f], target)
+        for f in folds
+    ]
 
     test = load_split(split_dir, "test", info["task"])
     p = tumor_probability(model, test["x"], names)
@@ -104,22 +116,30 @@ def evaluate(params: dict, split_dir: str | Path = "artifacts/split", train_dir:
     sources = manifest.set_index("path").loc[test["path"].astype(object), "source"].to_numpy()
     result = {
         "model_sha256": file_sha256(train_dir / "model.keras"),  # what register checks models/ against
-        **{k: chosen[k] for k in ("recall", "accuracy", "specificity", "precision", "f1", "roc_auc", "pr_auc",
-                                  "brier")},
+        **{
+            k: chosen[k] for k in ("recall", "accuracy", "specificity", "precision", "f1", "roc_auc", "pr_auc", "brier")
+        },
         "threshold": round(threshold, 6),
         "test_images": len(y),
         "confusion": {k: chosen[k] for k in ("tp", "fn", "tn", "fp")},
         "ci95": bootstrap_intervals(y, p, threshold, config["bootstrap"], params["seed"]),
         "at_0.5": binary_metrics(y, p, 0.5),
         "threshold_selection": {
-            "target_recall": target, "folds": len(folds), "images": len(oof["label"]),
+            "target_recall": target,
+            "folds": len(folds),
+            "images": len(oof["label"]),
             "fold_thresholds": [round(t, 6) for t in fold_thresholds],
             "fold_threshold_spread": round(max(fold_thresholds) - min(fold_thresholds), 6),
-            "out_of_fold": {k: v for k, v in binary_metrics(oof["label"], oof["probability"], threshold).items()
-                            if k in ("recall", "specificity", "accuracy", "roc_auc")},
+            "out_of_fold": {
+                k: v
+                for k, v in binary_metrics(oof["label"], oof["probability"], threshold).items()
+                if k in ("recall", "specificity", "accuracy", "roc_auc")
+            },
         },
-        "per_source": {source: binary_metrics(y[sources == source], p[sources == source], threshold)
-                       for source in sorted(set(sources))},
+        "per_source": {
+            source: binary_metrics(y[sources == source], p[sources == source], threshold)
+            for source in sorted(set(sources))
+        },
     }
     if info["task"] == "multiclass":
         probs = model.predict(test["x"].astype("float32"), verbose=0)
@@ -128,17 +148,34 @@ def evaluate(params: dict, split_dir: str | Path = "artifacts/split", train_dir:
     with atomic_path(model_dir) as staging:
         staging.mkdir()
         shutil.copy(train_dir / "model.keras", staging / "model.keras")
-        (staging / "model.json").write_text(json.dumps(
-            {**info, "model_sha256": result["model_sha256"], "mirror_average": members_of(model)[1],
-             "threshold": threshold, "target_recall": target,
-             "test_metrics": {k: result[k] for k in ("recall", "accuracy", "specificity", "roc_auc")}},
-            indent=2) + "\n")
+        (staging / "model.json").write_text(
+            json.dumps(
+                {
+                    **info,
+                    "model_sha256": result["model_sha256"],
+                    "mirror_average": members_of(model)[1],
+                    "threshold": threshold,
+                    "target_recall": target,
+                    "test_metrics": {k: result[k] for k in ("recall", "accuracy", "specificity", "roc_auc")},
+                },
+                indent=2,
+            )
+            + "\n"
+        )
     write_json(metrics_path, result)
     write_plots(plots_dir, y, p, threshold, test["x"], test["path"], config["gallery"])
-    log.info("evaluate: threshold %.4f (folds %s); test recall %.4f, specificity %.4f, accuracy %.4f "
-             "(at 0.5: %.4f / %.4f / %.4f)", threshold, result["threshold_selection"]["fold_thresholds"],
-             result["recall"], result["specificity"], result["accuracy"], result["at_0.5"]["recall"],
-             result["at_0.5"]["specificity"], result["at_0.5"]["accuracy"])
+    log.info(
+        "evaluate: threshold %.4f (folds %s); test recall %.4f, specificity %.4f, accuracy %.4f "
+        "(at 0.5: %.4f / %.4f / %.4f)",
+        threshold,
+        result["threshold_selection"]["fold_thresholds"],
+        result["recall"],
+        result["specificity"],
+        result["accuracy"],
+        result["at_0.5"]["recall"],
+        result["at_0.5"]["specificity"],
+        result["at_0.5"]["accuracy"],
+    )
     return result
 
 
@@ -149,12 +186,17 @@ def write_plots(plots_dir: Path, y, p, threshold, images, paths, gallery: int) -
     precision, recall, _ = skm.precision_recall_curve(y, p)
     with atomic_path(plots_dir) as staging:
         staging.mkdir()
-        (staging / "confusion.json").write_text(json.dumps(
-            [{"actual": a, "predicted": b} for a, b in zip(label[y], label[(p >= threshold).astype(int)])]))
-        (staging / "roc.json").write_text(json.dumps(
-            [{"fpr": round(float(f), 5), "tpr": round(float(t), 5)} for f, t in zip(fpr, tpr)]))
-        (staging / "pr.json").write_text(json.dumps(
-            [{"recall": round(float(r), 5), "precision": round(float(q), 5)} for r, q in zip(recall, precision)]))
+        (staging / "confusion.json").write_text(
+            json.dumps([{"actual": a, "predicted": b} for a, b in zip(label[y], label[(p >= threshold).astype(int)])])
+        )
+        (staging / "roc.json").write_text(
+            json.dumps([{"fpr": round(float(f), 5), "tpr": round(float(t), 5)} for f, t in zip(fpr, tpr)])
+        )
+        (staging / "pr.json").write_text(
+            json.dumps(
+                [{"recall": round(float(r), 5), "precision": round(float(q), 5)} for r, q in zip(recall, precision)]
+            )
+        )
         wrong = np.flatnonzero((p >= threshold).astype(int) != y)
         wrong = wrong[np.argsort(-np.abs(p[wrong] - threshold))][:gallery]
         columns = max(1, min(8, len(wrong)))
@@ -164,10 +206,15 @@ def write_plots(plots_dir: Path, y, p, threshold, images, paths, gallery: int) -
             ax.axis("off")
         for ax, index in zip(axes.ravel(), wrong):
             ax.imshow(images[index][..., 0], cmap="gray")
-            ax.set_title(f"true {label[y[index]]}\nP(tumor)={p[index]:.2f}\n{Path(str(paths[index])).name[:18]}",
-                         fontsize=6)
-        fig.suptitle(f"misclassified test images at threshold {threshold:.3f} ({len(wrong)} shown, most confident "
-                     f"first)" if len(wrong) else "no misclassified test images", fontsize=8)
+            ax.set_title(
+                f"true {label[y[index]]}\nP(tumor)={p[index]:.2f}\n{Path(str(paths[index])).name[:18]}", fontsize=6
+            )
+        fig.suptitle(
+            f"misclassified test images at threshold {threshold:.3f} ({len(wrong)} shown, most confident first)"
+            if len(wrong)
+            else "no misclassified test images",
+            fontsize=8,
+        )
         fig.tight_layout()
         fig.savefig(staging / "misclassified.png", dpi=110)
         plt.close(fig)

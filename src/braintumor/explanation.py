@@ -35,8 +35,11 @@ def split_at_features(model: keras.Model) -> tuple[keras.Model, keras.Model]:
     """(image -> last 4-D feature maps, feature maps -> prediction). The layers after the last spatial layer
     (pooling or flatten, dropout, dense) form a chain in every model of `models.py`. Kept per model (building
     the two halves costs more than a map): the web service explains one scan a request."""
-    index = max(i for i, layer in enumerate(model.layers)
-                if len(layer.output.shape) == 4 and not isinstance(layer, keras.layers.InputLayer))
+    index = max(
+        i
+        for i, layer in enumerate(model.layers)
+        if len(layer.output.shape) == 4 and not isinstance(layer, keras.layers.InputLayer)
+    )
     layer = model.layers[index]
     features = keras.Model(model.inputs, layer.output)
     inputs = keras.Input(layer.output.shape[1:])
@@ -96,18 +99,22 @@ def grad_cam(model: keras.Model, images: np.ndarray, class_names: list[str]) -> 
     return cams / (cams.max(axis=(1, 2), keepdims=True) + 1e-12)
 
 
-def lime_panel(model: keras.Model, image: np.ndarray, class_names: list[str], samples: int, superpixels: int,
-               seed: int) -> np.ndarray:
+def lime_panel(
+    model: keras.Model, image: np.ndarray, class_names: list[str], samples: int, superpixels: int, seed: int
+) -> np.ndarray:
     """The image with the boundaries of the LIME superpixels that most support the predicted class."""
+
     def classifier(batch):
         p = tumor_probability(model, np.asarray(batch), class_names)
         return np.stack([1 - p, p], axis=1)
 
     explainer = lime_image.LimeImageExplainer(random_state=seed)
-    explanation = explainer.explain_instance(image.astype("double"), classifier, top_labels=2, hide_color=0,
-                                             num_samples=samples, random_seed=seed)
-    picture, mask = explanation.get_image_and_mask(explanation.top_labels[0], positive_only=True,
-                                                   num_features=superpixels, hide_rest=False)
+    explanation = explainer.explain_instance(
+        image.astype("double"), classifier, top_labels=2, hide_color=0, num_samples=samples, random_seed=seed
+    )
+    picture, mask = explanation.get_image_and_mask(
+        explanation.top_labels[0], positive_only=True, num_features=superpixels, hide_rest=False
+    )
     return mark_boundaries(picture / 255.0, mask)
 
 
@@ -123,8 +130,12 @@ def pick_examples(y: np.ndarray, p: np.ndarray, threshold: float, count: int) ->
     return {name: rows[np.argsort(-confidence[rows], kind="stable")][:count] for name, rows in groups.items()}
 
 
-def explain(params: dict, split_dir: str | Path = "artifacts/split", model_dir: str | Path = "models",
-            plots_dir: str | Path = "plots/explain") -> dict:
+def explain(
+    params: dict,
+    split_dir: str | Path = "artifacts/split",
+    model_dir: str | Path = "models",
+    plots_dir: str | Path = "plots/explain",
+) -> dict:
     """Run the explain stage: one PNG panel per chosen test image, plus an index of what was shown."""
     config = validate_explain(params)
     model_dir = Path(model_dir)
@@ -144,10 +155,12 @@ def explain(params: dict, split_dir: str | Path = "artifacts/split", model_dir: 
             image = test["x"][row]
             fig, axes = plt.subplots(1, 3, figsize=(7.5, 2.8))
             axes[0].imshow(image)
-            axes[0].set_title(f"{group}\ntrue {'tumor' if test['label'][row] else 'no tumor'}, "
-                              f"P(tumor)={p[row]:.2f}", fontsize=7)
-            axes[1].imshow(lime_panel(model, image, names, config["lime_samples"], config["lime_superpixels"],
-                                      params["seed"]))
+            axes[0].set_title(
+                f"{group}\ntrue {'tumor' if test['label'][row] else 'no tumor'}, P(tumor)={p[row]:.2f}", fontsize=7
+            )
+            axes[1].imshow(
+                lime_panel(model, image, names, config["lime_samples"], config["lime_superpixels"], params["seed"])
+            )
             axes[1].set_title(f"LIME: top {config['lime_superpixels']} superpixels", fontsize=7)
             axes[2].imshow(image)
             axes[2].imshow(cams[k], cmap="jet", alpha=0.4)
@@ -158,9 +171,20 @@ def explain(params: dict, split_dir: str | Path = "artifacts/split", model_dir: 
             name = f"{group}-{k:02d}.png"
             fig.savefig(staging / name, dpi=100)
             plt.close(fig)
-            index.append({"file": name, "group": group, "path": str(test["path"][row]),
-                          "label": int(test["label"][row]), "probability": round(float(p[row]), 4)})
+            index.append(
+                {
+                    "file": name,
+                    "group": group,
+                    "path": str(test["path"][row]),
+                    "label": int(test["label"][row]),
+                    "probability": round(float(p[row]), 4),
+                }
+            )
         (staging / "index.json").write_text(json.dumps(index, indent=2) + "\n")
-    log.info("explain: %d panels (%s) with LIME (%d samples) and Grad-CAM", len(index),
-             ", ".join(f"{name} {len(members)}" for name, members in chosen.items()), config["lime_samples"])
+    log.info(
+        "explain: %d panels (%s) with LIME (%d samples) and Grad-CAM",
+        len(index),
+        ", ".join(f"{name} {len(members)}" for name, members in chosen.items()),
+        config["lime_samples"],
+    )
     return {"panels": len(index)}

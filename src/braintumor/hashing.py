@@ -61,9 +61,7 @@ def image_hashes(path: str, hash_size: int) -> tuple[np.ndarray, np.ndarray] | I
     )
 
 
-def hash_images(
-    paths: list[str], hash_size: int, workers: int | None
-) -> tuple[Hashes, list[ImageReadError]]:
+def hash_images(paths: list[str], hash_size: int, workers: int | None) -> tuple[Hashes, list[ImageReadError]]:
     """Hash every image in parallel processes. Unreadable images get all-zero hashes and an error entry."""
     results = parallel_map(
         functools.partial(image_hashes, hash_size=hash_size), paths, workers, desc="dedup: hash images"
@@ -104,6 +102,7 @@ class Pairs:
 @intrinsic
 def _popcount(typingctx, word):
     """The CPU's popcount instruction on one uint64 (LLVM's ctpop)."""
+
     def codegen(context, builder, signature, args):
         return builder.ctpop(args[0])
 
@@ -181,8 +180,9 @@ def leader_index(phash: np.ndarray, radius: int) -> LeaderIndex:
 
 
 @numba.njit(nogil=True, cache=True)
-def _block_pairs(qp, qd, bp, bd, leaders, radii, starts, members, member_distance, start, stop, self_join,
-                 max_p, max_d):
+def _block_pairs(
+    qp, qd, bp, bd, leaders, radii, starts, members, member_distance, start, stop, self_join, max_p, max_d
+):
     """Pairs (i in start..stop of the query, j of the base) within both limits; compiled, GIL released.
     Groups of the leader index that cannot hold a match are skipped; the rest are checked pair by pair,
     the dHash only for pairs within the pHash limit."""
@@ -194,7 +194,7 @@ def _block_pairs(qp, qd, bp, bd, leaders, radii, starts, members, member_distanc
             to_leader = _distance(qp[i], bp[leaders[k]], reach)
             if to_leader > reach:
                 continue
-            group = member_distance[starts[k]:starts[k + 1]]
+            group = member_distance[starts[k] : starts[k + 1]]
             first = starts[k] + np.searchsorted(group, to_leader - max_p)
             last = starts[k] + np.searchsorted(group, to_leader + max_p, side="right")
             for m in range(first, last):
@@ -232,8 +232,9 @@ def near_pairs(
     lookup = (index.leaders, index.radii, index.starts, index.members, index.member_distance)
 
     def block(start: int) -> np.ndarray:
-        return _block_pairs(*arrays, *lookup, start, min(start + BLOCK_ROWS, len(query)), self_join,
-                            max_phash, max_dhash)
+        return _block_pairs(
+            *arrays, *lookup, start, min(start + BLOCK_ROWS, len(query)), self_join, max_phash, max_dhash
+        )
 
     with ThreadPoolExecutor(max_workers=worker_count(workers)) as pool:
         blocks = list(pool.map(block, range(0, len(query), BLOCK_ROWS)))

@@ -51,8 +51,12 @@ def identify(data: bytes | Path) -> str | None:
         return None
 
 
-def open_image(path: str | Path, draft_size: int | None = None, data: bytes | None = None,
-               max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
+def open_image(
+    path: str | Path,
+    draft_size: int | None = None,
+    data: bytes | None = None,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
+) -> Image.Image:
     """Fully decode an image file, raising `ImageReadError` with a reason instead of PIL's zoo of errors.
 
     Only `FORMATS` are decoded (`unsupported_format` otherwise), and an image over `max_pixels` is refused as
@@ -70,8 +74,11 @@ def open_image(path: str | Path, draft_size: int | None = None, data: bytes | No
             warnings.simplefilter("ignore" if max_pixels is not None else "error", Image.DecompressionBombWarning)
             with Image.open(source, formats=FORMATS) as img:
                 if max_pixels is not None and img.width * img.height > max_pixels:
-                    raise ImageReadError(path, "too_large", f"{img.width} x {img.height} pixels, over the limit of "
-                                         f"{max_pixels}; not decoded")
+                    raise ImageReadError(
+                        path,
+                        "too_large",
+                        f"{img.width} x {img.height} pixels, over the limit of {max_pixels}; not decoded",
+                    )
                 if draft_size is not None and img.format == "JPEG":
                     img.draft("L", (draft_size, draft_size))
                 img.load()
@@ -81,8 +88,9 @@ def open_image(path: str | Path, draft_size: int | None = None, data: bytes | No
     except UnidentifiedImageError as err:
         found = identify(data if data is not None else path)
         if found:
-            raise ImageReadError(path, "unsupported_format", f"{found} image; only {', '.join(FORMATS)} are "
-                                 "decoded") from err
+            raise ImageReadError(
+                path, "unsupported_format", f"{found} image; only {', '.join(FORMATS)} are decoded"
+            ) from err
         raise ImageReadError(path, "not_an_image", f"not a {', '.join(FORMATS)} image") from err
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
         raise ImageReadError(path, "too_large", str(err)) from err
@@ -119,8 +127,10 @@ def percentiles(gray: np.ndarray, q: list[float]) -> np.ndarray:
     position = np.asarray(q, dtype=np.float64) / 100 * (gray.size - 1)
     below = np.floor(position).astype(np.int64)
     cumulative = np.cumsum(np.bincount(gray.ravel(), minlength=256))
-    a, b = (np.searchsorted(cumulative, k, side="right").astype(np.float64)
-            for k in (below, np.minimum(below + 1, gray.size - 1)))
+    a, b = (
+        np.searchsorted(cumulative, k, side="right").astype(np.float64)
+        for k in (below, np.minimum(below + 1, gray.size - 1))
+    )
     t = position - below
     return np.where(t >= 0.5, b - (b - a) * (1 - t), a + (b - a) * t)  # numpy's lerp, both branches
 
@@ -162,8 +172,9 @@ def center_on_head(gray: np.ndarray) -> np.ndarray:
     return window
 
 
-def load_grayscale(path: str | Path, draft_size: int | None = None,
-                   max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np.ndarray:
+def load_grayscale(
+    path: str | Path, draft_size: int | None = None, max_pixels: int | None = DEFAULT_MAX_PIXELS
+) -> np.ndarray:
     """Decode and convert to 8-bit grayscale."""
     return to_grayscale(open_image(path, draft_size, max_pixels=max_pixels))
 

@@ -59,21 +59,24 @@ def check_model_info(info: dict, model: keras.Model, where: str) -> dict:
     if isinstance(size, bool) or not isinstance(size, int) or not 32 <= size <= 1024:
         raise ModelLoadError(f"{where}: `image_size` must be an integer between 32 and 1024 (got {size!r})")
     threshold = info.get("threshold")
-    if isinstance(threshold, bool) or not isinstance(threshold, int | float) or not (
-            math.isfinite(threshold) and 0.0 <= threshold <= 1.0):
+    if (
+        isinstance(threshold, bool)
+        or not isinstance(threshold, int | float)
+        or not (math.isfinite(threshold) and 0.0 <= threshold <= 1.0)
+    ):
         raise ModelLoadError(f"{where}: `threshold` must be a probability between 0 and 1 (got {threshold!r})")
     names = info.get("class_names")
     if names not in (BINARY_CLASSES, MULTICLASS_CLASSES):
-        raise ModelLoadError(f"{where}: `class_names` must be {BINARY_CLASSES} or {MULTICLASS_CLASSES} "
-                             f"(got {names!r})")
+        raise ModelLoadError(f"{where}: `class_names` must be {BINARY_CLASSES} or {MULTICLASS_CLASSES} (got {names!r})")
     expected_in = (None, size, size, 3)
     if tuple(model.input_shape) != expected_in:
-        raise ModelLoadError(f"{where}: the network takes inputs of shape {tuple(model.input_shape)}, but "
-                             f"`image_size` {size} means {expected_in}")
+        raise ModelLoadError(
+            f"{where}: the network takes inputs of shape {tuple(model.input_shape)}, but "
+            f"`image_size` {size} means {expected_in}"
+        )
     outputs = model.output_shape[-1]
     if outputs != (1 if names == BINARY_CLASSES else len(names)):
-        raise ModelLoadError(f"{where}: the network has {outputs} outputs, which does not fit `class_names` "
-                             f"{names}")
+        raise ModelLoadError(f"{where}: the network has {outputs} outputs, which does not fit `class_names` {names}")
     return info
 
 
@@ -104,7 +107,8 @@ def average_of(members: list[keras.Model], mirrored: bool) -> keras.Model:
     inputs = keras.Input(members[0].inputs[0].shape[1:], name="image")
     views = [inputs, mirror(inputs.shape[1])(inputs)] if mirrored else [inputs]
     mean = layers.Average(name="mean_prediction", dtype="float32")(
-        [member(view) for member in members for view in views])
+        [member(view) for member in members for view in views]
+    )
     return keras.Model(inputs, mean, name="ensemble")
 
 

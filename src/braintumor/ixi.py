@@ -44,7 +44,12 @@ class Slice:
 
 
 def fetch_slices(
-    urls: list[str], dest: Path, max_subjects: int, slices_per_volume: int, planes: list[str], timeout_s: int,
+    urls: list[str],
+    dest: Path,
+    max_subjects: int,
+    slices_per_volume: int,
+    planes: list[str],
+    timeout_s: int,
     deadline_s: int = 3600,
 ) -> tuple[list[Slice], list[tuple[str, str, str]]]:
     """Stream each tar in `urls` and write slices of its first `max_subjects` volumes into `dest`.
@@ -73,8 +78,13 @@ def fetch_slices(
                         volumes += 1
                         original = f"{url}#{member.name}"
                         if member.size > MAX_MEMBER_BYTES:
-                            skipped.append((original, "volume_too_large", f"{member.size} bytes in the tar, over "
-                                            f"the cap of {MAX_MEMBER_BYTES}"))
+                            skipped.append(
+                                (
+                                    original,
+                                    "volume_too_large",
+                                    f"{member.size} bytes in the tar, over the cap of {MAX_MEMBER_BYTES}",
+                                )
+                            )
                             continue
                         raw = _read(tar.extractfile(member), url, deadline, deadline_s)
                         try:
@@ -98,8 +108,10 @@ class VolumeTooLarge(ValueError):
 
 def _check_deadline(url: str, deadline: float, deadline_s: int) -> None:
     if time.monotonic() > deadline:
-        raise SourceError(f"fetch.sources.ixi: reading {url} took longer than `fetch.sources.ixi.deadline_s` "
-                          f"({deadline_s} s); raise it, lower `max_subjects`, or switch the source off")
+        raise SourceError(
+            f"fetch.sources.ixi: reading {url} took longer than `fetch.sources.ixi.deadline_s` "
+            f"({deadline_s} s); raise it, lower `max_subjects`, or switch the source off"
+        )
 
 
 def _read(stream, url: str, deadline: float, deadline_s: int) -> bytes:

@@ -21,8 +21,9 @@ def walk_files(root: Path) -> tuple[list[Path], list[tuple[Path | str, str, str]
         for sub in sorted(subfolders):
             real = os.path.realpath(Path(folder) / sub)
             if real in seen:
-                problems.append((Path(folder) / sub, "linked_folder_read_already",
-                                 f"a link to {real}, whose files are read once"))
+                problems.append(
+                    (Path(folder) / sub, "linked_folder_read_already", f"a link to {real}, whose files are read once")
+                )
             else:
                 seen.add(real)
                 kept.append(sub)

@@ -32,8 +32,9 @@ def augmentation(config: dict, seed: int) -> list[layers.Layer]:
     if config["zoom"]:
         steps.append(layers.RandomZoom(config["zoom"], fill_mode="constant", seed=seed))
     if config["translation"]:
-        steps.append(layers.RandomTranslation(config["translation"], config["translation"], fill_mode="constant",
-                                              seed=seed))
+        steps.append(
+            layers.RandomTranslation(config["translation"], config["translation"], fill_mode="constant", seed=seed)
+        )
     if config["brightness"]:
         steps.append(layers.RandomBrightness(config["brightness"], value_range=(0, 255), seed=seed))
     if config["contrast"]:
@@ -43,8 +44,7 @@ def augmentation(config: dict, seed: int) -> list[layers.Layer]:
 
 def head(outputs: int) -> layers.Layer:  # outputs: 1 (binary) or the number of classes
     """Sigmoid for the binary task, softmax otherwise; float32 so mixed precision stays stable."""
-    return layers.Dense(outputs, activation="softmax" if outputs > 1 else "sigmoid",
-                        dtype="float32", name="prediction")
+    return layers.Dense(outputs, activation="softmax" if outputs > 1 else "sigmoid", dtype="float32", name="prediction")
 
 
 def seed_fsm(inputs, outputs: int, config: dict):
@@ -135,8 +135,9 @@ BUILDERS: dict[str, Callable] = {
 }
 
 
-def build_model(name: str, image_size: int, classes: int, config: dict, seed: int,
-                model_name: str | None = None) -> tuple[keras.Model, str]:
+def build_model(
+    name: str, image_size: int, classes: int, config: dict, seed: int, model_name: str | None = None
+) -> tuple[keras.Model, str]:
     """The Keras model `name` (called `model_name`, default `name`) with augmentation in front; returns it
     with its optimizer's name."""
     inputs = keras.Input((image_size, image_size, 3), name="image")

@@ -28,35 +28,60 @@ _SOURCE = {"enabled": None}
 KNOWN: dict = {
     "seed": None,
     "fetch": {
-        "workers": None, "max_image_pixels": None,
+        "workers": None,
+        "max_image_pixels": None,
         "sources": {
             "kaggle2018": {**_SOURCE, "handle": None},
             "kaggle2020": {**_SOURCE, "handle": None},
-            "ixi": {**_SOURCE, "urls": None, "max_subjects": None, "slices_per_volume": None, "planes": None,
-                    "timeout_s": None, "deadline_s": None},
+            "ixi": {
+                **_SOURCE,
+                "urls": None,
+                "max_subjects": None,
+                "slices_per_volume": None,
+                "planes": None,
+                "timeout_s": None,
+                "deadline_s": None,
+            },
             "local": {**_SOURCE, "path": None},
         },
     },
     "dedup": dict.fromkeys(["hash_size", "phash_max_distance", "dhash_max_distance", "review_pairs", "workers"]),
     "split": {"fractions": dict.fromkeys(["train", "val", "test"]), "image_size": None, "workers": None},
     "train": {
-        **dict.fromkeys(["model", "task", "subtypes", "folds", "epochs", "batch_size", "learning_rate",
-                         "weight_decay", "dropout", "class_weight", "early_stopping_patience", "reduce_lr_patience",
-                         "mixed_precision", "mirror_average"]),
+        **dict.fromkeys(
+            [
+                "model",
+                "task",
+                "subtypes",
+                "folds",
+                "epochs",
+                "batch_size",
+                "learning_rate",
+                "weight_decay",
+                "dropout",
+                "class_weight",
+                "early_stopping_patience",
+                "reduce_lr_patience",
+                "mixed_precision",
+                "mirror_average",
+            ]
+        ),
         "augment": dict.fromkeys(["horizontal_flip", "rotation", "zoom", "translation", "brightness", "contrast"]),
         "small_xception": {"widths": None},
         "transfer": dict.fromkeys(["weights", "fine_tune_layers", "fine_tune_epochs", "fine_tune_learning_rate"]),
     },
     "evaluate": dict.fromkeys(["target_recall", "bootstrap", "gallery"]),
     "explain": dict.fromkeys(["images", "lime_samples", "lime_superpixels"]),
-    "register": dict.fromkeys(["experiment", "model_name", "min_recall", "min_accuracy", "min_specificity",
-                               "champion_on_new_data"]),
+    "register": dict.fromkeys(
+        ["experiment", "model_name", "min_recall", "min_accuracy", "min_specificity", "champion_on_new_data"]
+    ),
 }
 
 
 def check_known(params: dict, section: str | None = None) -> None:
     """Refuse any key of `params` (or of one top-level `section`) that KNOWN does not list, naming the nearest
     known key."""
+
     def walk(node: dict, known: dict, prefix: str) -> None:
         for key, value in node.items():
             dotted = f"{prefix}{key}"
@@ -98,8 +123,11 @@ def _get(params: dict, dotted: str) -> Any:
 
 def _int(params: dict, dotted: str, minimum: int, maximum: int | None = None) -> int:
     value = _get(params, dotted)
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum or (
-        maximum is not None and value > maximum
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int)
+        or value < minimum
+        or (maximum is not None and value > maximum)
     ):
         bound = f">= {minimum}" if maximum is None else f"between {minimum} and {maximum}"
         raise ParamError(f"params.yaml: `{dotted}` must be an integer {bound} (got {value!r})")
@@ -229,8 +257,10 @@ def validate_train(params: dict) -> dict:
     model = _choice(params, "train.model", MODEL_NAMES)
     task = _choice(params, "train.task", ("binary", "multiclass"))
     if _bool(params, "train.subtypes") and task == "multiclass":
-        raise ParamError("params.yaml: `train.subtypes: true` applies to `train.task: binary` (the multiclass task "
-                         "learns the tumor types anyway); set one of them differently")
+        raise ParamError(
+            "params.yaml: `train.subtypes: true` applies to `train.task: binary` (the multiclass task "
+            "learns the tumor types anyway); set one of them differently"
+        )
     _int(params, "train.folds", 2, 10)
     _int(params, "train.epochs", 1, 1000)
     _int(params, "train.batch_size", 1, 1024)
@@ -243,25 +273,36 @@ def validate_train(params: dict) -> dict:
     _bool(params, "train.mixed_precision")
     _bool(params, "train.augment.horizontal_flip")
     if _bool(params, "train.mirror_average") and not params["train"]["augment"]["horizontal_flip"]:
-        raise ParamError("params.yaml: `train.mirror_average` needs `train.augment.horizontal_flip: true` (the "
-                         "models must have learnt mirrored images); set one of them to false")
+        raise ParamError(
+            "params.yaml: `train.mirror_average` needs `train.augment.horizontal_flip: true` (the "
+            "models must have learnt mirrored images); set one of them to false"
+        )
     for name in ("rotation", "zoom", "translation", "brightness", "contrast"):
         _number(params, f"train.augment.{name}", 0.0, 0.5)
     widths = _get(params, "train.small_xception.widths")
-    if not isinstance(widths, list) or not 0 < len(widths) <= 8 or not all(
-            isinstance(w, int) and not isinstance(w, bool) and 0 < w <= 1024 for w in widths):
-        raise ParamError(f"params.yaml: `train.small_xception.widths` must be a list of positive integers (got {widths!r})")
+    if (
+        not isinstance(widths, list)
+        or not 0 < len(widths) <= 8
+        or not all(isinstance(w, int) and not isinstance(w, bool) and 0 < w <= 1024 for w in widths)
+    ):
+        raise ParamError(
+            f"params.yaml: `train.small_xception.widths` must be a list of positive integers (got {widths!r})"
+        )
     _choice(params, "train.transfer.weights", ("imagenet", None))
     _int(params, "train.transfer.fine_tune_layers", 0, 1000)
     _int(params, "train.transfer.fine_tune_epochs", 0, 1000)
     _number(params, "train.transfer.fine_tune_learning_rate", 1e-8, 1.0)
     size = _int(params, "split.image_size", 32, MAX_IMAGE_SIZE)
     if size < MIN_IMAGE_SIZE.get(model, 1):
-        raise ParamError(f"params.yaml: `split.image_size` {size} is too small for train.model {model}; "
-                         f"it needs at least {MIN_IMAGE_SIZE[model]}")
+        raise ParamError(
+            f"params.yaml: `split.image_size` {size} is too small for train.model {model}; "
+            f"it needs at least {MIN_IMAGE_SIZE[model]}"
+        )
     if model == "small_xception" and size < 2 ** (len(widths) + 1):
-        raise ParamError(f"params.yaml: `split.image_size` {size} is too small for {len(widths)} blocks of "
-                         f"`train.small_xception.widths`")
+        raise ParamError(
+            f"params.yaml: `split.image_size` {size} is too small for {len(widths)} blocks of "
+            f"`train.small_xception.widths`"
+        )
     _int(params, "seed", 0, 2**32 - 1)
     return params["train"]
 

@@ -29,7 +29,7 @@ SCHEMES = ("models", "runs")  # the URI schemes resolved through MLflow; anythin
 @dataclass
 class LoadedModel:
     model: object  # keras.Model
-    info: dict     # model.json: image_size, class_names, threshold, ...
+    info: dict  # model.json: image_size, class_names, threshold, ...
 
     @property
     def threshold(self) -> float:
@@ -57,8 +57,10 @@ def _from_mlflow_folder(folder: Path) -> LoadedModel:
     if flavor is None:
         raise ModelLoadError(f"{where}: no `keras` flavor (this project logs Keras 3 models only)")
     if flavor.get("save_exported_model"):
-        raise ModelLoadError(f"{where}: an exported SavedModel (save_exported_model: true) is a TensorFlow graph "
-                             "that would run as code; only Keras 3 .keras archives are loaded")
+        raise ModelLoadError(
+            f"{where}: an exported SavedModel (save_exported_model: true) is a TensorFlow graph "
+            "that would run as code; only Keras 3 .keras archives are loaded"
+        )
     root = folder.resolve()
     data = (folder / str(flavor.get("data", "model"))).resolve()
     if not data.is_relative_to(root):
@@ -68,8 +70,9 @@ def _from_mlflow_folder(folder: Path) -> LoadedModel:
         raise ModelLoadError(f"{where}: no Keras archive at {archive}")
     info = description.metadata or {}
     if "threshold" not in info:
-        raise ModelLoadError(f"{where}: the MLflow model has no threshold in its metadata; it was not logged by "
-                             "`braintumor register`")
+        raise ModelLoadError(
+            f"{where}: the MLflow model has no threshold in its metadata; it was not logged by `braintumor register`"
+        )
     return _from_keras_file(archive, info, where)
 
 
@@ -77,15 +80,19 @@ def load(reference: str) -> LoadedModel:
     """Resolve `reference` (see the module docstring) to the Keras model and what inference needs."""
     scheme = urlparse(reference).scheme
     if scheme and scheme not in SCHEMES:
-        raise ModelLoadError(f"{reference}: the {scheme}: scheme is not loaded; give a models:/ or runs:/ URI of "
-                             "the tracking server, or a local path")
+        raise ModelLoadError(
+            f"{reference}: the {scheme}: scheme is not loaded; give a models:/ or runs:/ URI of "
+            "the tracking server, or a local path"
+        )
     if not scheme:
         path = Path(reference)
         if path.is_file() and path.suffix == ".keras":
             sidecar = path.with_name("model.json")
             if not sidecar.is_file():
-                raise ModelLoadError(f"{path}: no model.json beside it (image size, classes, threshold); copy the "
-                                     "whole models/ folder, or use a models:/ or runs:/ URI")
+                raise ModelLoadError(
+                    f"{path}: no model.json beside it (image size, classes, threshold); copy the "
+                    "whole models/ folder, or use a models:/ or runs:/ URI"
+                )
             try:
                 info = json.loads(sidecar.read_text())
             except (ValueError, UnicodeDecodeError) as err:
@@ -108,9 +115,11 @@ def load(reference: str) -> LoadedModel:
         try:
             folder = Path(mlflow.artifacts.download_artifacts(artifact_uri=reference, dst_path=scratch))
         except MlflowException as err:
-            raise ModelLoadError(f"{redact(reference)}: {redact(err.message)} (tracking URI "
-                                 f"{redact(mlflow.get_tracking_uri())}; set MLFLOW_TRACKING_URI to the server or "
-                                 "database that holds the model)") from err
+            raise ModelLoadError(
+                f"{redact(reference)}: {redact(err.message)} (tracking URI "
+                f"{redact(mlflow.get_tracking_uri())}; set MLFLOW_TRACKING_URI to the server or "
+                "database that holds the model)"
+            ) from err
         return _from_mlflow_folder(folder)
 
 
@@ -146,8 +155,9 @@ def read_error(path: Path, err: Exception) -> str:
     return f"{type(err).__name__}: {err}"
 
 
-def predict(loaded: LoadedModel, files: list[Path], batch_size: int = 32,
-            max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[list[dict], np.ndarray]:
+def predict(
+    loaded: LoadedModel, files: list[Path], batch_size: int = 32, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> tuple[list[dict], np.ndarray]:
     """One result per file, in order: {"path", "probability", "label"}, or {"path", "error"} for a file that
     cannot be read as an image (the others are still predicted); and the prepared images of the predicted
     files, in the same order, for Grad-CAM."""
@@ -158,8 +168,9 @@ def predict(loaded: LoadedModel, files: list[Path], batch_size: int = 32,
     for path in files:
         try:
             if not path.is_file():
-                raise ImageReadError(path, "not_a_file", "missing, a broken link, a folder that cannot be listed, "
-                                     "or not a regular file")
+                raise ImageReadError(
+                    path, "not_a_file", "missing, a broken link, a folder that cannot be listed, or not a regular file"
+                )
             arrays.append(model_input(path, size, max_pixels=max_pixels))
             rows.append(len(results))
             results.append({"path": str(path)})
@@ -193,8 +204,11 @@ def write_grad_cams(loaded: LoadedModel, results: list[dict], images: np.ndarray
         fig, ax = plt.subplots(figsize=(3, 3.2))
         ax.imshow(image)
         ax.imshow(cam, cmap="jet", alpha=0.4)
-        ax.set_title(f"{Path(result['path']).name[:28]}\nP(tumor)={result['probability']:.3f} "
-                     f"({'tumor' if result['label'] else 'no tumor'})", fontsize=7)
+        ax.set_title(
+            f"{Path(result['path']).name[:28]}\nP(tumor)={result['probability']:.3f} "
+            f"({'tumor' if result['label'] else 'no tumor'})",
+            fontsize=7,
+        )
         ax.axis("off")
         fig.tight_layout()
         out = folder / f"{k:04d}-{Path(result['path']).stem}.png"

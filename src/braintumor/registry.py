@@ -31,8 +31,16 @@ from braintumor.atomic import write_json
 from braintumor.errors import RegistryError
 from braintumor.model_card import model_card
 from braintumor.params import validate_register
-from braintumor.tracking import (CARD_FILE, DATA_TAG, MODEL_URI_TAG, configure, data_fingerprint, log_run,
-                                 project_root, redact)
+from braintumor.tracking import (
+    CARD_FILE,
+    DATA_TAG,
+    MODEL_URI_TAG,
+    configure,
+    data_fingerprint,
+    log_run,
+    project_root,
+    redact,
+)
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +48,11 @@ CHAMPION = "champion"
 LOCK_TIMEOUT_S = 600  # registrations into the embedded store take about a minute
 MOVE_ATTEMPTS = 10
 # The ranking, most important first: MLflow metric keys (flattened metrics/evaluate.json) and their short names.
-COMPARED = {"threshold_selection.out_of_fold.accuracy": "out_of_fold_accuracy", "recall": "recall",
-            "accuracy": "accuracy"}
+COMPARED = {
+    "threshold_selection.out_of_fold.accuracy": "out_of_fold_accuracy",
+    "recall": "recall",
+    "accuracy": "accuracy",
+}
 TARGET_RECALL = "evaluate.target_recall"  # the param the out-of-fold accuracy depends on
 
 
@@ -56,9 +67,10 @@ def eligible_runs(experiment: str, fingerprint: str, target_recall: float, floor
 
     clears = " and ".join(f"metrics.{metric} >= {floor}" for metric, floor in floors.items())
     runs = mlflow.search_runs(
-        experiment_names=[experiment], output_format="list",
+        experiment_names=[experiment],
+        output_format="list",
         filter_string=f"tags.`{DATA_TAG}` = '{fingerprint}' and params.`{TARGET_RECALL}` = '{target_recall}' "
-                      f"and {clears}",
+        f"and {clears}",
     )
     runs = [run for run in runs if MODEL_URI_TAG in run.data.tags]
     return sorted(runs, key=lambda run: (*(-value for value in ranking(run)), run.info.start_time))
@@ -66,11 +78,15 @@ def eligible_runs(experiment: str, fingerprint: str, target_recall: float, floor
 
 def summary(run, version=None) -> dict:
     metrics = run.data.metrics
-    return {"run_id": run.info.run_id, "version": int(version.version) if version else None,
-            "model": run.data.tags.get("model"), "data_fingerprint": run.data.tags.get(DATA_TAG),
-            "target_recall": float(run.data.params.get(TARGET_RECALL, "nan")),
-            **{short: metrics.get(key) for key, short in COMPARED.items()},
-            **{m: metrics.get(m) for m in ("specificity", "roc_auc")}}
+    return {
+        "run_id": run.info.run_id,
+        "version": int(version.version) if version else None,
+        "model": run.data.tags.get("model"),
+        "data_fingerprint": run.data.tags.get(DATA_TAG),
+        "target_recall": float(run.data.params.get(TARGET_RECALL, "nan")),
+        **{short: metrics.get(key) for key, short in COMPARED.items()},
+        **{m: metrics.get(m) for m in ("specificity", "roc_auc")},
+    }
 
 
 def registered_version(client, name: str, run):
@@ -80,8 +96,9 @@ def registered_version(client, name: str, run):
     found = client.search_model_versions(f"name = '{name}' and run_id = '{run.info.run_id}'")
     if found:
         return found[0]
-    version = mlflow.register_model(run.data.tags[MODEL_URI_TAG], name,
-                                    tags={"data_fingerprint": run.data.tags.get(DATA_TAG, "")})
+    version = mlflow.register_model(
+        run.data.tags[MODEL_URI_TAG], name, tags={"data_fingerprint": run.data.tags.get(DATA_TAG, "")}
+    )
     card = mlflow.artifacts.load_text(f"runs:/{run.info.run_id}/{CARD_FILE}")
     client.update_model_version(name, version.version, description=card)
     log.info("register: %s version %s from run %s", name, version.version, run.info.run_id)
@@ -114,8 +131,10 @@ def decide(candidate, champion, champion_on_new_data: str) -> tuple[bool, str]:
     if other:
         if champion_on_new_data == "replace":
             return True, f"the champion was evaluated {other}; register.champion_on_new_data is replace"
-        return False, (f"the champion was evaluated {other}, so the two do not compare; "
-                       "set register.champion_on_new_data: replace to let the candidate take over")
+        return False, (
+            f"the champion was evaluated {other}, so the two do not compare; "
+            "set register.champion_on_new_data: replace to let the candidate take over"
+        )
     ours, theirs = (dict(zip(COMPARED.values(), ranking(run))) for run in (candidate, champion))
     if ranking(candidate) > ranking(champion):
         return True, f"candidate {ours} beats champion {theirs}"
@@ -143,13 +162,20 @@ def move_champion(client, name: str, candidate, version, champion_on_new_data: s
         client.set_registered_model_alias(name, CHAMPION, version.version)
         if number(current_champion(client, name)[0]) == number(version):
             return True, why
-    raise RegistryError(f"the `{CHAMPION}` alias of {name} moved {MOVE_ATTEMPTS} times while this registration "
-                        "decided; other registrations are racing it. Run `dvc repro register` again.")
+    raise RegistryError(
+        f"the `{CHAMPION}` alias of {name} moved {MOVE_ATTEMPTS} times while this registration "
+        "decided; other registrations are racing it. Run `dvc repro register` again."
+    )
 
 
-def register(params: dict, model_dir: str | Path = "models", split_dir: str | Path = "artifacts/split",
-             metrics_dir: str | Path = "metrics", plots_dir: str | Path = "plots",
-             decision_path: str | Path = "metrics/register.json") -> dict:
+def register(
+    params: dict,
+    model_dir: str | Path = "models",
+    split_dir: str | Path = "artifacts/split",
+    metrics_dir: str | Path = "metrics",
+    plots_dir: str | Path = "plots",
+    decision_path: str | Path = "metrics/register.json",
+) -> dict:
     """Run the register stage (see the module docstring); returns the decision written to `decision_path`."""
     config = validate_register(params)
     model_dir, split_dir, metrics_dir = Path(model_dir), Path(split_dir), Path(metrics_dir)
@@ -160,17 +186,20 @@ def register(params: dict, model_dir: str | Path = "models", split_dir: str | Pa
         with FileLock(lock, timeout=LOCK_TIMEOUT_S):
             decision = record_and_decide(params, config, uri, model_dir, split_dir, metrics_dir, Path(plots_dir))
     except Timeout as err:
-        raise RegistryError(f"{lock}: another registration has held this lock for over {LOCK_TIMEOUT_S} s. If "
-                            "none is running (a killed one leaves the file but not the lock), run again; "
-                            "otherwise wait for it to finish") from err
+        raise RegistryError(
+            f"{lock}: another registration has held this lock for over {LOCK_TIMEOUT_S} s. If "
+            "none is running (a killed one leaves the file but not the lock), run again; "
+            "otherwise wait for it to finish"
+        ) from err
     decision["champion_version"] = (decision["champion"] or {}).get("version")
     write_json(decision_path, decision)
     log.info("register: %s (champion: version %s)", decision["outcome"], decision["champion_version"])
     return decision
 
 
-def record_and_decide(params: dict, config: dict, uri: str, model_dir: Path, split_dir: Path, metrics_dir: Path,
-                      plots_dir: Path) -> dict:
+def record_and_decide(
+    params: dict, config: dict, uri: str, model_dir: Path, split_dir: Path, metrics_dir: Path, plots_dir: Path
+) -> dict:
     """Log this state as a run, register the best eligible run and move the champion to it if it ranks higher."""
     from mlflow import MlflowClient
 
@@ -182,21 +211,33 @@ def record_and_decide(params: dict, config: dict, uri: str, model_dir: Path, spl
     client = MlflowClient()
     before_version, before_run = current_champion(client, name)
     decision = {
-        "tracking_uri": redact(uri), "model_name": name, "data_fingerprint": fingerprint,
-        "run_id": run["run_id"], "run_logged": int(run["new"]), "compared": list(COMPARED.values()),
-        "target_recall": target_recall, "floors": floors,
+        "tracking_uri": redact(uri),
+        "model_name": name,
+        "data_fingerprint": fingerprint,
+        "run_id": run["run_id"],
+        "run_logged": int(run["new"]),
+        "compared": list(COMPARED.values()),
+        "target_recall": target_recall,
+        "floors": floors,
         "champion_before": summary(before_run, before_version) if before_run else None,
     }
     ranked = eligible_runs(config["experiment"], fingerprint, target_recall, floors)
     if not ranked:
-        decision.update(candidate=None, promoted=0, champion=decision["champion_before"],
-                        outcome="no run on this data and target recall clears the floors; nothing registered")
+        decision.update(
+            candidate=None,
+            promoted=0,
+            champion=decision["champion_before"],
+            outcome="no run on this data and target recall clears the floors; nothing registered",
+        )
     else:
         best = ranked[0]
         version = registered_version(client, name, best)
         promote, why = move_champion(client, name, best, version, config["champion_on_new_data"])
         after_version, after_run = current_champion(client, name)
-        decision.update(candidate=summary(best, version), promoted=int(promote),
-                        champion=summary(after_run, after_version) if after_run else None,
-                        outcome=("promoted: " if promote else "kept: ") + why)
+        decision.update(
+            candidate=summary(best, version),
+            promoted=int(promote),
+            champion=summary(after_run, after_version) if after_run else None,
+            outcome=("promoted: " if promote else "kept: ") + why,
+        )
     return decision

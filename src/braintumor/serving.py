@@ -68,8 +68,13 @@ class Served:
     card: str = ""
 
     def describe(self) -> dict:
-        return {"name": self.name, "version": self.version, "alias": self.alias,
-                "threshold": self.loaded.threshold, "image_size": int(self.loaded.info["image_size"])}
+        return {
+            "name": self.name,
+            "version": self.version,
+            "alias": self.alias,
+            "threshold": self.loaded.threshold,
+            "image_size": int(self.loaded.info["image_size"]),
+        }
 
 
 def resolve(reference: str) -> Served:
@@ -88,14 +93,23 @@ def resolve(reference: str) -> Served:
     client = MlflowClient()
     name, alias = match["name"], match["alias"]
     try:
-        version = (client.get_model_version_by_alias(name, alias) if alias
-                   else client.get_model_version(name, match["version"]))
+        version = (
+            client.get_model_version_by_alias(name, alias)
+            if alias
+            else client.get_model_version(name, match["version"])
+        )
         run = client.get_run(version.run_id)
     except MlflowException as err:
         raise ModelLoadError(f"{reference}: {redact(err.message)}") from err
     loaded = load(f"models:/{name}/{version.version}")
-    return Served(loaded, name, str(version.version), alias,
-                  {key: run.data.metrics.get(key) for key in TEST_METRICS}, version.description or "")
+    return Served(
+        loaded,
+        name,
+        str(version.version),
+        alias,
+        {key: run.data.metrics.get(key) for key in TEST_METRICS},
+        version.description or "",
+    )
 
 
 def alias_version(reference: str) -> str | None:
@@ -122,8 +136,11 @@ class Scorer:
         out = []
         with self.lock:
             for start in range(0, len(images), BATCH):
-                out.append(np.asarray(model.predict_on_batch(images[start:start + BATCH].astype("float32")),
-                                      dtype=np.float64))
+                out.append(
+                    np.asarray(
+                        model.predict_on_batch(images[start : start + BATCH].astype("float32")), dtype=np.float64
+                    )
+                )
         probs = np.concatenate(out)
         return probs[:, 0] if probs.shape[1] == 1 else 1.0 - probs[:, self.names.index("no_tumor")]
 
@@ -174,8 +191,12 @@ class Holder:
                 self.last_error = None
             except Exception as err:  # noqa: BLE001 - a failed poll keeps the current model and says why
                 self.last_error = f"{type(err).__name__}: {err}"
-                log.warning("serve: could not check %s (%s); still serving version %s", self.reference,
-                            self.last_error, self.current.served.version)
+                log.warning(
+                    "serve: could not check %s (%s); still serving version %s",
+                    self.reference,
+                    self.last_error,
+                    self.current.served.version,
+                )
 
     def start_polling(self) -> None:
         if self.poll_seconds > 0 and alias_version(self.reference) is not None:
@@ -265,9 +286,12 @@ def create_app(reference: str, limits: Limits = Limits(), poll_seconds: float = 
         yield
         holder.stop.set()
 
-    app = FastAPI(title="Brain-tumor MRI triage", version="1", lifespan=lifespan,
-                  description="P(tumor) for MRI scans from a registered Keras model. A research tool, not a "
-                              "diagnostic device.")
+    app = FastAPI(
+        title="Brain-tumor MRI triage",
+        version="1",
+        lifespan=lifespan,
+        description="P(tumor) for MRI scans from a registered Keras model. A research tool, not a diagnostic device.",
+    )
     app.state.holder = holder
 
     @app.get("/healthz")
@@ -282,10 +306,18 @@ def create_app(reference: str, limits: Limits = Limits(), poll_seconds: float = 
     @app.get("/v1/model")
     def model_info():
         served = holder.current.served
-        return {"model": served.describe(), "class_names": served.loaded.info["class_names"],
-                "test_metrics": served.metrics, "model_card": served.card,
-                "limits": {"max_body_bytes": limits.max_body_bytes, "max_file_bytes": limits.max_file_bytes,
-                           "max_files": limits.max_files, "max_pixels": limits.max_pixels}}
+        return {
+            "model": served.describe(),
+            "class_names": served.loaded.info["class_names"],
+            "test_metrics": served.metrics,
+            "model_card": served.card,
+            "limits": {
+                "max_body_bytes": limits.max_body_bytes,
+                "max_file_bytes": limits.max_file_bytes,
+                "max_files": limits.max_files,
+                "max_pixels": limits.max_pixels,
+            },
+        }
 
     @app.post("/v1/reload")
     def reload():
@@ -306,8 +338,11 @@ def create_app(reference: str, limits: Limits = Limits(), poll_seconds: float = 
         results = await run_in_threadpool(classify, scorer, uploads, limits)  # the event loop stays free
         return {"model": scorer.served.describe(), "results": results}
 
-    @app.post("/v1/explain", response_class=Response,
-              responses={200: {"content": {"image/png": {}}, "description": "the scan and its Grad-CAM overlay"}})
+    @app.post(
+        "/v1/explain",
+        response_class=Response,
+        responses={200: {"content": {"image/png": {}}, "description": "the scan and its Grad-CAM overlay"}},
+    )
     async def explain(file: UploadFile = File(..., description="one scan")):
         scorer = holder.current
         size = int(scorer.served.loaded.info["image_size"])
@@ -330,6 +365,12 @@ def serve(reference: str, host: str, port: int, limits: Limits, poll_seconds: fl
     started = time.perf_counter()
     app = create_app(reference, limits, poll_seconds)
     served = app.state.holder.current.served
-    log.info("serve: %s (version %s) loaded and warmed up in %.1f s; http://%s:%d/", reference, served.version,
-             time.perf_counter() - started, host, port)
+    log.info(
+        "serve: %s (version %s) loaded and warmed up in %.1f s; http://%s:%d/",
+        reference,
+        served.version,
+        time.perf_counter() - started,
+        host,
+        port,
+    )
     uvicorn.run(app, host=host, port=port, log_level="warning")

@@ -59,7 +59,9 @@ def kaggle_root(name: str, handle: str) -> Path:
         ) from err
 
 
-def find_candidates(name: str, root: Path, images_dir: Path, strict_folders: bool) -> tuple[list[Candidate], list[dict]]:
+def find_candidates(
+    name: str, root: Path, images_dir: Path, strict_folders: bool
+) -> tuple[list[Candidate], list[dict]]:
     """Files under `root`, labelled by the nearest enclosing class folder; every other entry gets a skipped row.
 
     With `strict_folders` (the user's `data/`), a first-level folder that is not a class name is an error,
@@ -114,11 +116,18 @@ def check_and_copy(candidate: Candidate, max_pixels: int) -> dict:
     dest.parent.mkdir(parents=True, exist_ok=True)
     dest.write_bytes(data)
     width, height = img.size
-    return {**asdict(candidate), "sha256": hashlib.sha256(data).hexdigest(), "width": width, "height": height,
-            "mode": img.mode}
+    return {
+        **asdict(candidate),
+        "sha256": hashlib.sha256(data).hexdigest(),
+        "width": width,
+        "height": height,
+        "mode": img.mode,
+    }
 
 
-def fetch(params: dict, out_dir: str | Path = "artifacts/fetch", metrics_path: str | Path = "metrics/fetch.json") -> dict:
+def fetch(
+    params: dict, out_dir: str | Path = "artifacts/fetch", metrics_path: str | Path = "metrics/fetch.json"
+) -> dict:
     """Run the fetch stage: `out_dir/images/...`, `out_dir/manifest.csv`, `out_dir/skipped.csv` and metrics."""
     config = validate_fetch(params)
     out_dir = Path(out_dir)
@@ -133,12 +142,24 @@ def fetch(params: dict, out_dir: str | Path = "artifacts/fetch", metrics_path: s
             if name == "ixi":
                 scratch = staging / "ixi-slices"
                 found, bad = ixi.fetch_slices(
-                    source["urls"], scratch, source["max_subjects"], source["slices_per_volume"],
-                    source["planes"], source["timeout_s"], source["deadline_s"],
+                    source["urls"],
+                    scratch,
+                    source["max_subjects"],
+                    source["slices_per_volume"],
+                    source["planes"],
+                    source["timeout_s"],
+                    source["deadline_s"],
                 )
                 candidates += [
-                    Candidate("ixi", str(scratch / s.name), str(images_dir / "ixi" / s.name), NO_TUMOR, "none",
-                              s.subject, s.original)
+                    Candidate(
+                        "ixi",
+                        str(scratch / s.name),
+                        str(images_dir / "ixi" / s.name),
+                        NO_TUMOR,
+                        "none",
+                        s.subject,
+                        s.original,
+                    )
                     for s in found
                 ]
                 skipped += [_skip("ixi", original, reason, detail) for original, reason, detail in bad]
@@ -158,12 +179,23 @@ def fetch(params: dict, out_dir: str | Path = "artifacts/fetch", metrics_path: s
             skipped += bad
         # Workers write straight into the staging folder; the recorded paths stay the final ones.
         staged = [
-            Candidate(c.source, c.src, str(staged_images / Path(c.dest).relative_to(images_dir)), c.label,
-                      c.subtype, c.group, c.original)
+            Candidate(
+                c.source,
+                c.src,
+                str(staged_images / Path(c.dest).relative_to(images_dir)),
+                c.label,
+                c.subtype,
+                c.group,
+                c.original,
+            )
             for c in candidates
         ]
-        results = parallel_map(functools.partial(check_and_copy, max_pixels=config["max_image_pixels"]), staged,
-                               config.get("workers"), desc="fetch: check and copy")
+        results = parallel_map(
+            functools.partial(check_and_copy, max_pixels=config["max_image_pixels"]),
+            staged,
+            config.get("workers"),
+            desc="fetch: check and copy",
+        )
         rows = []
         for final, result in zip(candidates, results):
             if "reason" in result:
@@ -179,7 +211,9 @@ def fetch(params: dict, out_dir: str | Path = "artifacts/fetch", metrics_path: s
     write_json(metrics_path, metrics)
     log.info(
         "fetch: %d images from %d sources, %d files skipped (%s)",
-        len(manifest), len(metrics["per_source"]), len(skipped_frame),
+        len(manifest),
+        len(metrics["per_source"]),
+        len(skipped_frame),
         ", ".join(f"{k}: {v}" for k, v in metrics["skipped_by_reason"].items()) or "none",
     )
     return metrics

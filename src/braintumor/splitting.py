@@ -76,16 +76,25 @@ def split(
     checks = leakage(hashes, frame.split, dedup_config["phash_max_distance"], dedup_config["dhash_max_distance"])
 
     size = config["image_size"]  # (fetch refused the images over its pixel limit: none is applied again)
-    arrays = parallel_map(functools.partial(model_input, size=size, max_pixels=None), frame.path.tolist(),
-                          config.get("workers"), desc="split: prepare arrays")
+    arrays = parallel_map(
+        functools.partial(model_input, size=size, max_pixels=None),
+        frame.path.tolist(),
+        config.get("workers"),
+        desc="split: prepare arrays",
+    )
     images = np.stack(arrays) if arrays else np.zeros((0, size, size, 3), dtype=np.uint8)
     with atomic_path(out_dir) as staging:
         staging.mkdir()
         write_csv(staging / "manifest.csv", frame)
         for name in SPLIT_NAMES:
             rows = np.flatnonzero(frame.split == name)
-            np.savez(staging / f"{name}.npz", x=images[rows], y=frame.label.to_numpy()[rows].astype(np.int8),
-                     subtype=frame.subtype.to_numpy()[rows].astype(str), path=frame.path.to_numpy()[rows].astype(str))
+            np.savez(
+                staging / f"{name}.npz",
+                x=images[rows],
+                y=frame.label.to_numpy()[rows].astype(np.int8),
+                subtype=frame.subtype.to_numpy()[rows].astype(str),
+                path=frame.path.to_numpy()[rows].astype(str),
+            )
     metrics = {
         "images": len(frame),
         "image_size": size,
@@ -103,7 +112,10 @@ def split(
         },
     }
     write_json(metrics_path, metrics)
-    log.info("split: %s; leakage val/test in train: %d/%d",
-             ", ".join(f"{n} {metrics['per_split'][n]['images']}" for n in SPLIT_NAMES),
-             checks["val_in_train"], checks["test_in_train"])
+    log.info(
+        "split: %s; leakage val/test in train: %d/%d",
+        ", ".join(f"{n} {metrics['per_split'][n]['images']}" for n in SPLIT_NAMES),
+        checks["val_in_train"],
+        checks["test_in_train"],
+    )
     return metrics

@@ -86,8 +86,11 @@ def flatten(tree: dict, prefix: str = "") -> dict:
 
 def numeric(tree: dict) -> dict[str, float]:
     """The finite numeric leaves of a metrics tree, flattened."""
-    return {key: float(value) for key, value in flatten(tree).items()
-            if isinstance(value, int | float) and not isinstance(value, bool) and np.isfinite(value)}
+    return {
+        key: float(value)
+        for key, value in flatten(tree).items()
+        if isinstance(value, int | float) and not isinstance(value, bool) and np.isfinite(value)
+    }
 
 
 def file_digest(*paths: Path) -> str:
@@ -107,8 +110,9 @@ def data_fingerprint(split_manifest: Path) -> str:
 
 def git_commit(root: Path) -> str:
     try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
-                              check=True).stdout.strip()
+        return subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 
@@ -165,10 +169,13 @@ def existing_run(experiment: str, model_digest: str, fingerprint: str):
     failed or was killed part-way (before it recorded its model) is never reused: registering again logs anew."""
     import mlflow
 
-    runs = mlflow.search_runs(experiment_names=[experiment], output_format="list",
-                              filter_string=f"tags.`{MODEL_DIGEST_TAG}` = '{model_digest}' and "
-                                            f"tags.`{DATA_TAG}` = '{fingerprint}' and attributes.status = 'FINISHED'",
-                              order_by=["attributes.start_time ASC"])
+    runs = mlflow.search_runs(
+        experiment_names=[experiment],
+        output_format="list",
+        filter_string=f"tags.`{MODEL_DIGEST_TAG}` = '{model_digest}' and "
+        f"tags.`{DATA_TAG}` = '{fingerprint}' and attributes.status = 'FINISHED'",
+        order_by=["attributes.start_time ASC"],
+    )
     return next((run for run in runs if MODEL_URI_TAG in run.data.tags), None)
 
 
@@ -179,24 +186,41 @@ def check_consistent(model_dir: Path, metrics_dir: Path) -> tuple[dict, dict]:
     info = json.loads((model_dir / "model.json").read_text())
     evaluation = json.loads((metrics_dir / "evaluate.json").read_text())
     actual = hashlib.sha256((model_dir / "model.keras").read_bytes()).hexdigest()
-    problems = [f"{name} says model {digest}" for name, digest in
-                (("model.json", info.get("model_sha256")), ("evaluate.json", evaluation.get("model_sha256")))
-                if digest != actual]
+    problems = [
+        f"{name} says model {digest}"
+        for name, digest in (
+            ("model.json", info.get("model_sha256")),
+            ("evaluate.json", evaluation.get("model_sha256")),
+        )
+        if digest != actual
+    ]
     if round(float(info.get("threshold", -1)), 6) != evaluation.get("threshold"):
         problems.append(f"thresholds differ ({info.get('threshold')} and {evaluation.get('threshold')})")
     tested = info.get("test_metrics", {})
-    problems += [f"test {key} differs ({tested.get(key)} and {evaluation.get(key)})" for key in
-                 ("recall", "accuracy", "specificity", "roc_auc") if tested.get(key) != evaluation.get(key)]
+    problems += [
+        f"test {key} differs ({tested.get(key)} and {evaluation.get(key)})"
+        for key in ("recall", "accuracy", "specificity", "roc_auc")
+        if tested.get(key) != evaluation.get(key)
+    ]
     if problems:
-        raise RegistryError(f"{model_dir / 'model.json'} and {metrics_dir / 'evaluate.json'} do not describe "
-                            f"{model_dir / 'model.keras'} (sha256 {actual[:12]}): {'; '.join(problems)}. Re-run "
-                            "`dvc repro evaluate` so that both come from the same model.")
+        raise RegistryError(
+            f"{model_dir / 'model.json'} and {metrics_dir / 'evaluate.json'} do not describe "
+            f"{model_dir / 'model.keras'} (sha256 {actual[:12]}): {'; '.join(problems)}. Re-run "
+            "`dvc repro evaluate` so that both come from the same model."
+        )
     return info, evaluation
 
 
-def log_run(params: dict, experiment: str, fingerprint: str, card: str, model_dir: Path = Path("models"),
-            split_dir: Path = Path("artifacts/split"), metrics_dir: Path = Path("metrics"),
-            plots_dir: Path = Path("plots")) -> dict:
+def log_run(
+    params: dict,
+    experiment: str,
+    fingerprint: str,
+    card: str,
+    model_dir: Path = Path("models"),
+    split_dir: Path = Path("artifacts/split"),
+    metrics_dir: Path = Path("metrics"),
+    plots_dir: Path = Path("plots"),
+) -> dict:
     """Record the current pipeline state, trained and tested on the data `fingerprint` names, as an MLflow
     run (or find the run that already did).
 
@@ -213,8 +237,13 @@ def log_run(params: dict, experiment: str, fingerprint: str, card: str, model_di
     found = existing_run(experiment, model_digest, fingerprint)
     if found is not None:
         log.info("register: this model is already MLflow run %s", found.info.run_id)
-        return {"run_id": found.info.run_id, "model_uri": found.data.tags[MODEL_URI_TAG],
-                "data_fingerprint": fingerprint, "metrics": found.data.metrics, "new": False}
+        return {
+            "run_id": found.info.run_id,
+            "model_uri": found.data.tags[MODEL_URI_TAG],
+            "data_fingerprint": fingerprint,
+            "metrics": found.data.metrics,
+            "new": False,
+        }
 
     training = json.loads((metrics_dir / "train.json").read_text())
     model = load_model(model_dir / "model.keras")
@@ -226,12 +255,19 @@ def log_run(params: dict, experiment: str, fingerprint: str, card: str, model_di
         outputs=Schema([TensorSpec(np.dtype("float32"), (-1, model.output_shape[-1]), "prediction")]),
     )
     tags = {
-        MODEL_DIGEST_TAG: model_digest, DATA_TAG: fingerprint, "git_commit": git_commit(project_root()),
-        "dvc_experiment": os.environ.get("DVC_EXP_NAME", ""), "keras_backend": keras.backend.backend(),
-        "device": device(), "model": info["model"], "task": info["task"],
+        MODEL_DIGEST_TAG: model_digest,
+        DATA_TAG: fingerprint,
+        "git_commit": git_commit(project_root()),
+        "dvc_experiment": os.environ.get("DVC_EXP_NAME", ""),
+        "keras_backend": keras.backend.backend(),
+        "device": device(),
+        "model": info["model"],
+        "task": info["task"],
     }
-    metrics = {**numeric({k: v for k, v in evaluation.items() if k not in ("per_source",)}),
-               **{f"train.{k}": v for k, v in numeric(training).items()}}
+    metrics = {
+        **numeric({k: v for k, v in evaluation.items() if k not in ("per_source",)}),
+        **{f"train.{k}": v for k, v in numeric(training).items()},
+    }
     with mlflow.start_run(run_name=os.environ.get("DVC_EXP_NAME") or info["model"], tags=tags) as run:
         flat = flatten(params)
         mlflow.log_params({k: json.dumps(v) if isinstance(v, list | dict) else v for k, v in flat.items()})
@@ -239,14 +275,30 @@ def log_run(params: dict, experiment: str, fingerprint: str, card: str, model_di
             for step, value in points:
                 mlflow.log_metric(f"epoch.{name}", value, step=step)
         mlflow.log_metrics(metrics)
-        logged = Model.log(artifact_path=None, name="model", flavor=keras_flavor(), model=model, signature=signature,
-                           input_example=example, metadata=info)
+        logged = Model.log(
+            artifact_path=None,
+            name="model",
+            flavor=keras_flavor(),
+            model=model,
+            signature=signature,
+            input_example=example,
+            metadata=info,
+        )
         mlflow.log_text(card, CARD_FILE)
-        for path in [metrics_dir / "evaluate.json", metrics_dir / "train.json", *sorted(
-                (plots_dir / "evaluate").glob("*")), *sorted((plots_dir / "explain").glob("*.png"))]:
+        for path in [
+            metrics_dir / "evaluate.json",
+            metrics_dir / "train.json",
+            *sorted((plots_dir / "evaluate").glob("*")),
+            *sorted((plots_dir / "explain").glob("*.png")),
+        ]:
             if path.is_file():
                 mlflow.log_artifact(str(path), artifact_path=path.parent.name)
         mlflow.set_tag(MODEL_URI_TAG, logged.model_uri)
     log.info("register: logged MLflow run %s (model %s)", run.info.run_id, logged.model_uri)
-    return {"run_id": run.info.run_id, "model_uri": logged.model_uri, "data_fingerprint": fingerprint,
-            "metrics": metrics, "new": True}
+    return {
+        "run_id": run.info.run_id,
+        "model_uri": logged.model_uri,
+        "data_fingerprint": fingerprint,
+        "metrics": metrics,
+        "new": True,
+    }

@@ -40,8 +40,9 @@ def output_names(config: dict) -> list[str]:
 def subtype_targets(data: dict) -> np.ndarray:
     """Targets for `train.subtypes`: the class index of a healthy scan or a tumor of known type, ANY_TUMOR for a
     tumor whose type its source does not give."""
-    tumor_types = {subtype: MULTICLASS_CLASSES.index(name)
-                   for subtype, name in SUBTYPE_CLASS.items() if name != "no_tumor"}
+    tumor_types = {
+        subtype: MULTICLASS_CLASSES.index(name) for subtype, name in SUBTYPE_CLASS.items() if name != "no_tumor"
+    }
     tumor = [tumor_types.get(subtype, ANY_TUMOR) for subtype in data["subtype"]]
     return np.where(data["label"] == 1, tumor, MULTICLASS_CLASSES.index("no_tumor")).astype(np.int64)
 
@@ -50,8 +51,9 @@ def subtype_targets(data: dict) -> np.ndarray:
 def subtype_crossentropy(y_true, y_pred):
     """-log P(the target's classes): cross-entropy for a known class, -log(1 - P(no_tumor)) for ANY_TUMOR.
     So the tumors of unknown type still teach tumor against no tumor, and the others teach their type too."""
-    allowed = keras.ops.take(keras.ops.convert_to_tensor(ALLOWED_CLASSES),
-                             keras.ops.cast(keras.ops.reshape(y_true, (-1,)), "int32"), axis=0)
+    allowed = keras.ops.take(
+        keras.ops.convert_to_tensor(ALLOWED_CLASSES), keras.ops.cast(keras.ops.reshape(y_true, (-1,)), "int32"), axis=0
+    )
     likelihood = keras.ops.sum(keras.ops.cast(y_pred, "float32") * allowed, axis=-1)
     return -keras.ops.log(keras.ops.clip(likelihood, 1e-7, 1.0))
 
@@ -71,8 +73,9 @@ def sample_weights(data: dict, names: list[str], mode: str) -> tuple[np.ndarray 
     if mode == "balanced_by_source":
         strata = data["source"].astype(object) + "/" + classes
     elif mode == "balanced_by_collection":  # a source without sub-collections keeps its (source, class) strata
-        strata = np.array(["/".join(filter(None, key)) for key in zip(data["source"], data["collection"], classes)],
-                          dtype=object)
+        strata = np.array(
+            ["/".join(filter(None, key)) for key in zip(data["source"], data["collection"], classes)], dtype=object
+        )
     keys, index, counts = np.unique(strata, return_inverse=True, return_counts=True)
     weight = len(strata) / (len(keys) * counts)
     return weight[index], {str(k): round(float(w), 4) for k, w in zip(keys, weight)}
@@ -102,14 +105,20 @@ def compile_model(model: keras.Model, optimizer: str, learning_rate: float, conf
     else:  # binary, learnt through the four-way head of `train.subtypes`
         loss, metrics = subtype_crossentropy, []
     model.compile(
-        optimizer=keras.optimizers.get({"class_name": optimizer, "config": {
-            "learning_rate": learning_rate, "weight_decay": config["weight_decay"] or None}}),
-        loss=loss, metrics=metrics,
+        optimizer=keras.optimizers.get(
+            {
+                "class_name": optimizer,
+                "config": {"learning_rate": learning_rate, "weight_decay": config["weight_decay"] or None},
+            }
+        ),
+        loss=loss,
+        metrics=metrics,
     )
 
 
-def fit(params: dict, train: dict, val: dict, callbacks: list | None = None, verbose: int = 2,
-        name: str | None = None) -> tuple[keras.Model, dict]:
+def fit(
+    params: dict, train: dict, val: dict, callbacks: list | None = None, verbose: int = 2, name: str | None = None
+) -> tuple[keras.Model, dict]:
     """Build and fit the model of `params["train"]` (called `name`); early stopping on `val` restores the best
     epoch. Returns the model and a summary."""
     config = validate_train(params)
@@ -130,17 +139,26 @@ def fit(params: dict, train: dict, val: dict, callbacks: list | None = None, ver
     if names != task_names:
         train, val = ({**data, "y": subtype_targets(data)} for data in (train, val))
     schedule = [
-        keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.5, patience=config["reduce_lr_patience"],
-                                          min_lr=1e-6),
-        keras.callbacks.EarlyStopping(monitor="val_loss", patience=config["early_stopping_patience"],
-                                      restore_best_weights=True),
+        keras.callbacks.ReduceLROnPlateau(
+            monitor="val_loss", factor=0.5, patience=config["reduce_lr_patience"], min_lr=1e-6
+        ),
+        keras.callbacks.EarlyStopping(
+            monitor="val_loss", patience=config["early_stopping_patience"], restore_best_weights=True
+        ),
     ]
     x_train = train["x"].astype("float32")
     x_val = (val["x"].astype("float32"), val["y"]) + ((held_out_weights,) if held_out_weights is not None else ())
     started = time.perf_counter()
     history = model.fit(
-        x_train, train["y"], batch_size=config["batch_size"], epochs=config["epochs"], validation_data=x_val,
-        sample_weight=weights, callbacks=schedule + (callbacks or []), verbose=verbose, shuffle=True,
+        x_train,
+        train["y"],
+        batch_size=config["batch_size"],
+        epochs=config["epochs"],
+        validation_data=x_val,
+        sample_weight=weights,
+        callbacks=schedule + (callbacks or []),
+        verbose=verbose,
+        shuffle=True,
     )
     losses = history.history["val_loss"]
     epochs_run = len(losses)
@@ -150,9 +168,15 @@ def fit(params: dict, train: dict, val: dict, callbacks: list | None = None, ver
                 layer.trainable = True
         compile_model(model, optimizer, config["transfer"]["fine_tune_learning_rate"], config)
         more = model.fit(
-            x_train, train["y"], batch_size=config["batch_size"],
-            epochs=epochs_run + config["transfer"]["fine_tune_epochs"], initial_epoch=epochs_run,
-            validation_data=x_val, sample_weight=weights, callbacks=schedule + (callbacks or []), verbose=verbose,
+            x_train,
+            train["y"],
+            batch_size=config["batch_size"],
+            epochs=epochs_run + config["transfer"]["fine_tune_epochs"],
+            initial_epoch=epochs_run,
+            validation_data=x_val,
+            sample_weight=weights,
+            callbacks=schedule + (callbacks or []),
+            verbose=verbose,
         )
         losses = losses + more.history["val_loss"]
         epochs_run = len(losses)
@@ -179,8 +203,9 @@ def folds_of(pool: dict, folds: int, seed: int) -> list[tuple[np.ndarray, np.nda
     return list(splitter.split(pool["x"], pool["label"], pool["group"]))
 
 
-def fit_folds(params: dict, pool: dict, callbacks_for=None,
-              verbose: int = 2) -> tuple[list[keras.Model], list[dict], np.ndarray, np.ndarray]:
+def fit_folds(
+    params: dict, pool: dict, callbacks_for=None, verbose: int = 2
+) -> tuple[list[keras.Model], list[dict], np.ndarray, np.ndarray]:
     """Fit one model per fold of `pool` (train+val), each early-stopped on its held-out fold, and predict that
     fold as the shipped model will (with the mirrored view when `train.mirror_average`).
 
@@ -193,19 +218,36 @@ def fit_folds(params: dict, pool: dict, callbacks_for=None,
     oof, fold_of = np.zeros(len(pool["x"])), np.zeros(len(pool["x"]), dtype=np.int8)
     for fold, (fit_rows, held_rows) in enumerate(folds):
         fit_set, held_set = ({k: v[rows] for k, v in pool.items()} for rows in (fit_rows, held_rows))
-        model, summary = fit(params, fit_set, held_set, callbacks=callbacks_for(fold) if callbacks_for else None,
-                             verbose=verbose, name=f"{config['model']}_fold{fold}")
+        model, summary = fit(
+            params,
+            fit_set,
+            held_set,
+            callbacks=callbacks_for(fold) if callbacks_for else None,
+            verbose=verbose,
+            name=f"{config['model']}_fold{fold}",
+        )
         seen_as_shipped = average_of([model], mirrored=True) if config["mirror_average"] else model
         oof[held_rows], fold_of[held_rows] = tumor_probability(seen_as_shipped, held_set["x"], names), fold
         members.append(model)
         summaries.append({"fold": fold, "images": len(fit_rows), "held_out": len(held_rows), **summary})
-        log.info("train: fold %d/%d: %d epochs (best %d), %.0f images/s", fold + 1, len(folds),
-                 summary["epochs_run"], summary["best_epoch"], summary["train_images_per_second"])
+        log.info(
+            "train: fold %d/%d: %d epochs (best %d), %.0f images/s",
+            fold + 1,
+            len(folds),
+            summary["epochs_run"],
+            summary["best_epoch"],
+            summary["train_images_per_second"],
+        )
     return members, summaries, oof, fold_of
 
 
-def train(params: dict, split_dir: str | Path = "artifacts/split", model_dir: str | Path = "artifacts/train",
-          metrics_path: str | Path = "metrics/train.json", live_dir: str | Path = "metrics/train") -> dict:
+def train(
+    params: dict,
+    split_dir: str | Path = "artifacts/split",
+    model_dir: str | Path = "artifacts/train",
+    metrics_path: str | Path = "metrics/train.json",
+    live_dir: str | Path = "metrics/train",
+) -> dict:
     """Run the train stage: k fold models over train+val, each early-stopped on its held-out fold, shipped as
     one model that averages them. The held-out predictions (out of fold) go to `oof.npz`, where `evaluate`
     places the threshold: they come from the very models that ship, so the threshold fits the shipped model.
@@ -217,8 +259,14 @@ def train(params: dict, split_dir: str | Path = "artifacts/split", model_dir: st
     config = validate_train(params)
     task, names = config["task"], output_names(config)
     pool = cross_validation_pool(split_dir, task)
-    log.info("train: %s (%s), %d fold models over %d train+val images, backend %s", config["model"], task,
-             config["folds"], len(pool["x"]), keras.backend.backend())
+    log.info(
+        "train: %s (%s), %d fold models over %d train+val images, backend %s",
+        config["model"],
+        task,
+        config["folds"],
+        len(pool["x"]),
+        keras.backend.backend(),
+    )
 
     def live_metrics(fold: int) -> list:
         live.step = 0
@@ -228,10 +276,15 @@ def train(params: dict, split_dir: str | Path = "artifacts/split", model_dir: st
         members, summaries, oof, fold_of = fit_folds(params, pool, live_metrics)
     ensemble = average_of(members, mirrored=config["mirror_average"])
     info = {
-        "model": config["model"], "task": task, "class_names": names, "subtypes": names != class_names(task),
+        "model": config["model"],
+        "task": task,
+        "class_names": names,
+        "subtypes": names != class_names(task),
         "folds": len(members),
-        "image_size": int(pool["x"].shape[1]), "input": "uint8 RGB image scaled to image_size, 0..255 float",
-        "keras_backend": keras.backend.backend(), "keras_version": keras.__version__,
+        "image_size": int(pool["x"].shape[1]),
+        "input": "uint8 RGB image scaled to image_size, 0..255 float",
+        "keras_backend": keras.backend.backend(),
+        "keras_version": keras.__version__,
     }
     with atomic_path(model_dir) as staging:
         staging.mkdir()
@@ -240,13 +293,22 @@ def train(params: dict, split_dir: str | Path = "artifacts/split", model_dir: st
         np.savez(staging / "oof.npz", path=pool["path"], label=pool["label"], probability=oof, fold=fold_of)
     seconds = sum(s["train_seconds"] for s in summaries)
     metrics = {
-        "folds": len(members), "params": ensemble.count_params(), "train_seconds": round(seconds, 1),
+        "folds": len(members),
+        "params": ensemble.count_params(),
+        "train_seconds": round(seconds, 1),
         "train_images_per_second": round(sum(s["images"] * s["epochs_run"] for s in summaries) / seconds, 1),
-        "epochs_run": sum(s["epochs_run"] for s in summaries), "class_weight": summaries[0]["class_weight"],
+        "epochs_run": sum(s["epochs_run"] for s in summaries),
+        "class_weight": summaries[0]["class_weight"],
         "out_of_fold_auc": round(float(roc_auc_score(pool["label"], oof)), 4),
         "members": [{k: v for k, v in s.items() if k != "class_weight"} for s in summaries],
     }
     write_json(metrics_path, metrics)
-    log.info("train: %s ensemble of %d, %d epochs in all, %.0f images/s, out-of-fold ROC AUC %.4f", config["model"],
-             len(members), metrics["epochs_run"], metrics["train_images_per_second"], metrics["out_of_fold_auc"])
+    log.info(
+        "train: %s ensemble of %d, %d epochs in all, %.0f images/s, out-of-fold ROC AUC %.4f",
+        config["model"],
+        len(members),
+        metrics["epochs_run"],
+        metrics["train_images_per_second"],
+        metrics["out_of_fold_auc"],
+    )
     return metrics
