@@ -1,4 +1,5 @@
 # Two entry points: `make repro` (the pipeline) and `make test` (the test suite). Both create .venv first.
+# `make test-fast` is the quick tier of the tests, `make lint` the linter and formatter check (CI runs both).
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -10,7 +11,7 @@ endif
 endif
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: env repro test
+.PHONY: env repro test test-fast lint
 
 env: $(VENV)/.installed
 
@@ -27,3 +28,11 @@ repro: env
 
 test: env
 	$(BIN)/python -m pytest -q
+
+# The inner loop: everything but the tests marked slow (servers, subprocesses, several backends, real data).
+test-fast: env
+	$(BIN)/python -m pytest -q -m "not slow"
+
+lint: env
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .

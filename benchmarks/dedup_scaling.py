@@ -63,7 +63,9 @@ def step_times(paths: list[str], size: int) -> dict[str, float]:
             phashed = time.perf_counter()
             imagehash.dhash(picture, hash_size=size)
             for step, seconds in zip(
-                spent, (decoded - started, centred - decoded, phashed - centred, time.perf_counter() - phashed)
+                spent,
+                (decoded - started, centred - decoded, phashed - centred, time.perf_counter() - phashed),
+                strict=True,
             ):
                 spent[step] += seconds
             small.append(picture.resize((4 * size, 4 * size), Image.Resampling.LANCZOS))

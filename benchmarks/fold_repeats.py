@@ -128,7 +128,7 @@ def by_collection(repeats: dict[int, dict], split_dir: Path, task: str) -> str:
         raise SystemExit(
             f"{split_dir}: its test split is not the one the repeats were scored on; give their --split-dir"
         )
-    collection = np.array(["/".join(filter(None, key)) for key in zip(test["source"], test["collection"])])
+    collection = np.array(["/".join(filter(None, key)) for key in zip(test["source"], test["collection"], strict=True)])
     label, p = first["test_label"], np.mean([r["test_p"] for r in repeats.values()], axis=0)
     parts = []
     for name in np.unique(collection):

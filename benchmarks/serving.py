@@ -120,7 +120,7 @@ def main() -> None:
 
         def batch() -> None:
             session.post(
-                f"{url}/v1/predict", files=[("files", (f.name, b)) for f, b in zip(files, bodies)]
+                f"{url}/v1/predict", files=[("files", (f.name, b)) for f, b in zip(files, bodies, strict=True)]
             ).raise_for_status()
 
         batch()

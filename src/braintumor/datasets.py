@@ -36,7 +36,8 @@ def load_split(split_dir: str | Path, name: str, task: str) -> dict[str, np.ndar
     rows = manifest.loc[arrays["path"].astype(object)]
     arrays["source"], arrays["group"] = rows["source"].to_numpy(), rows["group"].to_numpy()
     arrays["collection"] = np.array(
-        [collection_of(source, original) for source, original in zip(rows["source"], rows["original"])], dtype=object
+        [collection_of(source, original) for source, original in zip(rows["source"], rows["original"], strict=True)],
+        dtype=object,
     )
     arrays["label"] = arrays.pop("y").astype(np.int64)
     if task == "binary":

@@ -107,7 +107,7 @@ def dedup(
     subtype_conflicts = clean.groupby("cluster")["subtype"].agg(lambda s: len(set(s) & set(KNOWN_SUBTYPES)) > 1)
     kept["subtype_conflict"] = kept.cluster.map(subtype_conflicts)
     kept["subtype"] = kept.cluster.map(subtypes)
-    kept["group"] = [g if g else f"cluster-{c:05d}" for g, c in zip(kept.group, kept.cluster)]
+    kept["group"] = [g if g else f"cluster-{c:05d}" for g, c in zip(kept.group, kept.cluster, strict=True)]
 
     dropped = pd.concat(
         [
@@ -118,12 +118,12 @@ def dedup(
                     {
                         "path": p,
                         "source": s,
-                        "label": l,
+                        "label": label,
                         "subtype": t,
                         "reason": "unreadable",
                         "detail": unreadable[p].detail,
                     }
-                    for p, s, l, t in manifest.loc[
+                    for p, s, label, t in manifest.loc[
                         manifest.path.isin(unreadable), ["path", "source", "label", "subtype"]
                     ].itertuples(index=False)
                 ],
@@ -221,7 +221,8 @@ def conflict_rows(members: pd.DataFrame, hashes: Hashes) -> pd.DataFrame:
             "dhash_distance": hamming(hashes.dhash[rows], hashes.dhash[ref]),
             "cluster": members.cluster.to_numpy(),
             "detail": [
-                f"cluster of {n} with labels {labels[c]}" for n, c in zip(members.cluster_size, members.cluster)
+                f"cluster of {n} with labels {labels[c]}"
+                for n, c in zip(members.cluster_size, members.cluster, strict=True)
             ],
         }
     )

@@ -180,7 +180,7 @@ def predict(
         return results, np.zeros((0, size, size, 3), dtype=np.uint8)
     images = np.stack(arrays)
     probabilities = tumor_probability(loaded.model, images, loaded.info["class_names"], batch_size=batch_size)
-    for row, p in zip(rows, probabilities):
+    for row, p in zip(rows, probabilities, strict=True):
         results[row].update(probability=round(float(p), 6), label=int(p >= loaded.threshold))
     return results, images
 
@@ -200,7 +200,7 @@ def write_grad_cams(loaded: LoadedModel, results: list[dict], images: np.ndarray
     cams = grad_cam(loaded.model, images, loaded.info["class_names"])
     folder.mkdir(parents=True, exist_ok=True)
     written = []
-    for k, (result, image, cam) in enumerate(zip(done, images, cams)):
+    for k, (result, image, cam) in enumerate(zip(done, images, cams, strict=True)):
         fig, ax = plt.subplots(figsize=(3, 3.2))
         ax.imshow(image)
         ax.imshow(cam, cmap="jet", alpha=0.4)

@@ -135,7 +135,7 @@ def decide(candidate, champion, champion_on_new_data: str) -> tuple[bool, str]:
             f"the champion was evaluated {other}, so the two do not compare; "
             "set register.champion_on_new_data: replace to let the candidate take over"
         )
-    ours, theirs = (dict(zip(COMPARED.values(), ranking(run))) for run in (candidate, champion))
+    ours, theirs = (dict(zip(COMPARED.values(), ranking(run), strict=True)) for run in (candidate, champion))
     if ranking(candidate) > ranking(champion):
         return True, f"candidate {ours} beats champion {theirs}"
     return False, f"champion {theirs} is at least as good as {ours}"

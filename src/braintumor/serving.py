@@ -224,7 +224,7 @@ def classify(scorer: Scorer, uploads: list[tuple[str, bytes]], limits: Limits) -
         except Exception as err:  # noqa: BLE001 - one bad file never fails the others
             results.append({"filename": name, "error": f"{type(err).__name__}: {err}"})
     if images:
-        for row, p in zip(rows, scorer.probabilities(np.stack(images))):
+        for row, p in zip(rows, scorer.probabilities(np.stack(images)), strict=True):
             results[row].update(probability=round(float(p), 6), label=int(p >= scorer.served.loaded.threshold))
     return results
 

@@ -197,7 +197,7 @@ def fetch(
             desc="fetch: check and copy",
         )
         rows = []
-        for final, result in zip(candidates, results):
+        for final, result in zip(candidates, results, strict=True):
             if "reason" in result:
                 skipped.append(result)
             else:

@@ -40,7 +40,7 @@ def assign_splits(frame: pd.DataFrame, fractions: dict[str, float], seed: int) -
             target = max(SPLIT_NAMES, key=lambda name: fractions[name] * total - filled[name])
             filled[target] += sizes[group]
             assignment[(label, group)] = target
-    return pd.Series([assignment[key] for key in zip(frame.label, frame.group)], index=frame.index)
+    return pd.Series([assignment[key] for key in zip(frame.label, frame.group, strict=True)], index=frame.index)
 
 
 def leakage(hashes: Hashes, split: pd.Series, max_p: int, max_d: int) -> dict[str, int]:

@@ -147,7 +147,7 @@ def epoch_metrics(live_dir: Path) -> dict[str, list[tuple[int, float]]]:
     for tsv in sorted((live_dir / "plots" / "metrics").rglob("*.tsv")):
         table = pd.read_csv(tsv, sep="\t")
         name = tsv.relative_to(live_dir / "plots" / "metrics").with_suffix("").as_posix()
-        series[name] = [(int(step), float(value)) for step, value in zip(table["step"], table.iloc[:, -1])]
+        series[name] = [(int(step), float(value)) for step, value in zip(table["step"], table.iloc[:, -1], strict=True)]
     return series
 
 

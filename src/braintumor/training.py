@@ -74,11 +74,12 @@ def sample_weights(data: dict, names: list[str], mode: str) -> tuple[np.ndarray 
         strata = data["source"].astype(object) + "/" + classes
     elif mode == "balanced_by_collection":  # a source without sub-collections keeps its (source, class) strata
         strata = np.array(
-            ["/".join(filter(None, key)) for key in zip(data["source"], data["collection"], classes)], dtype=object
+            ["/".join(filter(None, key)) for key in zip(data["source"], data["collection"], classes, strict=True)],
+            dtype=object,
         )
     keys, index, counts = np.unique(strata, return_inverse=True, return_counts=True)
     weight = len(strata) / (len(keys) * counts)
-    return weight[index], {str(k): round(float(w), 4) for k, w in zip(keys, weight)}
+    return weight[index], {str(k): round(float(w), 4) for k, w in zip(keys, weight, strict=True)}
 
 
 class LiveMetrics(keras.callbacks.Callback):
