@@ -15,7 +15,16 @@ SHARED_KAGGLE = REPO.parent / "shared" / "kagglehub"
 KAGGLE2018 = "navoneel/brain-mri-images-for-brain-tumor-detection/versions/1"
 KAGGLE2020 = "sartajbhuvaji/brain-tumor-classification-mri/versions/2"
 
-pytest_plugins = ["conftest_mlflow"]  # MLflow server and trained-state fixtures
+pytest_plugins = ["fixtures.servers"]  # MLflow server and trained-state fixtures
+# Tests that use these start a server process or train models first: `make test-fast` leaves them out.
+SLOW_FIXTURES = {"mlflow_server", "trained_states"}
+
+
+def pytest_collection_modifyitems(items):
+    """Mark `slow` every test that reads the real mirror or needs a server or trained states."""
+    for item in items:
+        if "real_data" in item.keywords or SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
 
 
 def brain_image(seed: int, size: int = 96) -> np.ndarray:

@@ -23,8 +23,7 @@ def test_params_thresholds_catch_altered_copies_and_keep_classes_apart(tmp_path)
     base, copies = hash_calibration_set(originals, altered, config["hash_size"], workers=2)
 
     chosen = rates(base, copies, altered, classes, config["phash_max_distance"], config["dhash_max_distance"])
-    print(chosen)
-    assert chosen["detection_rate"] >= 0.9
+    assert chosen["detection_rate"] >= 0.9, chosen
     for name in ("resize_half", "jpeg_q50", "to_grayscale", "to_rgb", "brightness_+15%", "pad_10%"):
         assert chosen["per_alteration"][name] >= 0.95, name
     assert chosen["false_merge_rate"] <= 1e-3

@@ -55,7 +55,7 @@ def test_clusters_representatives_conflicts_and_metrics(in_tmp, fetched):
     metrics = dedup(fetched)
 
     kept = pd.read_csv("artifacts/dedup/manifest.csv", keep_default_na=False)
-    names = dict(zip(kept.path.str.rsplit("/", n=1).str[-1], kept.subtype))
+    names = dict(zip(kept.path.str.rsplit("/", n=1).str[-1], kept.subtype, strict=True))
     # s0: the 256 px 2020 scan beats its 128 px 2018 copies and passes on its subtype
     assert names == {
         "s0.png": "glioma",
@@ -68,7 +68,7 @@ def test_clusters_representatives_conflicts_and_metrics(in_tmp, fetched):
     assert kept.group.is_unique
 
     dropped = pd.read_csv("artifacts/dedup/duplicates.csv", keep_default_na=False)
-    reasons = sorted(zip(dropped.path.str.split("/images/").str[-1], dropped.reason))
+    reasons = sorted(zip(dropped.path.str.split("/images/").str[-1], dropped.reason, strict=True))
     assert reasons == [
         # of two identical copies, the first by path is the near duplicate of s0, the second an exact one
         ("kaggle2018/brain_tumor_dataset/yes/Y0.jpg", "near_duplicate"),

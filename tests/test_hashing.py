@@ -24,8 +24,8 @@ def brute_force(a, b, max_p, max_d, self_join):
     found = set()
     for i in range(len(a)):
         for j in range(i + 1 if self_join else 0, len(b)):
-            p = sum(bin(int(x ^ y)).count("1") for x, y in zip(a.phash[i], b.phash[j]))
-            d = sum(bin(int(x ^ y)).count("1") for x, y in zip(a.dhash[i], b.dhash[j]))
+            p = sum(bin(int(x ^ y)).count("1") for x, y in zip(a.phash[i], b.phash[j], strict=True))
+            d = sum(bin(int(x ^ y)).count("1") for x, y in zip(a.dhash[i], b.dhash[j], strict=True))
             if p <= max_p and d <= max_d:
                 found.add((i, j, p, d))
     return found
@@ -41,7 +41,7 @@ def test_near_pairs_matches_brute_force_across_blocks(monkeypatch, self_join):
         b.dhash[:10] = a.dhash[5:15]
     # thresholds around the random-pair distance (64 of 128 bits) so that both filters matter
     pairs = near_pairs(a, 60, 62, base=None if self_join else b, workers=2)
-    got = set(zip(pairs.i.tolist(), pairs.j.tolist(), pairs.phash.tolist(), pairs.dhash.tolist()))
+    got = set(zip(pairs.i.tolist(), pairs.j.tolist(), pairs.phash.tolist(), pairs.dhash.tolist(), strict=True))
     expected = brute_force(a, b, 60, 62, self_join)
     assert got == expected and len(expected) >= 15
 
@@ -72,7 +72,7 @@ def test_near_pairs_skips_groups_and_still_finds_every_pair(self_join):
     a, b = (hashes, hashes) if self_join else (hashes.take(np.arange(40)), hashes.take(np.arange(40, 120)))
     assert len(leader_index(b.phash, 12 // 2).leaders) <= 30  # so whole groups can be skipped
     pairs = near_pairs(a, 12, 4, base=None if self_join else b, workers=2)
-    got = list(zip(pairs.i.tolist(), pairs.j.tolist(), pairs.phash.tolist(), pairs.dhash.tolist()))
+    got = list(zip(pairs.i.tolist(), pairs.j.tolist(), pairs.phash.tolist(), pairs.dhash.tolist(), strict=True))
     expected = brute_force(a, b, 12, 4, self_join)
     assert got == sorted(expected)  # every pair, once, in (i, j) order
     assert len(expected) < len(brute_force(a, b, 12, 8, self_join))  # the dHash limit mattered

@@ -13,7 +13,6 @@ import keras
 import numpy as np
 import pytest
 import requests
-from conftest_mlflow import BIN, free_port, serving, tool_env
 
 from braintumor.errors import ModelLoadError
 from braintumor.images import model_input
@@ -21,6 +20,7 @@ from braintumor.prediction import image_files, load, predict
 from braintumor.registry import register
 
 from conftest import brain_image, save
+from fixtures.servers import BIN, free_port, serving, tool_env
 
 MODEL = "models:/predict-model@champion"
 

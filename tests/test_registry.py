@@ -14,11 +14,12 @@ import mlflow
 import pandas as pd
 import pytest
 import yaml
-from conftest_mlflow import postgres, tool_env, tracking_server
 from mlflow import MlflowClient
 
 from braintumor.registry import CHAMPION, register
 from braintumor.tracking import data_fingerprint
+
+from fixtures.servers import postgres, tool_env, tracking_server
 
 
 def registering(server: str, monkeypatch, experiment: str):
@@ -162,7 +163,7 @@ def test_champion_at_another_target_recall_is_not_compared(mlflow_server, traine
 def test_concurrent_registrations_leave_one_version_per_run(mlflow_server, trained_states, in_tmp):
     """Two `braintumor register` processes at once, as queued experiments of one repository run them."""
     processes = []
-    for name, (workspace, params) in trained_states.items():
+    for workspace, params in trained_states.values():
         params = copy.deepcopy(params)
         params["register"].update(experiment="concurrent", model_name="concurrent-model")
         (workspace / "concurrent.yaml").write_text(yaml.safe_dump(params))

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 import requests
-from conftest_mlflow import BIN, free_port, serving
 
 from conftest import brain_image, save
+from fixtures.servers import BIN, free_port, serving
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 

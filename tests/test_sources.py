@@ -48,7 +48,7 @@ def test_local_source_reads_every_mode_and_reports_bad_files(in_tmp, params):
     for path in manifest.path:  # copies live in the stage output, paths relative to the repository root
         assert path.startswith("artifacts/fetch/images/local/") and (in_tmp / path).is_file()
     skipped = pd.read_csv("artifacts/fetch/skipped.csv")
-    reasons = dict(zip(skipped.original.str.rsplit("/", n=1).str[-1], skipped.reason))
+    reasons = dict(zip(skipped.original.str.rsplit("/", n=1).str[-1], skipped.reason, strict=True))
     assert reasons == {
         "corrupt.jpg": "truncated_or_corrupt",
         "notes.txt": "not_an_image",
@@ -106,9 +106,16 @@ def test_kaggle_sources_through_kagglehub_cache(in_tmp, params, monkeypatch):
 
 
 def test_unreachable_kaggle_dataset_names_the_param_and_leaves_nothing(in_tmp, params, monkeypatch):
-    monkeypatch.setenv("KAGGLEHUB_CACHE", str(in_tmp / "empty-cache"))
-    with pytest.raises(SourceError, match=r"fetch\.sources\.kaggle2020\.enabled: false"):
+    """The download fails as it does offline or behind a firewall, whatever this machine can reach."""
+    import kagglehub
+
+    def unreachable(handle, *args, **kwargs):
+        raise ConnectionError(f"Failed to resolve 'www.kaggle.com' while fetching {handle}")
+
+    monkeypatch.setattr(kagglehub, "dataset_download", unreachable)
+    with pytest.raises(SourceError, match=r"fetch\.sources\.kaggle2020\.enabled: false") as err:
         fetch(only(params, "kaggle2020"))
+    assert "ConnectionError" in str(err.value) and "KAGGLEHUB_CACHE" in str(err.value)
     assert not (in_tmp / "artifacts/fetch").exists()
 
 

@@ -7,7 +7,6 @@ import textwrap
 import keras
 import numpy as np
 import pytest
-from conftest_split import make_split, tiny_params
 
 from braintumor.datasets import load_split
 from braintumor.inference import members_of, mirror, tumor_probability
@@ -15,6 +14,7 @@ from braintumor.labels import MULTICLASS_CLASSES, collection_of
 from braintumor.training import compile_model, fit, sample_weights, subtype_crossentropy, subtype_targets, train
 
 from conftest import REPO
+from fixtures.split import make_split, tiny_params
 
 
 def test_sample_weights_balance_classes_or_each_source_s_classes():
@@ -54,7 +54,7 @@ def test_sample_weights_by_collection_balance_each_folder_of_a_source():
         "b/no_tumor",
         "b/tumor",
     }
-    keys = np.array([f"{s}/{c}/{k}" for s, c, k in zip(data["source"], data["collection"], y)])
+    keys = np.array([f"{s}/{c}/{k}" for s, c, k in zip(data["source"], data["collection"], y, strict=True)])
     totals = [weights[keys == key].sum() for key in np.unique(keys)]
     assert totals == pytest.approx([len(y) / 6] * 6)
     assert strata["a/Testing/no_tumor"] == pytest.approx(60 / 30, abs=1e-4)
@@ -136,7 +136,7 @@ def test_a_small_model_learns_the_synthetic_lesions(tmp_path):
     test = load_split(split, "test", "binary")
     accuracy = ((model.predict(test["x"].astype("float32"), verbose=0)[:, 0] >= 0.5) == test["y"]).mean()
     assert accuracy >= 0.85
-    assert 1 <= summary["best_epoch"] <= summary["epochs_run"] <= 12 and summary["train_images_per_second"] > 0
+    assert 1 <= summary["best_epoch"] <= summary["epochs_run"] <= 12
 
 
 def test_train_stage_ships_the_fold_ensemble_with_out_of_fold_predictions(in_tmp):
@@ -213,7 +213,7 @@ SECOND_BACKEND = textwrap.dedent("""
     from braintumor.inference import load_model
     from braintumor.training import fit
     sys.path.insert(0, sys.argv[2])
-    from conftest_split import make_split, tiny_params
+    from fixtures.split import make_split, tiny_params
     from pathlib import Path
     split = make_split(Path(sys.argv[1]))
     model, summary = fit(tiny_params("small_xception", epochs=2), load_split(split, "train", "binary"),
@@ -230,6 +230,7 @@ SECOND_BACKEND = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", ["torch", "jax"])
 def test_training_and_grad_cam_run_on_a_second_keras_backend(tmp_path, backend):
     pytest.importorskip(backend)
