@@ -35,7 +35,9 @@ def main() -> None:
     loaded = load(args.model)
     manifest = pd.read_csv(args.manifest, keep_default_na=False)
     files = manifest[manifest.split == "test"]["path"].tolist()[: args.images]
-    predict(loaded, files[:1])
+    first, _ = predict(loaded, files[:1])
+    if "error" in first[0]:  # a benchmark of error paths would report nonsense speeds
+        raise SystemExit(f"{files[0]}: {first[0]['error']}")
     cold = time.perf_counter() - started
     print(
         f"model {args.model}: {loaded.info['model']} x{loaded.info.get('folds', 1)}, "

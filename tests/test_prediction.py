@@ -78,6 +78,7 @@ def test_local_model_predicts_every_readable_image_and_reports_the_rest(trained_
     files = image_files([str(scans)])
     results, _ = predict(loaded, files)
     assert [r["path"] for r in results] == [str(f) for f in files]
+    assert predict(loaded, [str(f) for f in files])[0] == results  # paths as text work the same
     bad = {Path(r["path"]).name: r["error"] for r in results if "error" in r}
     assert set(bad) == {"corrupt.jpg", "empty.png", "notes.txt"} and "empty_file" in bad["empty.png"]
     assert bad["notes.txt"].startswith("not_an_image")

@@ -156,7 +156,7 @@ def read_error(path: Path, err: Exception) -> str:
 
 
 def predict(
-    loaded: LoadedModel, files: list[Path], batch_size: int = 32, max_pixels: int = DEFAULT_MAX_PIXELS
+    loaded: LoadedModel, files: list[Path | str], batch_size: int = 32, max_pixels: int = DEFAULT_MAX_PIXELS
 ) -> tuple[list[dict], np.ndarray]:
     """One result per file, in order: {"path", "probability", "label"}, or {"path", "error"} for a file that
     cannot be read as an image (the others are still predicted); and the prepared images of the predicted
@@ -165,7 +165,7 @@ def predict(
 
     size = int(loaded.info["image_size"])
     results, arrays, rows = [], [], []
-    for path in files:
+    for path in map(Path, files):
         try:
             if not path.is_file():
                 raise ImageReadError(
