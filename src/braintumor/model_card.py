@@ -79,9 +79,9 @@ Threshold **{result.get("threshold", float("nan")):.6f}**, placed on out-of-fold
 | --- | --- | --- |
 | recall (sensitivity) | {interval("recall")} | {at_half.get("recall", float("nan")):.4f} |
 | accuracy | {interval("accuracy")} | {at_half.get("accuracy", float("nan")):.4f} |
-| specificity | {result.get("specificity", float("nan")):.4f} | {at_half.get("specificity", float("nan")):.4f} |
+| specificity | {interval("specificity")} | {at_half.get("specificity", float("nan")):.4f} |
 | precision | {result.get("precision", float("nan")):.4f} | {at_half.get("precision", float("nan")):.4f} |
-| ROC AUC | {result.get("roc_auc", float("nan")):.4f} | |
+| ROC AUC | {interval("roc_auc")} | |
 | PR AUC | {result.get("pr_auc", float("nan")):.4f} | |
 | Brier score | {result.get("brier", float("nan")):.4f} | |
 

@@ -105,9 +105,9 @@ def load(reference: str) -> LoadedModel:
                 return load(str(path / "model.keras"))
             raise ModelLoadError(f"{path}: neither an MLflow model folder nor a folder with model.keras")
         raise ModelLoadError(f"{reference}: no such model file or folder, and not a models:/ or runs:/ URI")
-    import mlflow
     from mlflow.exceptions import MlflowException
 
+    import mlflow
     from braintumor.tracking import redact
 
     connect_tracking()
@@ -126,7 +126,6 @@ def load(reference: str) -> LoadedModel:
 def connect_tracking() -> None:
     """Point MLflow at `MLFLOW_TRACKING_URI`, else at the project's embedded store when run inside the project."""
     import mlflow
-
     from braintumor.tracking import local_store, project_root
 
     if not os.environ.get("MLFLOW_TRACKING_URI") and (project_root() / "mlflow" / "mlflow.db").is_file():
