@@ -84,6 +84,9 @@ def test_only_models_runs_and_local_paths_are_resolved(reference, monkeypatch):
     monkeypatch.setattr(mlflow.artifacts, "download_artifacts", never)
     with pytest.raises(ModelLoadError, match="scheme is not loaded"):
         load(reference)
+    with pytest.raises(ModelLoadError) as err:  # a refused reference keeps its password to itself too
+        load(reference.replace("://", "://bob:hunter2@", 1))
+    assert "hunter2" not in str(err.value)
 
 
 @pytest.mark.parametrize(

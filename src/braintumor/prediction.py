@@ -80,8 +80,10 @@ def load(reference: str) -> LoadedModel:
     """Resolve `reference` (see the module docstring) to the Keras model and what inference needs."""
     scheme = urlparse(reference).scheme
     if scheme and scheme not in SCHEMES:
+        from braintumor.tracking import redact
+
         raise ModelLoadError(
-            f"{reference}: the {scheme}: scheme is not loaded; give a models:/ or runs:/ URI of "
+            f"{redact(reference)}: the {scheme}: scheme is not loaded; give a models:/ or runs:/ URI of "
             "the tracking server, or a local path"
         )
     if not scheme:
@@ -105,9 +107,9 @@ def load(reference: str) -> LoadedModel:
                 return load(str(path / "model.keras"))
             raise ModelLoadError(f"{path}: neither an MLflow model folder nor a folder with model.keras")
         raise ModelLoadError(f"{reference}: no such model file or folder, and not a models:/ or runs:/ URI")
+    import mlflow
     from mlflow.exceptions import MlflowException
 
-    import mlflow
     from braintumor.tracking import redact
 
     connect_tracking()
@@ -126,6 +128,7 @@ def load(reference: str) -> LoadedModel:
 def connect_tracking() -> None:
     """Point MLflow at `MLFLOW_TRACKING_URI`, else at the project's embedded store when run inside the project."""
     import mlflow
+
     from braintumor.tracking import local_store, project_root
 
     if not os.environ.get("MLFLOW_TRACKING_URI") and (project_root() / "mlflow" / "mlflow.db").is_file():
