@@ -7,12 +7,22 @@ from braintumor.params import MODEL_NAMES, ParamError, validate_train
 
 from fixtures.split import tiny_params
 
+# The binary head (one sigmoid) on every variant; the four-way softmax head on one (the head is shared code).
+VARIANTS = [(name, 1) for name in MODEL_NAMES] + [("small_xception", 4)]
 
-@pytest.mark.parametrize("name", MODEL_NAMES)  # every name params.yaml accepts must build
-@pytest.mark.parametrize("outputs", [1, 4])
-def test_every_variant_builds_and_predicts_probabilities(name, outputs):
-    config = tiny_params(name)["train"]
-    model, optimizer = build_model(name, 48, outputs, config, seed=0)
+
+@pytest.fixture(scope="module")
+def built() -> dict:
+    """Each variant built once for the module: keras.applications backbones take seconds each."""
+    return {
+        (name, outputs): build_model(name, 48, outputs, tiny_params(name)["train"], seed=0)
+        for name, outputs in VARIANTS
+    }
+
+
+@pytest.mark.parametrize("name, outputs", VARIANTS)  # every name params.yaml accepts must build
+def test_every_variant_builds_and_predicts_probabilities(built, name, outputs):
+    model, optimizer = built[(name, outputs)]
     x = np.random.default_rng(0).integers(0, 256, (2, 48, 48, 3)).astype("float32")
     p = keras.ops.convert_to_numpy(model(x, training=False))
     assert p.shape == (2, outputs) and optimizer in ("adam", "rmsprop")
@@ -32,8 +42,8 @@ def test_augmentation_amounts_of_zero_leave_layers_out_and_inference_is_untouche
     assert not np.allclose(first, keras.ops.convert_to_numpy(model(x, training=True)))
 
 
-def test_saved_model_reloads_with_the_same_predictions(tmp_path):
-    model, _ = build_model("resnet50", 48, 1, tiny_params("resnet50")["train"], 0)
+def test_saved_model_reloads_with_the_same_predictions(built, tmp_path):
+    model, _ = built[("resnet50", 1)]
     x = np.random.default_rng(2).integers(0, 256, (2, 48, 48, 3)).astype("float32")
     model.save(tmp_path / "m.keras")
     again = keras.saving.load_model(tmp_path / "m.keras")
