@@ -41,21 +41,33 @@ def add_predict(sub) -> None:
         description="Print P(tumor) and the label at the model's threshold for each image.",
     )
     predict.add_argument("paths", nargs="+", help="image files, or folders (every image under them)")
-    predict.add_argument(
-        "--model",
-        default="models:/brain-tumor-classifier@champion",
-        help="models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID/model, an MLflow model "
-        "folder, or a .keras file with model.json beside it (default: %(default)s)",
+    add_model_arguments(
+        predict,
+        "models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID/model, an MLflow model folder, or a .keras file "
+        "with model.json beside it",
     )
     predict.add_argument("--json", action="store_true", help="one JSON object per line")
     predict.add_argument("--explain", metavar="DIR", help="write a Grad-CAM overlay PNG per image into DIR")
     predict.add_argument("--batch-size", type=positive_int, default=32, help="images per model call (default 32)")
-    predict.add_argument(
+
+
+def add_model_arguments(parser: argparse.ArgumentParser, what: str) -> None:
+    """--model and --max-pixels, which `predict` and `serve` share."""
+    parser.add_argument(
+        "--model", default="models:/brain-tumor-classifier@champion", help=f"{what} (default: %(default)s)"
+    )
+    parser.add_argument(
         "--max-pixels",
         type=positive_int,
         default=DEFAULT_MAX_PIXELS,
         help="refuse larger images (width x height) before decoding them (default %(default)s)",
     )
+
+
+def quiet_libraries() -> None:
+    """Keep TensorFlow's start-up chatter and MLflow's download bars off the output."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
 def add_serve(sub) -> None:
@@ -64,11 +76,7 @@ def add_serve(sub) -> None:
         help="the triage web page and REST API over a model",
         description="Serve a model over HTTP: the page at /, the API under /v1 (docs at /docs).",
     )
-    serve.add_argument(
-        "--model",
-        default="models:/brain-tumor-classifier@champion",
-        help="any reference `predict --model` takes, fixed at start-up (default: %(default)s)",
-    )
+    add_model_arguments(serve, "any reference `predict --model` takes, fixed at start-up")
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s, this machine only)")
     serve.add_argument("--port", type=positive_int, default=8000, help="port (default: %(default)s)")
     serve.add_argument(
@@ -80,17 +88,10 @@ def add_serve(sub) -> None:
     serve.add_argument("--max-body-mb", type=positive_int, default=100, help="request body limit (default 100)")
     serve.add_argument("--max-file-mb", type=positive_int, default=20, help="limit per uploaded file (default 20)")
     serve.add_argument("--max-files", type=positive_int, default=64, help="files per request (default 64)")
-    serve.add_argument(
-        "--max-pixels",
-        type=positive_int,
-        default=DEFAULT_MAX_PIXELS,
-        help="refuse larger images (width x height) before decoding them (default %(default)s)",
-    )
 
 
 def run_serve(args) -> int:
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    quiet_libraries()
     from braintumor.errors import ModelLoadError
     from braintumor.serving import Limits, serve
 
@@ -110,8 +111,7 @@ def run_serve(args) -> int:
 
 def run_predict(args) -> int:
     """Exit status 0 when every file was classified, 1 when some could not be read (they are reported)."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's start-up chatter off the output
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    quiet_libraries()
     from braintumor.errors import ModelLoadError
     from braintumor.prediction import image_files, load, predict, write_grad_cams
 
