@@ -285,3 +285,17 @@ def test_models_and_metrics_of_two_evaluations_are_not_registered_together(
     with pytest.raises(RegistryError, match="do not describe"):
         run((copy_root, params))
     assert mlflow.search_runs(experiment_names=["mixed"], output_format="list") == []
+
+
+def test_a_held_lock_ends_with_a_message_not_a_hang(mlflow_server, trained_states, monkeypatch, in_tmp):
+    from filelock import FileLock
+
+    from braintumor import registry
+    from braintumor.errors import RegistryError
+
+    monkeypatch.setattr(registry, "LOCK_TIMEOUT_S", 1)
+    run = registering(mlflow_server, monkeypatch, "locked")
+    (in_tmp / "mlflow").mkdir(exist_ok=True)
+    with FileLock(in_tmp / "mlflow" / "register.lock"):  # another registration of this clone, still running
+        with pytest.raises(RegistryError, match="another registration has held this lock for over 1 s"):
+            run(trained_states["seed_fsm"])
