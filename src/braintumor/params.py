@@ -64,6 +64,7 @@ KNOWN: dict = {
                 "reduce_lr_patience",
                 "mixed_precision",
                 "mirror_average",
+                "distribution",
             ]
         ),
         "augment": dict.fromkeys(["horizontal_flip", "rotation", "zoom", "translation", "brightness", "contrast"]),
@@ -271,6 +272,7 @@ def validate_train(params: dict) -> dict:
     _int(params, "train.early_stopping_patience", 1, 1000)
     _int(params, "train.reduce_lr_patience", 1, 1000)
     _bool(params, "train.mixed_precision")
+    _choice(params, "train.distribution", ("none", "data_parallel"))
     _bool(params, "train.augment.horizontal_flip")
     if _bool(params, "train.mirror_average") and not params["train"]["augment"]["horizontal_flip"]:
         raise ParamError(

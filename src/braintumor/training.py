@@ -19,6 +19,7 @@ from sklearn.model_selection import StratifiedGroupKFold
 
 from braintumor.atomic import atomic_path, write_json
 from braintumor.datasets import load_split
+from braintumor.distribution import data_parallel, full_batches, process_share
 from braintumor.inference import average_of, tumor_probability
 from braintumor.labels import BINARY_CLASSES, MULTICLASS_CLASSES, SUBTYPE_CLASS, class_names
 from braintumor.models import BACKBONES, build_model
@@ -120,9 +121,38 @@ def compile_model(model: keras.Model, optimizer: str, learning_rate: float, conf
 def fit(
     params: dict, train: dict, val: dict, callbacks: list | None = None, verbose: int = 2, name: str | None = None
 ) -> tuple[keras.Model, dict]:
-    """Build and fit the model of `params["train"]` (called `name`); early stopping on `val` restores the best
-    epoch. Returns the model and a summary."""
+    """Build and fit the model of `params["train"]` (called `name`) on one device, or on all of them with
+    `train.distribution: data_parallel`; early stopping on `val` restores the best epoch. Returns the model (which
+    predicts on one device, whatever it was trained on) and a summary."""
     config = validate_train(params)
+    distribution = data_parallel(config["distribution"], config["batch_size"])
+    if distribution is None:
+        return fit_on_devices(params, config, train, val, callbacks, verbose, name, config["batch_size"])
+    per_process = config["batch_size"] // jax_process_count()
+    with distribution.scope():
+        return fit_on_devices(
+            params, config, process_share(train), process_share(val), callbacks, verbose, name, per_process
+        )
+
+
+def jax_process_count() -> int:
+    import jax
+
+    return jax.process_count()
+
+
+def fit_on_devices(
+    params: dict,
+    config: dict,
+    train: dict,
+    val: dict,
+    callbacks: list | None,
+    verbose: int,
+    name: str | None,
+    batch_size: int,
+) -> tuple[keras.Model, dict]:
+    """`fit` under the distribution in force (none, or data parallel with `batch_size` rows a process)."""
+    distributed = keras.distribution.distribution() is not None
     keras.utils.set_random_seed(params["seed"])
     keras.mixed_precision.set_global_policy("mixed_float16" if config["mixed_precision"] else "float32")
     names = output_names(config)
@@ -147,13 +177,16 @@ def fit(
             monitor="val_loss", patience=config["early_stopping_patience"], restore_best_weights=True
         ),
     ]
-    x_train = train["x"].astype("float32")
+    x_train, y_train = train["x"].astype("float32"), train["y"]
     x_val = (val["x"].astype("float32"), val["y"]) + ((held_out_weights,) if held_out_weights is not None else ())
+    if distributed:  # every sharded batch, the last ones too, must divide evenly over the devices
+        x_train, y_train, weights = full_batches(x_train, y_train, weights, batch_size)
+        x_val = full_batches(*x_val[:2], held_out_weights, batch_size)
     started = time.perf_counter()
     history = model.fit(
         x_train,
-        train["y"],
-        batch_size=config["batch_size"],
+        y_train,
+        batch_size=batch_size,
         epochs=config["epochs"],
         validation_data=x_val,
         sample_weight=weights,
@@ -170,8 +203,8 @@ def fit(
         compile_model(model, optimizer, config["transfer"]["fine_tune_learning_rate"], config)
         more = model.fit(
             x_train,
-            train["y"],
-            batch_size=config["batch_size"],
+            y_train,
+            batch_size=batch_size,
             epochs=epochs_run + config["transfer"]["fine_tune_epochs"],
             initial_epoch=epochs_run,
             validation_data=x_val,
