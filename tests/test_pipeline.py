@@ -130,3 +130,30 @@ def test_exp_run_of_two_variants_leaves_the_better_as_champion(repo):
     assert tuple(metrics[key] for key in ranked) == tuple(best.data.metrics[key] for key in ranked)
     assert decision["champion"]["run_id"] == champion.run_id
     assert decision["champion"]["data_fingerprint"] == decision["data_fingerprint"]
+
+
+def test_compare_gives_paired_intervals_of_two_experiments(repo):
+    """After the two experiments of the test above: `braintumor compare` reads both through dvc.api."""
+    names = dvc(repo, "exp", "list", "--name-only").split()
+    assert len(names) >= 2
+    braintumor = [os.path.join(os.path.dirname(sys.executable), "braintumor"), "compare"]
+    result = subprocess.run(
+        braintumor + [names[0], names[1], "--json", "--resamples", "200"], cwd=repo, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr
+    compared = json.loads(result.stdout)
+    test_images = json.loads((repo / "metrics/split.json").read_text())["per_split"]["test"]["images"]
+    assert compared["test"]["images"] == test_images
+    for where in ("test", "out_of_fold"):
+        for metric in ("recall", "specificity", "roc_auc"):
+            m = compared[where][metric]
+            assert m["difference"] == pytest.approx(m["b"] - m["a"], abs=2e-4)
+            assert m["ci95"][0] <= m["ci95"][1]
+    itself = subprocess.run(
+        braintumor + [names[0], names[0], "--json", "--resamples", "50"], cwd=repo, capture_output=True, text=True
+    )
+    assert json.loads(itself.stdout)["test"]["roc_auc"]["ci95"] == [0, 0]
+    table = subprocess.run(braintumor + [names[0], "workspace"], cwd=repo, capture_output=True, text=True)
+    assert table.returncode == 0 and "| test (" in table.stdout
+    missing = subprocess.run(braintumor + [names[0], "no-such-exp"], cwd=repo, capture_output=True, text=True)
+    assert missing.returncode == 2 and "no-such-exp" in missing.stderr

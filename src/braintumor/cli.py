@@ -1,4 +1,4 @@
-"""The `braintumor` command: one subcommand per pipeline stage (as `stages/*.py` run them), `predict` and `serve`."""
+"""The `braintumor` command: a subcommand per pipeline stage (as `stages/*.py` run them), predict, serve, compare."""
 
 from __future__ import annotations
 
@@ -90,6 +90,32 @@ def add_serve(sub) -> None:
     serve.add_argument("--max-files", type=positive_int, default=64, help="files per request (default 64)")
 
 
+def add_compare(sub) -> None:
+    compare = sub.add_parser(
+        "compare",
+        help="is experiment B better than A? paired bootstrap intervals of the differences",
+        description="Recall, specificity and ROC AUC of two revisions on the same test and out-of-fold images, "
+        "with the paired bootstrap 95 %% interval of B - A.",
+    )
+    compare.add_argument("a", help="a DVC experiment name, a git revision, or `workspace`")
+    compare.add_argument("b", help="the same for the other one")
+    compare.add_argument("--resamples", type=positive_int, default=2000, help="bootstrap resamples (default 2000)")
+    compare.add_argument("--seed", type=int, default=0, help="seed of the resampling (default 0)")
+    compare.add_argument("--json", action="store_true", help="print the result as JSON instead of a table")
+
+
+def run_compare(args) -> int:
+    from braintumor.comparison import CompareError, compare, table
+
+    try:
+        result = compare(args.a, args.b, args.resamples, args.seed)
+    except CompareError as err:
+        print(f"braintumor compare: error: {err}", file=sys.stderr)
+        return 2
+    print(json.dumps(result, indent=2) if args.json else table(result))
+    return 0
+
+
 def run_serve(args) -> int:
     quiet_libraries()
     from braintumor.errors import ModelLoadError
@@ -153,12 +179,15 @@ def main(argv: list[str] | None = None) -> int:
         add_arguments(sub.add_parser(name, help=f"run the `{name}` stage ({module})"))
     add_predict(sub)
     add_serve(sub)
+    add_compare(sub)
     args = parser.parse_args(argv)
     configure_logging()
     if args.command == "predict":
         return run_predict(args)
     if args.command == "serve":
         return run_serve(args)
+    if args.command == "compare":
+        return run_compare(args)
     module, function = STAGES[args.command]
     return execute(args.command, getattr(importlib.import_module(module), function), args.params)
 

@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 from sklearn import metrics as skm
 
-from braintumor.atomic import atomic_path, write_json
+from braintumor.atomic import atomic_path, write_csv, write_json
 from braintumor.datasets import load_split
 from braintumor.inference import load_model, members_of, tumor_probability
 from braintumor.params import validate_evaluate
@@ -98,8 +98,10 @@ def evaluate(
     model_dir: str | Path = "models",
     metrics_path: str | Path = "metrics/evaluate.json",
     plots_dir: str | Path = "plots/evaluate",
+    predictions_path: str | Path = "artifacts/evaluate/test_predictions.csv",
 ) -> dict:
-    """Run the evaluate stage (see the module docstring)."""
+    """Run the evaluate stage (see the module docstring). The test predictions, one row an image, let
+    `braintumor compare` set two experiments side by side on the same images."""
     config = validate_evaluate(params)
     train_dir, plots_dir = Path(train_dir), Path(plots_dir)
     info = json.loads((train_dir / "model.json").read_text())
@@ -169,6 +171,7 @@ def evaluate(
             )
             + "\n"
         )
+    write_csv(predictions_path, pd.DataFrame({"path": test["path"], "label": y, "probability": p}))
     write_json(metrics_path, result)
     write_plots(plots_dir, y, p, threshold, test["x"], test["path"], config["gallery"])
     log.info(
