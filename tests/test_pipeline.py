@@ -2,9 +2,11 @@
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
+import time
 
 import mlflow
 import pandas as pd
@@ -56,6 +58,7 @@ def repo(tmp_path_factory, mlflow_server):
     git = ["git", "-c", "user.name=test", "-c", "user.email=test@localhost"]
     subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
     dvc(repo, "init", "-q")
+    dvc(repo, "add", "data")  # tracked, as in the project (data.dvc): queued experiments' copies get it too
     subprocess.run(git + ["add", "-A"], cwd=repo, check=True)
     subprocess.run(git + ["commit", "-qm", "pipeline"], cwd=repo, check=True)
     os.environ.update(KAGGLEHUB_CACHE=str(cache), MLFLOW_TRACKING_URI=mlflow_server)
@@ -157,3 +160,33 @@ def test_compare_gives_paired_intervals_of_two_experiments(repo):
     assert table.returncode == 0 and "| test (" in table.stdout
     missing = subprocess.run(braintumor + [names[0], "no-such-exp"], cwd=repo, capture_output=True, text=True)
     assert missing.returncode == 2 and "no-such-exp" in missing.stderr
+
+
+def test_two_queue_workers_register_into_one_server_and_the_better_run_is_champion(repo):
+    """`dvc queue start --jobs 2`: two experiments run and register at once into the shared tracking server."""
+    for rate in ("0.003", "0.0003"):
+        dvc(
+            repo,
+            "exp",
+            "run",
+            "--queue",
+            "-S",
+            f"train.learning_rate={rate}",
+            "-S",
+            "register.experiment=queue",
+            "-S",
+            "register.model_name=queue-model",
+        )
+    dvc(repo, "queue", "start", "--jobs", "2")
+    deadline = time.monotonic() + 900
+    while re.search(r"\b(Running|Queued)\b", dvc(repo, "queue", "status")):
+        assert time.monotonic() < deadline, dvc(repo, "queue", "status")
+        time.sleep(5)
+    assert dvc(repo, "queue", "status").count("Success") >= 2, dvc(repo, "queue", "status")
+    runs = mlflow.search_runs(experiment_names=["queue"], output_format="list")
+    assert len({run.data.params["train.learning_rate"] for run in runs}) == 2
+    ranked = ("threshold_selection.out_of_fold.accuracy", "recall", "accuracy")
+    best = max(runs, key=lambda run: tuple(run.data.metrics[key] for key in ranked))
+    champion = MlflowClient().get_model_version_by_alias("queue-model", "champion")
+    metrics = MlflowClient().get_run(champion.run_id).data.metrics  # (a tie may keep either of two equals)
+    assert tuple(metrics[key] for key in ranked) == tuple(best.data.metrics[key] for key in ranked)
