@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -81,3 +82,18 @@ def real_subset(per_folder: int) -> dict[str, dict[str, Path]]:
 def in_tmp(tmp_path, monkeypatch) -> Path:
     monkeypatch.chdir(tmp_path)
     return tmp_path
+
+
+# An EPS file: Pillow would hand it to Ghostscript to decode; the project must refuse it first.
+EPS = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\nnewpath 0 0 moveto 8 8 lineto stroke\nshowpage\n%%EOF\n"
+
+
+def bomb_png(side: int) -> bytes:
+    """A valid 16-bit grayscale PNG of side x side zero pixels: a few hundred KB that decode to gigabytes."""
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return len(body).to_bytes(4, "big") + kind + body + zlib.crc32(kind + body).to_bytes(4, "big")
+
+    header = side.to_bytes(4, "big") * 2 + bytes([16, 0, 0, 0, 0])  # 16-bit grayscale
+    rows = zlib.compress(b"\0" * ((2 * side + 1) * side), 9)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", rows) + chunk(b"IEND", b"")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
-import zlib
 from pathlib import Path
 
 import pytest
@@ -17,24 +16,13 @@ from braintumor.prediction import load, predict
 from braintumor.registry import CHAMPION, register
 from braintumor.serving import Limits, create_app
 
-from conftest import brain_image, save
+from conftest import EPS, bomb_png, brain_image, save
 
 
 def png_bytes(pixels, mode: str = "L") -> bytes:
     out = io.BytesIO()
     Image.fromarray(pixels).convert(mode).save(out, format="PNG")
     return out.getvalue()
-
-
-def bomb_png(side: int) -> bytes:
-    """A valid 16-bit PNG of side x side zero pixels: a few hundred KB that would decode to gigabytes."""
-
-    def chunk(kind: bytes, body: bytes) -> bytes:
-        return len(body).to_bytes(4, "big") + kind + body + zlib.crc32(kind + body).to_bytes(4, "big")
-
-    header = side.to_bytes(4, "big") * 2 + bytes([16, 0, 0, 0, 0])
-    rows = zlib.compress(b"\0" * ((2 * side + 1) * side), 9)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", rows) + chunk(b"IEND", b"")
 
 
 @pytest.fixture(scope="module")
@@ -81,12 +69,11 @@ def test_bad_requests_get_a_json_4xx(local_client):
 
 def test_a_bomb_and_foreign_formats_are_refused_per_file(local_client):
     client, _ = local_client
-    eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\nshowpage\n"
     answer = client.post(
         "/v1/predict",
         files=[
             ("files", ("bomb.png", bomb_png(10_000))),
-            ("files", ("poster.jpg", eps)),
+            ("files", ("poster.jpg", EPS)),
             ("files", ("fine.png", png_bytes(brain_image(5)))),
         ],
     )

@@ -185,7 +185,7 @@ def check_consistent(model_dir: Path, metrics_dir: Path) -> tuple[dict, dict]:
     between its two outputs cannot register one model with another's metrics."""
     info = json.loads((model_dir / "model.json").read_text())
     evaluation = json.loads((metrics_dir / "evaluate.json").read_text())
-    actual = hashlib.sha256((model_dir / "model.keras").read_bytes()).hexdigest()
+    actual = file_digest(model_dir / "model.keras")
     problems = [
         f"{name} says model {digest}"
         for name, digest in (
