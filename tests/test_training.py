@@ -6,6 +6,7 @@ import textwrap
 
 import keras
 import numpy as np
+import pandas as pd
 import pytest
 
 from braintumor.datasets import load_split
@@ -93,11 +94,13 @@ def test_multiclass_keeps_only_known_subtypes(tmp_path):
         subtype=np.array(["unknown", "glioma", "none"]),
         path=np.array(["a", "b", "c"]),
     )
-    with open(split / "manifest.csv", "a") as manifest:  # path,label,subtype,source,group,split,sha256,original
-        manifest.writelines(
-            f"{p},{y},{t},{s},g-{p},extra,0,{p}\n"
-            for p, y, t, s in [("a", 1, "unknown", "x"), ("b", 1, "glioma", "y"), ("c", 0, "none", "x")]
-        )
+    extra = pd.DataFrame(
+        [
+            {"path": p, "label": y, "subtype": t, "source": s, "group": f"g-{p}", "cluster": c, "split": "extra"}
+            for c, (p, y, t, s) in enumerate([("a", 1, "unknown", "x"), ("b", 1, "glioma", "y"), ("c", 0, "none", "x")])
+        ]
+    )
+    pd.concat([pd.read_csv(split / "manifest.csv"), extra]).to_csv(split / "manifest.csv", index=False)
     data = load_split(split, "extra", "multiclass")
     assert data["path"].tolist() == ["b", "c"] and data["y"].tolist() == [0, 2]  # glioma, no_tumor
     assert data["source"].tolist() == ["y", "x"] and data["group"].tolist() == ["g-b", "g-c"]

@@ -20,7 +20,8 @@ def read_manifest(path: str | Path) -> pd.DataFrame:
 
 def load_split(split_dir: str | Path, name: str, task: str) -> dict[str, np.ndarray]:
     """Arrays of one split for `task`: x (uint8 images), y (class index), plus path/subtype/label, and each
-    image's source, dedup group and sub-collection from the split's manifest.
+    image's source, dedup group and cluster, sub-collection, and whether it stands for its cluster
+    (`representative`: false for the members `dedup.keep: clusters` keeps) from the split's manifest.
 
     The multiclass task keeps only images whose tumor type is known."""
     with np.load(Path(split_dir) / f"{name}.npz") as data:
@@ -35,6 +36,12 @@ def load_split(split_dir: str | Path, name: str, task: str) -> dict[str, np.ndar
         )
     rows = manifest.loc[arrays["path"].astype(object)]
     arrays["source"], arrays["group"] = rows["source"].to_numpy(), rows["group"].to_numpy()
+    arrays["cluster"] = rows["cluster"].to_numpy().astype(np.int64)
+    arrays["representative"] = (
+        rows["representative"].astype(str).str.lower().eq("true").to_numpy()
+        if "representative" in rows
+        else np.ones(len(rows), dtype=bool)
+    )
     arrays["collection"] = np.array(
         [collection_of(source, original) for source, original in zip(rows["source"], rows["original"], strict=True)],
         dtype=object,

@@ -1,4 +1,5 @@
-"""The `dedup` stage: cluster exact and near duplicates across all sources, keep one image per cluster.
+"""The `dedup` stage: cluster exact and near duplicates across all sources; keep one image per cluster, or
+(`dedup.keep: clusters`) every distinct image of a cluster, grouped by it.
 
 Rules:
 - Two images are linked when their pHash AND dHash distances are within `dedup.phash_max_distance` and
@@ -10,6 +11,10 @@ Rules:
   a 2020 glioma scan is a glioma); members naming two subtypes make it "unknown" (a subtype conflict).
 - A dropped image is an exact duplicate when its decoded pixels equal those of the representative or of
   another member listed before it; otherwise it is a near duplicate.
+- `dedup.keep: clusters` keeps the near duplicates too (neighbouring slices of one patient are real training
+  signal): each carries its representative's group, so the split and the folds keep the cluster together,
+  and `representative: false`, so that the test split and out-of-fold scores still count each cluster once.
+  Exact duplicates and label-conflict clusters are dropped as in `representatives` mode.
 """
 
 from __future__ import annotations
@@ -108,10 +113,13 @@ def dedup(
     kept["subtype_conflict"] = kept.cluster.map(subtype_conflicts)
     kept["subtype"] = kept.cluster.map(subtypes)
     kept["group"] = [g if g else f"cluster-{c:05d}" for g, c in zip(kept.group, kept.cluster, strict=True)]
+    duplicates = duplicate_rows(clean[~clean._row.isin(reps)], clean, reps, good)
+    if config["keep"] == "clusters":
+        kept, duplicates = with_members(kept, clean, duplicates)
 
     dropped = pd.concat(
         [
-            duplicate_rows(clean[~clean._row.isin(reps)], clean, reps, good),
+            duplicates,
             conflict_rows(frame[conflict], good),
             pd.DataFrame(
                 [
@@ -159,6 +167,47 @@ def dedup(
         metrics["unreadable"],
     )
     return metrics
+
+
+def with_members(
+    kept: pd.DataFrame, clean: pd.DataFrame, duplicates: pd.DataFrame
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """`dedup.keep: clusters`: the near duplicates join the kept images as non-representative members of their
+    cluster, with its group, subtype and subtype conflict; exact duplicates stay dropped.
+
+    A member's own group (an IXI subject) and its cluster are merged into one group when they differ, so that
+    neither a subject nor a cluster can straddle two splits."""
+    near = duplicates.reason == "near_duplicate"
+    by_path = clean.set_index("path")
+    members = by_path.loc[duplicates.path[near]].reset_index()
+    rep_of_cluster = kept.set_index("cluster")
+    members["subtype"] = members.cluster.map(rep_of_cluster.subtype)
+    members["subtype_conflict"] = members.cluster.map(rep_of_cluster.subtype_conflict)
+    members["_own_group"] = members.group
+    members["group"] = members.cluster.map(rep_of_cluster.group)
+    # each representative first, then its members: the representatives keep their `representatives` order
+    rows = pd.concat(
+        [kept.assign(representative=True, _own_group=kept.group), members.assign(representative=False)],
+        ignore_index=True,
+    ).sort_values(["cluster", "representative", "path"], ascending=[True, False, True])
+    rows["group"] = merged_groups(rows.group.to_numpy(), rows.pop("_own_group").to_numpy())
+    return rows.reset_index(drop=True), duplicates[~near]
+
+
+def merged_groups(cluster_group: np.ndarray, own_group: np.ndarray) -> np.ndarray:
+    """One group name per connected set of rows that share a cluster's group or an own (non-empty) group."""
+    names, index = np.unique(np.concatenate([cluster_group, own_group[own_group != ""]]), return_inverse=True)
+    n = len(cluster_group)
+    links = np.flatnonzero(own_group != "")
+    graph = coo_matrix(
+        (np.ones(n + len(links), dtype=np.int8), (np.r_[np.arange(n), links], n + index)),
+        shape=(n + len(names), n + len(names)),
+    )
+    component = connected_components(graph, directed=False)[1]
+    first = {}
+    for row, comp in enumerate(component[:n]):  # each component is named after its first row's cluster group
+        first.setdefault(comp, cluster_group[row])
+    return np.array([first[c] for c in component[:n]], dtype=object)
 
 
 def pixel_keys(frame: pd.DataFrame, hashes: Hashes) -> pd.Series:
@@ -253,7 +302,9 @@ def dedup_metrics(manifest: pd.DataFrame, kept: pd.DataFrame, dropped: pd.DataFr
         "subtype_conflicts": int(kept.subtype_conflict.sum()),
         "unreadable": int(reasons.get("unreadable", 0)),
         "images_out": len(kept),
-        "clusters_with_duplicates": int((kept.cluster_size > 1).sum()),
+        "clusters_out": int(kept.cluster.nunique()),
+        "near_duplicates_kept": int((~kept.get("representative", pd.Series(True, index=kept.index))).sum()),
+        "clusters_with_duplicates": int((kept.drop_duplicates("cluster").cluster_size > 1).sum()),
         "thresholds": {
             "hash_size": config["hash_size"],
             "phash": config["phash_max_distance"],

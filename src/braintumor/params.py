@@ -45,7 +45,9 @@ KNOWN: dict = {
             "local": {**_SOURCE, "path": None},
         },
     },
-    "dedup": dict.fromkeys(["hash_size", "phash_max_distance", "dhash_max_distance", "review_pairs", "workers"]),
+    "dedup": dict.fromkeys(
+        ["hash_size", "phash_max_distance", "dhash_max_distance", "keep", "review_pairs", "workers"]
+    ),
     "split": {"fractions": dict.fromkeys(["train", "val", "test"]), "image_size": None, "workers": None},
     "train": {
         **dict.fromkeys(
@@ -60,6 +62,7 @@ KNOWN: dict = {
                 "weight_decay",
                 "dropout",
                 "class_weight",
+                "member_weight",
                 "early_stopping_patience",
                 "reduce_lr_patience",
                 "mixed_precision",
@@ -205,6 +208,7 @@ def validate_dedup(params: dict) -> dict:
     bits = hash_size * hash_size
     _int(params, "dedup.phash_max_distance", 0, bits)
     _int(params, "dedup.dhash_max_distance", 0, bits)
+    _choice(params, "dedup.keep", ("representatives", "clusters"))
     _int(params, "dedup.review_pairs", 0, 64)
     _workers(params, "dedup.workers")
     return params["dedup"]
@@ -269,6 +273,7 @@ def validate_train(params: dict) -> dict:
     _number(params, "train.weight_decay", 0.0, 1.0)
     _number(params, "train.dropout", 0.0, 0.9)
     _choice(params, "train.class_weight", ("balanced", "balanced_by_source", "balanced_by_collection", "none"))
+    _choice(params, "train.member_weight", ("cluster", "image"))
     _int(params, "train.early_stopping_patience", 1, 1000)
     _int(params, "train.reduce_lr_patience", 1, 1000)
     _bool(params, "train.mixed_precision")

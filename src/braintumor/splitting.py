@@ -1,6 +1,9 @@
 """The `split` stage: a seeded, label-stratified, group-aware train/val/test split and model-ready arrays.
 
 Groups (a dedup cluster, or an IXI subject whose slices are separate images) never straddle two splits.
+With `dedup.keep: clusters` the splits are assigned from the clusters' representatives alone, exactly as
+without their members, and each member follows its group: so the test split is the same either way. The test
+arrays hold the representatives only (a cluster is scored once); train and val hold every member.
 Each split's images are prepared once (grayscale, cropped to the head, padded square, resized to
 `split.image_size`, 3 identical channels, uint8) into `artifacts/split/<split>.npz`, which loads in a
 fraction of a second on any machine, a GPU host included. `metrics/split.json` reports a computed
@@ -43,6 +46,13 @@ def assign_splits(frame: pd.DataFrame, fractions: dict[str, float], seed: int) -
     return pd.Series([assignment[key] for key in zip(frame.label, frame.group, strict=True)], index=frame.index)
 
 
+def representatives(frame: pd.DataFrame) -> pd.Series:
+    """Rows that stand for their cluster: all of them, unless dedup kept the clusters' members too."""
+    if "representative" not in frame:
+        return pd.Series(True, index=frame.index)
+    return frame.representative.astype(str).str.lower() == "true"
+
+
 def leakage(hashes: Hashes, split: pd.Series, max_p: int, max_d: int) -> dict[str, int]:
     """Validation and test images that have a near duplicate in train, by the dedup thresholds."""
     train = hashes.take(np.flatnonzero(split == "train"))
@@ -64,21 +74,27 @@ def split(
     dedup_config = validate_dedup(params)
     dedup_dir = Path(dedup_dir)
     frame = read_manifest(dedup_dir / "manifest.csv")
-    stored = np.load(dedup_dir / "hashes.npz")
-    hashes = Hashes(stored["phash"], stored["dhash"])
+    with np.load(dedup_dir / "hashes.npz") as saved:
+        hashes = Hashes(saved["phash"], saved["dhash"])
     if len(hashes) != len(frame):
         raise ValueError(f"{dedup_dir}: hashes.npz and manifest.csv disagree in length; re-run `dvc repro dedup`")
 
-    frame["split"] = assign_splits(frame, config["fractions"], params["seed"])
+    representative = representatives(frame)
+    reps = frame[representative]
+    frame["split"] = frame.group.map(
+        dict(zip(reps.group, assign_splits(reps, config["fractions"], params["seed"]), strict=True))
+    )
     straddling = int((frame.groupby("group")["split"].nunique() > 1).sum())
-    if straddling:  # cannot happen by construction; checked because leakage is the costliest bug here
-        raise AssertionError(f"{straddling} groups straddle two splits")
-    checks = leakage(hashes, frame.split, dedup_config["phash_max_distance"], dedup_config["dhash_max_distance"])
+    if straddling or frame.split.isna().any():  # cannot happen by construction; leakage is the costliest bug here
+        raise AssertionError(f"{straddling} groups straddle two splits, {frame.split.isna().sum()} rows have none")
+    scored = frame.split.where(representative | (frame.split == "train"), "unscored")
+    checks = leakage(hashes, scored, dedup_config["phash_max_distance"], dedup_config["dhash_max_distance"])
 
     size = config["image_size"]  # (fetch refused the images over its pixel limit: none is applied again)
+    stored = frame[representative | (frame.split != "test")]  # a test cluster's members are never scored
     arrays = parallel_map(
         functools.partial(model_input, size=size, max_pixels=None),
-        frame.path.tolist(),
+        stored.path.tolist(),
         config.get("workers"),
         desc="split: prepare arrays",
     )
@@ -87,26 +103,31 @@ def split(
         staging.mkdir()
         write_csv(staging / "manifest.csv", frame)
         for name in SPLIT_NAMES:
-            rows = np.flatnonzero(frame.split == name)
+            rows = np.flatnonzero(stored.split == name)
             np.savez(
                 staging / f"{name}.npz",
                 x=images[rows],
-                y=frame.label.to_numpy()[rows].astype(np.int8),
-                subtype=frame.subtype.to_numpy()[rows].astype(str),
-                path=frame.path.to_numpy()[rows].astype(str),
+                y=stored.label.to_numpy()[rows].astype(np.int8),
+                subtype=stored.subtype.to_numpy()[rows].astype(str),
+                path=stored.path.to_numpy()[rows].astype(str),
             )
     metrics = {
-        "images": len(frame),
+        "images": len(stored),
         "image_size": size,
+        **(
+            {"cluster_members": int((~representative).sum()), "test_members_unused": len(frame) - len(stored)}
+            if "representative" in frame
+            else {}
+        ),
         "leakage": checks,
         "groups_in_two_splits": straddling,
         "per_split": {
             name: {
-                "images": int((frame.split == name).sum()),
-                "tumor": int(((frame.split == name) & (frame.label == 1)).sum()),
-                "no_tumor": int(((frame.split == name) & (frame.label == 0)).sum()),
-                "by_subtype": frame[frame.split == name].subtype.value_counts().sort_index().to_dict(),
-                "by_source": frame[frame.split == name].source.value_counts().sort_index().to_dict(),
+                "images": int((stored.split == name).sum()),
+                "tumor": int(((stored.split == name) & (stored.label == 1)).sum()),
+                "no_tumor": int(((stored.split == name) & (stored.label == 0)).sum()),
+                "by_subtype": stored[stored.split == name].subtype.value_counts().sort_index().to_dict(),
+                "by_source": stored[stored.split == name].source.value_counts().sort_index().to_dict(),
             }
             for name in SPLIT_NAMES
         },

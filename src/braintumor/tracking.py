@@ -101,10 +101,15 @@ def file_digest(*paths: Path) -> str:
 
 
 def data_fingerprint(split_manifest: Path) -> str:
-    """sha256 over the deduplicated images (pixel digests), their labels and split assignment: two runs with
-    equal fingerprints were trained and tested on the same images, so their test metrics compare."""
-    table = pd.read_csv(split_manifest, keep_default_na=False, usecols=["sha256", "label", "split"])
-    rows = sorted(f"{s},{label},{split}" for s, label, split in table.itertuples(index=False))
+    """sha256 over the images that are scored (each cluster's representative: pixel digest), their labels and
+    split assignment: two runs with equal fingerprints were tested and placed their thresholds on the same
+    images, so their metrics compare, with or without the clusters' members (`dedup.keep`) in training."""
+    table = pd.read_csv(split_manifest, keep_default_na=False)
+    if "representative" in table:
+        table = table[table.representative.astype(str).str.lower() == "true"]
+    rows = sorted(
+        f"{s},{label},{split}" for s, label, split in table[["sha256", "label", "split"]].itertuples(index=False)
+    )
     return hashlib.sha256("\n".join(rows).encode()).hexdigest()[:16]
 
 

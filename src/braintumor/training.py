@@ -59,16 +59,25 @@ def subtype_crossentropy(y_true, y_pred):
     return -keras.ops.log(keras.ops.clip(likelihood, 1e-7, 1.0))
 
 
-def sample_weights(data: dict, names: list[str], mode: str) -> tuple[np.ndarray | None, dict[str, float]]:
-    """Per-image loss weights and the weight of each stratum, for `train.class_weight`.
+def sample_weights(
+    data: dict, names: list[str], mode: str, member_weight: str = "image"
+) -> tuple[np.ndarray | None, dict[str, float]]:
+    """Per-image loss weights and the weight of each stratum, for `train.class_weight` and `train.member_weight`.
 
     `balanced`: every class carries the same total weight (sklearn's rule). `balanced_by_source`: every
     (source, class) stratum does, so that the scans of a small source (Kaggle 2018: 8 % of the images, and
     the tumors the models miss most) are not drowned by those of a large one. `balanced_by_collection`: every
     (source, sub-collection, class) stratum does, the sub-collections being a source's folders above its class
-    folders (Kaggle 2020's Training and Testing). `none`: no weights."""
+    folders (Kaggle 2020's Training and Testing). `none`: no class weights.
+
+    `member_weight: cluster` (for `dedup.keep: clusters`): the images of one dedup cluster share the weight of
+    one image, so that 18 slices of one patient do not outweigh a single scan 18 to 1; `image`: each its own."""
+    base = np.ones(len(data["y"]))
+    if member_weight == "cluster":
+        _, members, counts = np.unique(data["cluster"], return_inverse=True, return_counts=True)
+        base = 1.0 / counts[members]
     if mode == "none":
-        return None, {}
+        return (None if member_weight == "image" else base), {}
     classes = np.array(names, dtype=object)[data["y"]]
     strata = classes
     if mode == "balanced_by_source":
@@ -78,9 +87,9 @@ def sample_weights(data: dict, names: list[str], mode: str) -> tuple[np.ndarray 
             ["/".join(filter(None, key)) for key in zip(data["source"], data["collection"], classes, strict=True)],
             dtype=object,
         )
-    keys, index, counts = np.unique(strata, return_inverse=True, return_counts=True)
-    weight = len(strata) / (len(keys) * counts)
-    return weight[index], {str(k): round(float(w), 4) for k, w in zip(keys, weight, strict=True)}
+    keys, index = np.unique(strata, return_inverse=True)
+    weight = base.sum() / (len(keys) * np.bincount(index, weights=base))
+    return base * weight[index], {str(k): round(float(w), 4) for k, w in zip(keys, weight, strict=True)}
 
 
 class LiveMetrics(keras.callbacks.Callback):
@@ -165,7 +174,7 @@ def fit_on_devices(
             layer.trainable = False
     compile_model(model, optimizer, config["learning_rate"], config)
     task_names = class_names(config["task"])  # the weights balance the task's classes, whatever the head
-    weights, strata = sample_weights(train, task_names, config["class_weight"])
+    weights, strata = sample_weights(train, task_names, config["class_weight"], config["member_weight"])
     held_out_weights, _ = sample_weights(val, task_names, config["class_weight"])  # early stopping: the same loss
     if names != task_names:
         train, val = ({**data, "y": subtype_targets(data)} for data in (train, val))
@@ -226,15 +235,24 @@ def fit_on_devices(
 
 
 def cross_validation_pool(split_dir: str | Path, task: str) -> dict[str, np.ndarray]:
-    """train+val as one pool; each image keeps its dedup group, so near duplicates never straddle two folds."""
+    """train+val as one pool; each image keeps its dedup group, so near duplicates never straddle two folds,
+    and its `representative` flag: only representatives are held out and scored (a cluster counts once)."""
     parts = [load_split(split_dir, name, task) for name in ("train", "val")]
     return {key: np.concatenate([part[key] for part in parts]) for key in parts[0]}
 
 
 def folds_of(pool: dict, folds: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
-    """(fit rows, held-out rows) per fold: stratified by label, grouped by dedup cluster, seeded."""
+    """(fit rows, held-out rows) per fold: stratified by label, grouped by dedup cluster, seeded.
+
+    The folds are drawn over the representatives alone, so they are the same with and without the clusters'
+    members; a member fits with its group and is never held out."""
+    reps = np.flatnonzero(pool["representative"])
     splitter = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
-    return list(splitter.split(pool["x"], pool["label"], pool["group"]))
+    fold_of_group = {}
+    for fold, (_, held) in enumerate(splitter.split(reps, pool["label"][reps], pool["group"][reps])):
+        fold_of_group.update(dict.fromkeys(pool["group"][reps[held]], fold))
+    fold_of = np.array([fold_of_group[g] for g in pool["group"]])
+    return [(np.flatnonzero(fold_of != k), reps[fold_of[reps] == k]) for k in range(folds)]
 
 
 def fit_folds(
@@ -243,13 +261,13 @@ def fit_folds(
     """Fit one model per fold of `pool` (train+val), each early-stopped on its held-out fold, and predict that
     fold as the shipped model will (with the mirrored view when `train.mirror_average`).
 
-    Returns (fold models, a summary per fold, the out-of-fold P(tumor) per image, each image's fold).
+    Returns (fold models, a summary per fold, the out-of-fold P(tumor) and the fold of each representative).
     `callbacks_for(fold)` gives extra callbacks for a fold's `fit` (the train stage's dvclive logger)."""
     config = validate_train(params)
     names = output_names(config)
     folds = folds_of(pool, config["folds"], params["seed"])
     members, summaries = [], []
-    oof, fold_of = np.zeros(len(pool["x"])), np.zeros(len(pool["x"]), dtype=np.int8)
+    oof, fold_of = np.full(len(pool["x"]), np.nan), np.full(len(pool["x"]), -1, dtype=np.int8)
     for fold, (fit_rows, held_rows) in enumerate(folds):
         fit_set, held_set = ({k: v[rows] for k, v in pool.items()} for rows in (fit_rows, held_rows))
         model, summary = fit(
@@ -272,7 +290,8 @@ def fit_folds(
             summary["best_epoch"],
             summary["train_images_per_second"],
         )
-    return members, summaries, oof, fold_of
+    reps = pool["representative"]
+    return members, summaries, oof[reps], fold_of[reps]
 
 
 def train(
@@ -324,7 +343,8 @@ def train(
         staging.mkdir()
         ensemble.save(staging / "model.keras")
         (staging / "model.json").write_text(json.dumps(info, indent=2) + "\n")
-        np.savez(staging / "oof.npz", path=pool["path"], label=pool["label"], probability=oof, fold=fold_of)
+        reps = pool["representative"]
+        np.savez(staging / "oof.npz", path=pool["path"][reps], label=pool["label"][reps], probability=oof, fold=fold_of)
     seconds = sum(s["train_seconds"] for s in summaries)
     metrics = {
         "folds": len(members),
@@ -333,7 +353,7 @@ def train(
         "train_images_per_second": round(sum(s["images"] * s["epochs_run"] for s in summaries) / seconds, 1),
         "epochs_run": sum(s["epochs_run"] for s in summaries),
         "class_weight": summaries[0]["class_weight"],
-        "out_of_fold_auc": round(float(roc_auc_score(pool["label"], oof)), 4),
+        "out_of_fold_auc": round(float(roc_auc_score(pool["label"][pool["representative"]], oof)), 4),
         "members": [{k: v for k, v in s.items() if k != "class_weight"} for s in summaries],
     }
     write_json(metrics_path, metrics)
