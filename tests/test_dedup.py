@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from braintumor.dedup import dedup
+from braintumor.dedup import dedup, merged_groups
 from braintumor.params import load_params
 from braintumor.sources import fetch
 
@@ -137,3 +137,35 @@ def test_deterministic(in_tmp, fetched):
         (in_tmp / "artifacts/dedup/manifest.csv").read_bytes(),
         (in_tmp / "artifacts/dedup/duplicates.csv").read_bytes(),
     )
+
+
+def test_keep_clusters_keeps_near_duplicates_as_members_of_their_cluster(in_tmp, fetched):
+    reps = dedup(fetched)
+    representatives = pd.read_csv("artifacts/dedup/manifest.csv", keep_default_na=False)
+    fetched["dedup"]["keep"] = "clusters"
+    metrics = dedup(fetched)
+
+    kept = pd.read_csv("artifacts/dedup/manifest.csv", keep_default_na=False)
+    name = kept.path.str.split("/images/").str[-1]
+    members = kept[~kept.representative]
+    # the two near duplicates stay; the exact copy of Y0 and the label-conflict cluster are still dropped
+    assert sorted(name[~kept.representative]) == [
+        "kaggle2018/brain_tumor_dataset/yes/Y0.jpg",
+        "local/meningioma/s6.jpg",
+    ]
+    assert kept[kept.representative].drop(columns="representative").reset_index(drop=True).equals(representatives)
+    rep_of = kept[kept.representative].set_index("cluster")
+    for column in ("group", "subtype", "subtype_conflict"):  # a member takes its cluster's
+        assert (members[column].to_numpy() == rep_of.loc[members.cluster, column].to_numpy()).all()
+    dropped = pd.read_csv("artifacts/dedup/duplicates.csv", keep_default_na=False)
+    assert sorted(dropped.reason) == ["exact_duplicate", "label_conflict", "label_conflict"]
+    assert metrics["images_out"] == 7 and metrics["clusters_out"] == reps["images_out"] == 5
+    assert metrics["near_duplicates_kept"] == 2 and metrics["near_duplicates"] == 0
+    assert np.load("artifacts/dedup/hashes.npz")["phash"].shape == (7, 4)
+
+
+def test_a_cluster_and_a_subject_it_touches_become_one_group():
+    # rows 0-1: cluster A (its group named after it); row 2: cluster B, of subject IXI7 like row 1; row 3 alone
+    cluster_group = np.array(["cluster-A", "cluster-A", "cluster-B", "cluster-C"], dtype=object)
+    own_group = np.array(["cluster-A", "IXI7", "IXI7", ""], dtype=object)
+    assert merged_groups(cluster_group, own_group).tolist() == ["cluster-A", "cluster-A", "cluster-A", "cluster-C"]

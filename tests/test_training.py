@@ -12,7 +12,16 @@ import pytest
 from braintumor.datasets import load_split
 from braintumor.inference import members_of, mirror, tumor_probability
 from braintumor.labels import MULTICLASS_CLASSES, collection_of
-from braintumor.training import compile_model, fit, sample_weights, subtype_crossentropy, subtype_targets, train
+from braintumor.training import (
+    compile_model,
+    cross_validation_pool,
+    fit,
+    folds_of,
+    sample_weights,
+    subtype_crossentropy,
+    subtype_targets,
+    train,
+)
 
 from conftest import REPO
 from fixtures.split import make_split, tiny_params
@@ -252,3 +261,47 @@ def test_training_and_grad_cam_run_on_a_second_keras_backend(tmp_path, backend):
     assert report["reloaded"] < 1e-5
     if backend == "jax":  # an affine augmentation layer once turned jit off: 75x slower training on an H100
         assert report["jit"] == [True, True]  # the trained model, and the same model loaded again
+
+
+def test_cluster_members_share_one_image_weight_and_each_stratum_still_weighs_the_same():
+    # source a: healthy clusters of 1 and 3 images, tumor clusters of 1, 1 and 2; source b: one of each class
+    data = {
+        "y": np.array([0, 0, 0, 0, 1, 1, 1, 1, 0, 1]),
+        "cluster": np.array([1, 2, 2, 2, 3, 4, 5, 5, 6, 7]),
+        "source": np.array(["a"] * 8 + ["b"] * 2),
+    }
+    weights, _ = sample_weights(data, ["no_tumor", "tumor"], "balanced_by_source", "cluster")
+    per_cluster = {c: weights[data["cluster"] == c].sum() for c in np.unique(data["cluster"])}
+    assert per_cluster[1] == pytest.approx(per_cluster[2]) and weights[1] == pytest.approx(weights[1:4].mean())
+    assert per_cluster[3] == pytest.approx(per_cluster[5]) == pytest.approx(per_cluster[4])
+    strata = [weights[(data["source"] == s) & (data["y"] == c)].sum() for s in "ab" for c in (0, 1)]
+    assert strata == pytest.approx([7 / 4] * 4)  # 7 clusters' worth of weight, shared by the 4 strata
+    image, _ = sample_weights(data, ["no_tumor", "tumor"], "none", "image")
+    assert image is None and sample_weights(data, ["no_tumor", "tumor"], "none", "cluster")[0][1] == pytest.approx(
+        1 / 3
+    )
+
+
+def test_members_are_fitted_with_their_group_but_never_held_out_or_scored(in_tmp):
+    make_split(in_tmp / "plain", size=32)
+    make_split(in_tmp / "artifacts/split", size=32, members=20)
+    plain, pool = (
+        cross_validation_pool(in_tmp / "plain", "binary"),
+        cross_validation_pool(in_tmp / "artifacts/split", "binary"),
+    )
+    assert len(pool["x"]) == len(plain["x"]) + 40
+    for (_, held_plain), (fit_rows, held) in zip(folds_of(plain, 3, 7), folds_of(pool, 3, 7), strict=True):
+        assert pool["representative"][held].all()
+        assert pool["path"][held].tolist() == plain["path"][held_plain].tolist()  # the folds without members
+        assert not set(pool["group"][fit_rows]) & set(pool["group"][held])
+        members = fit_rows[~pool["representative"][fit_rows]]
+        assert len(members) > 0 and set(pool["group"][members]) <= set(pool["group"][fit_rows])
+
+    params = tiny_params("seed_fsm", epochs=1, member_weight="cluster")
+    params["split"]["image_size"] = 32
+    metrics = train(params)
+    with np.load(in_tmp / "artifacts/train/oof.npz") as oof:
+        assert sorted(oof["path"]) == sorted(plain["path"])  # one score per cluster, none for a member
+        assert np.isfinite(oof["probability"]).all()
+    assert sum(m["held_out"] for m in metrics["members"]) == len(plain["x"])
+    assert sum(m["images"] for m in metrics["members"]) == len(pool["x"]) * (params["train"]["folds"] - 1)
