@@ -35,10 +35,8 @@ def main() -> None:
     started = time.perf_counter()
     results = {name: leave_out(params, args.split_dir, name) for name in args.hold_out or sorted(HOLD_OUTS)}
     write_json(args.out, {"folds": params["train"]["folds"], **results})
-    print(
-        f"leave-one-source-out: {', '.join(f'{n} AUC {r['roc_auc']:.3f}' for n, r in results.items())}; "
-        f"{time.perf_counter() - started:.0f} s; wrote {args.out}"
-    )
+    aucs = ", ".join(f"{name} AUC {result['roc_auc']:.3f}" for name, result in results.items())
+    print(f"leave-one-source-out: {aucs}; {time.perf_counter() - started:.0f} s; wrote {args.out}")
 
 
 if __name__ == "__main__":
