@@ -305,3 +305,28 @@ def test_members_are_fitted_with_their_group_but_never_held_out_or_scored(in_tmp
         assert np.isfinite(oof["probability"]).all()
     assert sum(m["held_out"] for m in metrics["members"]) == len(plain["x"])
     assert sum(m["images"] for m in metrics["members"]) == len(pool["x"]) * (params["train"]["folds"] - 1)
+
+
+def test_clean_learning_fits_again_without_the_images_cleanlab_flags(in_tmp):
+    split = make_split(in_tmp / "artifacts/split", size=32, members=10)
+    with np.load(split / "train.npz") as data:
+        arrays = {key: data[key] for key in data.files}
+    flipped = np.flatnonzero(~np.char.endswith(arrays["path"], "-member.png"))[:12:2]  # six representatives
+    arrays["y"][flipped] = 1 - arrays["y"][flipped]
+    np.savez(split / "train.npz", **arrays)  # labels come from the arrays
+    params = tiny_params("small_xception", epochs=8, clean_learning=True)
+    params["split"]["image_size"] = 32
+    metrics = train(params)
+
+    excluded = pd.read_csv(in_tmp / "artifacts/train/excluded.csv")
+    pool = cross_validation_pool(split, "binary")
+    flagged = excluded.path[excluded.reason == "clean_learning: cleanlab flag"]
+    assert len(set(flagged) & set(arrays["path"][flipped])) >= 3  # most of the wrong labels are caught
+    members = excluded[excluded.reason == "clean_learning: member of a flagged cluster"]
+    assert set(members.path.str.replace("-member", "")) <= set(flagged)  # a member leaves with its cluster
+    with np.load(in_tmp / "artifacts/train/oof.npz") as oof:
+        kept = set(pool["path"][pool["representative"]]) - set(flagged)
+        assert set(oof["path"]) == kept  # the second fit's scores, where the threshold is placed
+    assert metrics["clean_learning_excluded"] == len(excluded)
+    live = json.loads((in_tmp / "metrics/train/metrics.json").read_text())
+    assert {"fold0", "clean_learning"} <= set(live)

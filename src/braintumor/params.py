@@ -30,6 +30,7 @@ KNOWN: dict = {
     "fetch": {
         "workers": None,
         "max_image_pixels": None,
+        "overrides": None,
         "sources": {
             "kaggle2018": {**_SOURCE, "handle": None},
             "kaggle2020": {**_SOURCE, "handle": None},
@@ -63,6 +64,7 @@ KNOWN: dict = {
                 "dropout",
                 "class_weight",
                 "member_weight",
+                "clean_learning",
                 "early_stopping_patience",
                 "reduce_lr_patience",
                 "mixed_precision",
@@ -75,6 +77,7 @@ KNOWN: dict = {
         "transfer": dict.fromkeys(["weights", "fine_tune_layers", "fine_tune_epochs", "fine_tune_learning_rate"]),
     },
     "evaluate": dict.fromkeys(["target_recall", "bootstrap", "gallery"]),
+    "review": {"gallery": None},
     "explain": dict.fromkeys(["images", "lime_samples", "lime_superpixels"]),
     "register": dict.fromkeys(
         ["experiment", "model_name", "min_recall", "min_accuracy", "min_specificity", "champion_on_new_data"]
@@ -197,6 +200,8 @@ def validate_fetch(params: dict) -> dict:
         raise ParamError("params.yaml: `fetch.sources.local.path` must be a folder path")
     _workers(params, "fetch.workers")
     _int(params, "fetch.max_image_pixels", 1024, MAX_IMAGE_PIXELS_CEILING)
+    if not isinstance(_get(params, "fetch.overrides"), str):
+        raise ParamError("params.yaml: `fetch.overrides` must be the path of the label decisions file (a CSV)")
     return params["fetch"]
 
 
@@ -274,6 +279,7 @@ def validate_train(params: dict) -> dict:
     _number(params, "train.dropout", 0.0, 0.9)
     _choice(params, "train.class_weight", ("balanced", "balanced_by_source", "balanced_by_collection", "none"))
     _choice(params, "train.member_weight", ("cluster", "image"))
+    _bool(params, "train.clean_learning")
     _int(params, "train.early_stopping_patience", 1, 1000)
     _int(params, "train.reduce_lr_patience", 1, 1000)
     _bool(params, "train.mixed_precision")
@@ -320,6 +326,12 @@ def validate_evaluate(params: dict) -> dict:
     _int(params, "evaluate.bootstrap", 100, 100_000)  # 100k resamples of the test split take seconds
     _int(params, "evaluate.gallery", 0, 64)
     return params["evaluate"]
+
+
+def validate_review(params: dict) -> dict:
+    check_known(params, "review")
+    _int(params, "review.gallery", 0, 64)
+    return params["review"]
 
 
 def validate_explain(params: dict) -> dict:

@@ -24,6 +24,7 @@ from braintumor.errors import SourceError
 from braintumor.images import ImageReadError, check_usable, open_image
 from braintumor.labels import CLASS_FOLDERS, NO_TUMOR, TUMOR, class_folder
 from braintumor.listing import printable, walk_files
+from braintumor.overrides import EXCLUDE, apply_overrides, read_overrides
 from braintumor.parallel import parallel_map
 from braintumor.params import validate_fetch
 
@@ -130,6 +131,7 @@ def fetch(
 ) -> dict:
     """Run the fetch stage: `out_dir/images/...`, `out_dir/manifest.csv`, `out_dir/skipped.csv` and metrics."""
     config = validate_fetch(params)
+    decisions = read_overrides(config["overrides"])  # a bad row stops the stage before any download
     out_dir = Path(out_dir)
     with atomic_path(out_dir) as staging:
         images_dir = out_dir / "images"  # paths recorded relative to the repository root
@@ -204,10 +206,20 @@ def fetch(
                 rows.append({**result, "path": final.dest})
         shutil.rmtree(staging / "ixi-slices", ignore_errors=True)
         manifest = pd.DataFrame(rows, columns=MANIFEST_COLUMNS)
+        manifest, excluded, applied = apply_overrides(manifest, decisions)
+        for row in applied[applied.decision == EXCLUDE].itertuples():  # the copy of an excluded image goes too
+            (staged_images / Path(row.path).relative_to(images_dir)).unlink(missing_ok=True)
+        skipped += excluded
+        write_csv(staging / "overrides_applied.csv", applied)
         skipped_frame = pd.DataFrame(skipped, columns=["source", "original", "reason", "detail"])
         write_csv(staging / "manifest.csv", manifest)
         write_csv(staging / "skipped.csv", skipped_frame)
         metrics = fetch_metrics(manifest, skipped_frame, [n for n, s in config["sources"].items() if s["enabled"]])
+        metrics["overrides"] = {
+            "relabelled": int(((applied.decision != EXCLUDE) & (applied.path.notna())).sum()),
+            "excluded": len(excluded),
+            "unmatched": int(applied.path.isna().sum()),
+        }
     write_json(metrics_path, metrics)
     log.info(
         "fetch: %d images from %d sources, %d files skipped (%s)",

@@ -14,13 +14,15 @@ from pathlib import Path
 
 import keras
 import numpy as np
+import pandas as pd
 from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import StratifiedGroupKFold
 
-from braintumor.atomic import atomic_path, write_json
+from braintumor.atomic import atomic_path, write_csv, write_json
 from braintumor.datasets import load_split
 from braintumor.distribution import data_parallel, full_batches, process_share
 from braintumor.inference import average_of, tumor_probability
+from braintumor.label_issues import label_issues
 from braintumor.labels import BINARY_CLASSES, MULTICLASS_CLASSES, SUBTYPE_CLASS, class_names
 from braintumor.models import BACKBONES, build_model
 from braintumor.params import validate_train
@@ -294,6 +296,31 @@ def fit_folds(
     return members, summaries, oof[reps], fold_of[reps]
 
 
+def without_label_issues(pool: dict, oof: np.ndarray) -> tuple[dict, pd.DataFrame]:
+    """`train.clean_learning`: the pool without the clusters whose representative cleanlab flags on its
+    out-of-fold score, and a row per left-out image (members of a flagged cluster share its label, so they go
+    too). The test split is never touched: its metrics use every test image as labelled."""
+    reps = np.flatnonzero(pool["representative"])
+    flagged, quality = label_issues(pool["label"][reps], oof)
+    out = np.isin(pool["cluster"], pool["cluster"][reps[flagged]])
+    first_pass = pd.Series(oof, index=pool["path"][reps])
+    rows = np.flatnonzero(out)
+    excluded = pd.DataFrame(
+        {
+            "path": pool["path"][rows],
+            "label": pool["label"][rows],
+            "p_tumor": np.round(first_pass.reindex(pool["path"][rows]).to_numpy(), 6),
+            "label_quality": np.round(pd.Series(quality, index=pool["path"][reps]).reindex(pool["path"][rows]), 6),
+            "reason": np.where(
+                pool["representative"][rows],
+                "clean_learning: cleanlab flag",
+                "clean_learning: member of a flagged cluster",
+            ),
+        }
+    )
+    return {key: value[~out] for key, value in pool.items()}, excluded
+
+
 def train(
     params: dict,
     split_dir: str | Path = "artifacts/split",
@@ -321,12 +348,19 @@ def train(
         keras.backend.backend(),
     )
 
-    def live_metrics(fold: int) -> list:
+    def live_metrics(fold: int, prefix: str = "") -> list:
         live.step = 0
-        return [LiveMetrics(live, f"fold{fold}/")]
+        return [LiveMetrics(live, f"{prefix}fold{fold}/")]
 
+    excluded = None
     with Live(str(live_dir), dvcyaml=None, save_dvc_exp=False, report=None) as live:
         members, summaries, oof, fold_of = fit_folds(params, pool, live_metrics)
+        if config["clean_learning"]:
+            pool, excluded = without_label_issues(pool, oof)
+            log.info("train: clean learning: %d images flagged by cleanlab; fitting again without them", len(excluded))
+            members, summaries, oof, fold_of = fit_folds(
+                params, pool, lambda fold: live_metrics(fold, "clean_learning/")
+            )
     ensemble = average_of(members, mirrored=config["mirror_average"])
     info = {
         "model": config["model"],
@@ -345,6 +379,8 @@ def train(
         (staging / "model.json").write_text(json.dumps(info, indent=2) + "\n")
         reps = pool["representative"]
         np.savez(staging / "oof.npz", path=pool["path"][reps], label=pool["label"][reps], probability=oof, fold=fold_of)
+        if config["clean_learning"]:
+            write_csv(staging / "excluded.csv", excluded)
     seconds = sum(s["train_seconds"] for s in summaries)
     metrics = {
         "folds": len(members),
@@ -354,6 +390,7 @@ def train(
         "epochs_run": sum(s["epochs_run"] for s in summaries),
         "class_weight": summaries[0]["class_weight"],
         "out_of_fold_auc": round(float(roc_auc_score(pool["label"][pool["representative"]], oof)), 4),
+        **({"clean_learning_excluded": len(excluded)} if config["clean_learning"] else {}),
         "members": [{k: v for k, v in s.items() if k != "class_weight"} for s in summaries],
     }
     write_json(metrics_path, metrics)
