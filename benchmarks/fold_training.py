@@ -3,7 +3,7 @@
 Runs `training.fit_folds` (the train stage minus dvclive) on a split directory, then scores the ensemble as
 evaluate does: the threshold from the out-of-fold predictions at `evaluate.target_recall`, test metrics there
 and at 0.5. The first row (params.yaml on --split-dir) is the baseline that each variant's time is divided by.
-The split arrays of all three splits at 96 px are 19 MiB as compressed npz (`--pack`), so the same command
+The split arrays of all three splits at 96 px are about 30 MiB (`--pack`), so the same command
 runs on a GPU host:
 
     python benchmarks/fold_training.py --pack artifacts/split benchmarks/data/split96   # once, here
@@ -37,11 +37,13 @@ from braintumor.training import cross_validation_pool, fit_folds
 
 
 def pack(split_dir: Path, out_dir: Path) -> None:
-    """Compressed copies of a split directory's arrays and manifest (the arrays compress about 3:1)."""
+    """Copies of a split directory's arrays and manifest (labels compressed; the one-channel images as they are,
+    to be memory-mapped)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     for name in ("train", "val", "test"):
         with np.load(split_dir / f"{name}.npz") as data:
             np.savez_compressed(out_dir / f"{name}.npz", **{key: data[key] for key in data.files})
+        shutil.copyfile(split_dir / f"{name}.x.npy", out_dir / f"{name}.x.npy")
     shutil.copyfile(split_dir / "manifest.csv", out_dir / "manifest.csv")
     size = sum(f.stat().st_size for f in out_dir.iterdir()) / 2**20
     print(f"wrote {out_dir}: {size:.1f} MiB")

@@ -25,6 +25,7 @@ import keras
 import numpy as np
 import yaml
 
+from braintumor.datasets import load_split
 from braintumor.models import build_model
 from braintumor.training import compile_model
 
@@ -32,9 +33,9 @@ SUBSET = Path(__file__).with_name("data") / "train_subset.npz"
 
 
 def prepare(images: int, seed: int) -> None:
-    with np.load("artifacts/split/train.npz") as data:
-        rows = np.random.default_rng(seed).choice(len(data["y"]), min(images, len(data["y"])), replace=False)
-        x, y = data["x"][np.sort(rows)], data["y"][np.sort(rows)].astype(np.int64)
+    data = load_split("artifacts/split", "train", "binary")
+    rows = np.random.default_rng(seed).choice(len(data["y"]), min(images, len(data["y"])), replace=False)
+    x, y = data["x"][np.sort(rows)], data["y"][np.sort(rows)]
     SUBSET.parent.mkdir(exist_ok=True)
     np.savez(SUBSET, x=x, y=y)
     print(f"wrote {SUBSET}: {len(x)} images of {x.shape[1]} px, {SUBSET.stat().st_size / 2**20:.1f} MiB")

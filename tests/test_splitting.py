@@ -1,7 +1,9 @@
 import numpy as np
 import pandas as pd
 
+from braintumor.datasets import split_images
 from braintumor.hashing import Hashes
+from braintumor.images import model_input
 from braintumor.params import load_params
 from braintumor.splitting import assign_splits, leakage, split
 
@@ -81,9 +83,25 @@ def test_members_follow_their_group_and_the_test_split_stays_the_same(in_tmp):
     assert (after.groupby("group").split.nunique() == 1).all()
     with np.load(in_tmp / "split-reps/test.npz") as a, np.load(in_tmp / "split-clusters/test.npz") as b:
         assert all(np.array_equal(a[key], b[key]) for key in a.files)  # the same images, in the same order
+    assert (in_tmp / "split-reps/test.x.npy").read_bytes() == (in_tmp / "split-clusters/test.x.npy").read_bytes()
     test_members = int((~after.representative & (after.split == "test")).sum())
     assert test_members > 0 and metrics["test_members_unused"] == test_members
     for name in ("train", "val"):
         with np.load(in_tmp / f"split-clusters/{name}.npz") as arrays:
             assert sorted(arrays["path"]) == sorted(after.path[after.split == name])  # members included
     assert metrics["cluster_members"] == 60 and metrics["images"] == 60 + 60 - test_members
+
+
+def test_images_are_written_a_chunk_at_a_time_in_manifest_order(in_tmp, monkeypatch):
+    monkeypatch.setattr("braintumor.splitting.CHUNK", 7)  # 60 images: 9 chunks, the last one short
+    params = load_params(REPO / "params.yaml")
+    params["split"]["image_size"], params["split"]["workers"] = 32, 1
+    dedup_output(in_tmp / "reps", {})
+    split(params, in_tmp / "reps", in_tmp / "split", in_tmp / "split.json")
+    for name in ("train", "val", "test"):
+        images = split_images(in_tmp / "split", name)
+        with np.load(in_tmp / f"split/{name}.npz") as data:
+            paths = data["path"]
+        assert images.dtype == np.uint8 and images.shape == (len(paths), 32, 32)
+        for image, path in zip(images, paths, strict=True):
+            assert np.array_equal(image, model_input(path, 32)[..., 0])

@@ -96,9 +96,9 @@ def test_weight_decay_shrinks_weights_by_learning_rate_times_decay(weight_decay,
 
 def test_multiclass_keeps_only_known_subtypes(tmp_path):
     split = make_split(tmp_path / "split")
+    np.save(split / "extra.x.npy", np.zeros((3, 48, 48), np.uint8))
     np.savez(
         split / "extra.npz",
-        x=np.zeros((3, 48, 48, 3), np.uint8),
         y=np.array([1, 1, 0], np.int8),
         subtype=np.array(["unknown", "glioma", "none"]),
         path=np.array(["a", "b", "c"]),
@@ -130,9 +130,9 @@ def test_subtype_targets_and_loss_teach_the_type_where_known_and_tumor_where_not
 
 def test_a_split_whose_manifest_misses_images_is_named(tmp_path):
     split = make_split(tmp_path / "split")
+    np.save(split / "extra.x.npy", np.zeros((1, 48, 48), np.uint8))
     np.savez(
         split / "extra.npz",
-        x=np.zeros((1, 48, 48, 3), np.uint8),
         y=np.array([1], np.int8),
         subtype=np.array(["glioma"]),
         path=np.array(["unlisted.png"]),

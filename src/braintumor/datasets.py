@@ -18,14 +18,23 @@ def read_manifest(path: str | Path) -> pd.DataFrame:
     return pd.read_csv(path, dtype={"group": str, "subtype": str}, keep_default_na=False)
 
 
+IMAGES_SUFFIX = ".x.npy"  # <split>.x.npy: (n, size, size) uint8, one channel
+
+
+def split_images(split_dir: str | Path, name: str) -> np.ndarray:
+    """The split's images as written, memory-mapped: (n, size, size) uint8, one channel."""
+    return np.load(Path(split_dir) / f"{name}{IMAGES_SUFFIX}", mmap_mode="r")
+
+
 def load_split(split_dir: str | Path, name: str, task: str) -> dict[str, np.ndarray]:
-    """Arrays of one split for `task`: x (uint8 images), y (class index), plus path/subtype/label, and each
+    """Arrays of one split for `task`: x (uint8 images, 3 channels), y (class index), plus path/subtype/label, and each
     image's source, dedup group and cluster, sub-collection, and whether it stands for its cluster
     (`representative`: false for the members `dedup.keep: clusters` keeps) from the split's manifest.
 
     The multiclass task keeps only images whose tumor type is known."""
     with np.load(Path(split_dir) / f"{name}.npz") as data:
         arrays = {key: data[key] for key in data.files}
+    arrays["x"] = np.repeat(split_images(split_dir, name)[..., None], 3, axis=-1)  # the models take 3 channels
     manifest_path = Path(split_dir) / "manifest.csv"
     manifest = pd.read_csv(manifest_path, keep_default_na=False).set_index("path")
     missing = ~np.isin(arrays["path"].astype(object), manifest.index)

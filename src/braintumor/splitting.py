@@ -5,8 +5,9 @@ With `dedup.keep: clusters` the splits are assigned from the clusters' represent
 without their members, and each member follows its group: so the test split is the same either way. The test
 arrays hold the representatives only (a cluster is scored once); train and val hold every member.
 Each split's images are prepared once (grayscale, cropped to the head, padded square, resized to
-`split.image_size`, 3 identical channels, uint8) into `artifacts/split/<split>.npz`, which loads in a
-fraction of a second on any machine, a GPU host included. `metrics/split.json` reports a computed
+`split.image_size`, uint8) into `artifacts/split/<split>.x.npy`, one channel (the model's three are copies
+of it), written a chunk at a time and memory-mapped by its readers; labels, subtypes and paths go to
+`<split>.npz`. `metrics/split.json` reports a computed
 leakage check: validation and test images with a near duplicate (by the dedup criterion) in train.
 """
 
@@ -20,13 +21,15 @@ import numpy as np
 import pandas as pd
 
 from braintumor.atomic import atomic_path, write_csv, write_json
-from braintumor.datasets import read_manifest
+from braintumor.datasets import IMAGES_SUFFIX, read_manifest
 from braintumor.hashing import Hashes, near_pairs
 from braintumor.images import model_input
 from braintumor.parallel import parallel_map
 from braintumor.params import SPLIT_NAMES, validate_dedup, validate_split
 
 log = logging.getLogger(__name__)
+
+CHUNK = 4096  # images prepared at a time (about 38 MB at 96 px)
 
 
 def assign_splits(frame: pd.DataFrame, fractions: dict[str, float], seed: int) -> pd.Series:
@@ -44,6 +47,24 @@ def assign_splits(frame: pd.DataFrame, fractions: dict[str, float], seed: int) -
             filled[target] += sizes[group]
             assignment[(label, group)] = target
     return pd.Series([assignment[key] for key in zip(frame.label, frame.group, strict=True)], index=frame.index)
+
+
+def write_images(path: Path, files: list[str], size: int, workers: int | None, name: str) -> None:
+    """Prepare `files` into one (n, size, size) uint8 .npy at `path`, a chunk at a time: the stage holds one
+    chunk of images, never the split, so its memory does not grow with the number of images."""
+    images = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=(len(files), size, size))
+    prepare = functools.partial(model_channel, size=size)
+    for start in range(0, len(files), CHUNK):
+        chunk = files[start : start + CHUNK]
+        desc = f"split: {name} images {start + 1}-{start + len(chunk)} of {len(files)}"
+        images[start : start + len(chunk)] = parallel_map(prepare, chunk, workers, desc=desc)
+    images.flush()
+    del images
+
+
+def model_channel(path: str, size: int) -> np.ndarray:
+    """The one channel of an image's model input (its three channels are identical)."""
+    return model_input(path, size=size, max_pixels=None)[..., 0]  # fetch refused the images over its limit
 
 
 def representatives(frame: pd.DataFrame) -> pd.Series:
@@ -92,24 +113,17 @@ def split(
 
     size = config["image_size"]  # (fetch refused the images over its pixel limit: none is applied again)
     stored = frame[representative | (frame.split != "test")]  # a test cluster's members are never scored
-    arrays = parallel_map(
-        functools.partial(model_input, size=size, max_pixels=None),
-        stored.path.tolist(),
-        config.get("workers"),
-        desc="split: prepare arrays",
-    )
-    images = np.stack(arrays) if arrays else np.zeros((0, size, size, 3), dtype=np.uint8)
     with atomic_path(out_dir) as staging:
         staging.mkdir()
         write_csv(staging / "manifest.csv", frame)
         for name in SPLIT_NAMES:
-            rows = np.flatnonzero(stored.split == name)
+            part = stored[stored.split == name]
+            write_images(staging / f"{name}{IMAGES_SUFFIX}", part.path.tolist(), size, config.get("workers"), name)
             np.savez(
                 staging / f"{name}.npz",
-                x=images[rows],
-                y=stored.label.to_numpy()[rows].astype(np.int8),
-                subtype=stored.subtype.to_numpy()[rows].astype(str),
-                path=stored.path.to_numpy()[rows].astype(str),
+                y=part.label.to_numpy().astype(np.int8),
+                subtype=part.subtype.to_numpy().astype(str),
+                path=part.path.to_numpy().astype(str),
             )
     metrics = {
         "images": len(stored),

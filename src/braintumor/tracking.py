@@ -23,6 +23,7 @@ from types import SimpleNamespace
 import numpy as np
 import pandas as pd
 
+from braintumor.datasets import split_images
 from braintumor.errors import RegistryError
 
 log = logging.getLogger(__name__)
@@ -253,8 +254,7 @@ def log_run(
     training = json.loads((metrics_dir / "train.json").read_text())
     model = load_model(model_dir / "model.keras")
     size = info["image_size"]
-    with np.load(split_dir / "test.npz") as test:
-        example = test["x"][:1].astype("float32")
+    example = np.repeat(split_images(split_dir, "test")[:1, ..., None], 3, axis=-1).astype("float32")
     signature = ModelSignature(
         inputs=Schema([TensorSpec(np.dtype("float32"), (-1, size, size, 3), "image")]),
         outputs=Schema([TensorSpec(np.dtype("float32"), (-1, model.output_shape[-1]), "prediction")]),
