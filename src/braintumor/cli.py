@@ -23,6 +23,7 @@ STAGES = {
     "split": ("braintumor.splitting", "split"),
     "train": ("braintumor.training", "train"),
     "evaluate": ("braintumor.evaluation", "evaluate"),
+    "review": ("braintumor.review", "review"),
     "explain": ("braintumor.explanation", "explain"),
     "register": ("braintumor.registry", "register"),
 }

@@ -4,7 +4,7 @@ The pipeline never relabels an image by itself: the review stage ranks suspects,
 each decision is a row of this version-controlled file:
 
     image,label,reason,reviewer
-    b577189346bc4cc74942150e5875bead25153aa474db97d1882ebf72244de3ec,exclude,CT slice not MRI,A. Reviewer
+    9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08,exclude,CT slice not MRI,A. Reviewer
     kaggle2018/brain_tumor_dataset/no/15 no.jpg,tumor,mass in the left frontal lobe,A. Reviewer
 
 `image` is a file's sha256 (every copy of those bytes, in any source) or `<source>/<path in the source>` (the
