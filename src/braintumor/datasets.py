@@ -26,15 +26,58 @@ def split_images(split_dir: str | Path, name: str) -> np.ndarray:
     return np.load(Path(split_dir) / f"{name}{IMAGES_SUFFIX}", mmap_mode="r")
 
 
-def load_split(split_dir: str | Path, name: str, task: str) -> dict[str, np.ndarray]:
-    """Arrays of one split for `task`: x (uint8 images, 3 channels), y (class index), plus path/subtype/label, and each
-    image's source, dedup group and cluster, sub-collection, and whether it stands for its cluster
-    (`representative`: false for the members `dedup.keep: clusters` keeps) from the split's manifest.
+class SplitImages:
+    """Images of one or more splits, left in their memory-mapped files until a batch is read.
+
+    Indexing (a slice, integer rows or a mask) gives another `SplitImages` without reading anything;
+    `np.asarray(images, dtype)` reads the rows, as (n, size, size, 3): the three channels the models take.
+    So training can hold a fold's images by reference and read one batch at a time (`train.loader: stream`).
+    """
+
+    def __init__(self, files: list[np.ndarray], rows: np.ndarray | None = None):
+        self.files = files
+        self.offsets = np.cumsum([0] + [len(f) for f in files])
+        self.rows = np.arange(self.offsets[-1]) if rows is None else np.asarray(rows, dtype=np.int64)
+
+    @classmethod
+    def concatenate(cls, parts: list[SplitImages]) -> SplitImages:
+        files, rows, offset = [], [], 0
+        for part in parts:
+            files += part.files
+            rows.append(part.rows + offset)
+            offset += part.offsets[-1]
+        return cls(files, np.concatenate(rows))
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (len(self.rows), *self.files[0].shape[1:], 3)
+
+    def __getitem__(self, index) -> SplitImages:
+        return SplitImages(self.files, self.rows[index])
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        gray = np.empty((len(self.rows), *self.files[0].shape[1:]), dtype=np.uint8)
+        for k, images in enumerate(self.files):
+            mine = (self.rows >= self.offsets[k]) & (self.rows < self.offsets[k + 1])
+            gray[mine] = images[self.rows[mine] - self.offsets[k]]
+        x = np.repeat(gray[..., None], 3, axis=-1)
+        return x if dtype is None else x.astype(dtype)
+
+
+def load_split(split_dir: str | Path, name: str, task: str, lazy: bool = False) -> dict[str, np.ndarray]:
+    """Arrays of one split for `task`: x (uint8 images, 3 channels; a `SplitImages` when `lazy`), y (class
+    index), plus path/subtype/label, and each image's source, dedup group and cluster, sub-collection, and
+    whether it stands for its cluster (`representative`: false for the members `dedup.keep: clusters` keeps)
+    from the split's manifest.
 
     The multiclass task keeps only images whose tumor type is known."""
     with np.load(Path(split_dir) / f"{name}.npz") as data:
         arrays = {key: data[key] for key in data.files}
-    arrays["x"] = np.repeat(split_images(split_dir, name)[..., None], 3, axis=-1)  # the models take 3 channels
+    images = SplitImages([split_images(split_dir, name)])
+    arrays["x"] = images if lazy else np.asarray(images)
     manifest_path = Path(split_dir) / "manifest.csv"
     manifest = pd.read_csv(manifest_path, keep_default_na=False).set_index("path")
     missing = ~np.isin(arrays["path"].astype(object), manifest.index)

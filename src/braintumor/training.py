@@ -19,7 +19,7 @@ from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import StratifiedGroupKFold
 
 from braintumor.atomic import atomic_path, write_csv, write_json
-from braintumor.datasets import load_split
+from braintumor.datasets import SplitImages, load_split
 from braintumor.distribution import data_parallel, full_batches, process_share
 from braintumor.inference import average_of, tumor_probability
 from braintumor.label_issues import label_issues
@@ -92,6 +92,33 @@ def sample_weights(
     keys, index = np.unique(strata, return_inverse=True)
     weight = base.sum() / (len(keys) * np.bincount(index, weights=base))
     return base * weight[index], {str(k): round(float(w), 4) for k, w in zip(keys, weight, strict=True)}
+
+
+class Batches(keras.utils.PyDataset):
+    """(float32 images, targets, loss weights) a batch at a time, for `train.loader: stream`: only the batch is
+    converted, and `images` may be `datasets.SplitImages`, read from the memory-mapped split as it goes.
+    Given a `seed`, the order is shuffled before every epoch (seeded, so a rerun sees the same batches)."""
+
+    def __init__(
+        self, images, targets: np.ndarray, weights: np.ndarray | None, batch_size: int, seed: int | None = None
+    ):
+        super().__init__()
+        self.images, self.targets, self.weights, self.batch_size = images, targets, weights, batch_size
+        self.rng = None if seed is None else np.random.default_rng(seed)
+        self.order = np.arange(len(targets))
+        self.on_epoch_end()
+
+    def __len__(self) -> int:
+        return -(-len(self.targets) // self.batch_size)
+
+    def __getitem__(self, index: int) -> tuple:
+        rows = np.sort(self.order[index * self.batch_size : (index + 1) * self.batch_size])  # sorted: file order
+        batch = (np.asarray(self.images[rows], dtype="float32"), self.targets[rows])
+        return batch if self.weights is None else (*batch, self.weights[rows].astype("float32"))
+
+    def on_epoch_end(self) -> None:
+        if self.rng is not None:
+            self.rng.shuffle(self.order)
 
 
 class LiveMetrics(keras.callbacks.Callback):
@@ -188,22 +215,31 @@ def fit_on_devices(
             monitor="val_loss", patience=config["early_stopping_patience"], restore_best_weights=True
         ),
     ]
-    x_train, y_train = train["x"].astype("float32"), train["y"]
-    x_val = (val["x"].astype("float32"), val["y"]) + ((held_out_weights,) if held_out_weights is not None else ())
-    if distributed:  # every sharded batch, the last ones too, must divide evenly over the devices
-        x_train, y_train, weights = full_batches(x_train, y_train, weights, batch_size)
-        x_val = full_batches(*x_val[:2], held_out_weights, batch_size)
+    if config["loader"] == "stream":  # a batch of float32 at a time, read from the split's files
+        fit_data = {"x": Batches(train["x"], train["y"], weights, batch_size, params["seed"])}
+        held_out = Batches(val["x"], val["y"], held_out_weights, batch_size)
+    else:
+        fit_data = {
+            "x": np.asarray(train["x"], dtype="float32"),
+            "y": train["y"],
+            "sample_weight": weights,
+            "batch_size": batch_size,
+            "shuffle": True,
+        }
+        held_out = (np.asarray(val["x"], dtype="float32"), val["y"]) + (
+            (held_out_weights,) if held_out_weights is not None else ()
+        )
+        if distributed:  # every sharded batch, the last ones too, must divide evenly over the devices
+            x, y, w = full_batches(fit_data["x"], fit_data["y"], weights, batch_size)
+            fit_data.update(x=x, y=y, sample_weight=w)
+            held_out = full_batches(*held_out[:2], held_out_weights, batch_size)
     started = time.perf_counter()
     history = model.fit(
-        x_train,
-        y_train,
-        batch_size=batch_size,
+        **fit_data,
         epochs=config["epochs"],
-        validation_data=x_val,
-        sample_weight=weights,
+        validation_data=held_out,
         callbacks=schedule + (callbacks or []),
         verbose=verbose,
-        shuffle=True,
     )
     losses = history.history["val_loss"]
     epochs_run = len(losses)
@@ -213,13 +249,10 @@ def fit_on_devices(
                 layer.trainable = True
         compile_model(model, optimizer, config["transfer"]["fine_tune_learning_rate"], config)
         more = model.fit(
-            x_train,
-            y_train,
-            batch_size=batch_size,
+            **{key: value for key, value in fit_data.items() if key != "shuffle"},
             epochs=epochs_run + config["transfer"]["fine_tune_epochs"],
             initial_epoch=epochs_run,
-            validation_data=x_val,
-            sample_weight=weights,
+            validation_data=held_out,
             callbacks=schedule + (callbacks or []),
             verbose=verbose,
         )
@@ -236,11 +269,14 @@ def fit_on_devices(
     return model, summary
 
 
-def cross_validation_pool(split_dir: str | Path, task: str) -> dict[str, np.ndarray]:
+def cross_validation_pool(split_dir: str | Path, task: str, lazy: bool = False) -> dict[str, np.ndarray]:
     """train+val as one pool; each image keeps its dedup group, so near duplicates never straddle two folds,
-    and its `representative` flag: only representatives are held out and scored (a cluster counts once)."""
-    parts = [load_split(split_dir, name, task) for name in ("train", "val")]
-    return {key: np.concatenate([part[key] for part in parts]) for key in parts[0]}
+    and its `representative` flag: only representatives are held out and scored (a cluster counts once).
+    `lazy`: the images stay in the split's memory-mapped files (`train.loader: stream`)."""
+    parts = [load_split(split_dir, name, task, lazy=lazy) for name in ("train", "val")]
+    pool = {key: np.concatenate([part[key] for part in parts]) for key in parts[0] if key != "x"}
+    join = SplitImages.concatenate if lazy else np.concatenate
+    return {**pool, "x": join([part["x"] for part in parts])}
 
 
 def folds_of(pool: dict, folds: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -338,7 +374,7 @@ def train(
 
     config = validate_train(params)
     task, names = config["task"], output_names(config)
-    pool = cross_validation_pool(split_dir, task)
+    pool = cross_validation_pool(split_dir, task, lazy=config["loader"] == "stream")
     log.info(
         "train: %s (%s), %d fold models over %d train+val images, backend %s",
         config["model"],
