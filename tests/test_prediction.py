@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import requests
 
+from braintumor import cli
 from braintumor.errors import ModelLoadError
 from braintumor.images import model_input
 from braintumor.prediction import image_files, load, predict
@@ -86,6 +87,23 @@ def test_local_model_predicts_every_readable_image_and_reports_the_rest(trained_
     want = expected(workspace, [Path(r["path"]) for r in good])
     assert [r["probability"] for r in good] == pytest.approx(want, abs=1e-5)
     assert [r["label"] for r in good] == [int(p >= loaded.threshold) for p in want]
+
+
+def test_predict_command_works_a_chunk_at_a_time_with_the_same_results(
+    trained_states, scans, tmp_path, monkeypatch, capsys
+):
+    model = str(trained_states["seed_cnn"][0] / "models/model.keras")
+    files = image_files([str(scans)])
+    whole, _ = predict(load(model), files, batch_size=1)
+    monkeypatch.setattr("braintumor.prediction.FILES_AT_A_TIME", 2)  # 7 files: 4 chunks, one with 2 bad files
+    assert (
+        cli.main(["predict", "--model", model, "--json", "--batch-size", "1", "--explain", str(tmp_path), str(scans)])
+        == 1
+    )
+    printed = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert printed == whole
+    overlays = sorted(p.name for p in tmp_path.glob("*.png"))
+    assert [name[:4] for name in overlays] == ["0000", "0001", "0002", "0003"]  # one per readable file, numbered on
 
 
 def test_a_keras_file_without_its_model_json_is_refused_with_a_hint(trained_states, tmp_path):

@@ -140,7 +140,7 @@ def run_predict(args) -> int:
     """Exit status 0 when every file was classified, 1 when some could not be read (they are reported)."""
     quiet_libraries()
     from braintumor.errors import ModelLoadError
-    from braintumor.prediction import image_files, load, predict, write_grad_cams
+    from braintumor.prediction import image_files, load, predict_in_chunks, write_grad_cams
 
     files = image_files(args.paths)
     if not files:
@@ -151,22 +151,25 @@ def run_predict(args) -> int:
     except ModelLoadError as err:
         print(f"braintumor predict: error: {err}", file=sys.stderr)
         return 2
-    results, images = predict(loaded, files, args.batch_size, args.max_pixels)
-    for result in results:
-        if args.json:
-            print(json.dumps(result), flush=True)
-        elif "error" in result:
-            print(f"{result['path']}\terror: {result['error']}")
-        else:
-            print(f"{result['path']}\t{result['probability']:.4f}\t{'tumor' if result['label'] else 'no_tumor'}")
+    failed = tumors = written = 0
+    for results, images in predict_in_chunks(loaded, files, args.batch_size, args.max_pixels):
+        for result in results:
+            if args.json:
+                print(json.dumps(result), flush=True)
+            elif "error" in result:
+                print(f"{result['path']}\terror: {result['error']}")
+            else:
+                print(f"{result['path']}\t{result['probability']:.4f}\t{'tumor' if result['label'] else 'no_tumor'}")
+        if args.explain:
+            written += len(write_grad_cams(loaded, results, images, Path(args.explain), first=written))
+        failed += sum("error" in r for r in results)
+        tumors += sum(r.get("label", 0) for r in results)
     if args.explain:
-        written = write_grad_cams(loaded, results, images, Path(args.explain))
-        log.info("predict: %d Grad-CAM overlays in %s", len(written), args.explain)
-    failed = sum("error" in r for r in results)
+        log.info("predict: %d Grad-CAM overlays in %s", written, args.explain)
     log.info(
         "predict: %d images, %d tumor, %d unreadable (threshold %.4f)",
-        len(results) - failed,
-        sum(r.get("label", 0) for r in results),
+        len(files) - failed,
+        tumors,
         failed,
         loaded.threshold,
     )

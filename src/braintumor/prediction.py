@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
@@ -187,8 +188,25 @@ def predict(
     return results, images
 
 
-def write_grad_cams(loaded: LoadedModel, results: list[dict], images: np.ndarray, folder: Path) -> list[Path]:
-    """A Grad-CAM overlay PNG per predicted image (`predict`'s two outputs), named after its position and file."""
+# Files decoded, predicted and explained at a time by `braintumor predict`: its memory stays that of one chunk
+# whatever the number of files (rounded up to whole batches, so results equal those of one call).
+FILES_AT_A_TIME = 512
+
+
+def predict_in_chunks(
+    loaded: LoadedModel, files: list[Path | str], batch_size: int = 32, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> Iterator[tuple[list[dict], np.ndarray]]:
+    """`predict` over consecutive chunks of `files`, one (results, images) pair a chunk."""
+    chunk = -(-FILES_AT_A_TIME // batch_size) * batch_size
+    for start in range(0, len(files), chunk):
+        yield predict(loaded, files[start : start + chunk], batch_size, max_pixels)
+
+
+def write_grad_cams(
+    loaded: LoadedModel, results: list[dict], images: np.ndarray, folder: Path, first: int = 0
+) -> list[Path]:
+    """A Grad-CAM overlay PNG per predicted image (`predict`'s two outputs), named after its position (counted
+    from `first`) and file."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -213,7 +231,7 @@ def write_grad_cams(loaded: LoadedModel, results: list[dict], images: np.ndarray
         )
         ax.axis("off")
         fig.tight_layout()
-        out = folder / f"{k:04d}-{Path(result['path']).stem}.png"
+        out = folder / f"{first + k:04d}-{Path(result['path']).stem}.png"
         fig.savefig(out, dpi=100)
         plt.close(fig)
         written.append(out)
