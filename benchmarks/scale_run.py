@@ -3,10 +3,10 @@
 For each N, builds (or reuses) an N-image mirror with scale_mirror.py, then runs each stage's script as DVC
 would, in a scratch folder whose params.yaml is this repository's with the Kaggle sources off, `local` on the
 mirror, and `train.folds: 2`, `train.epochs: 1` (two fold models of one epoch each: one pass over train+val,
-plus the out-of-fold scoring). Memory is the peak of the summed RSS of the stage's whole process tree (its
-worker processes too), sampled every 0.1 s with psutil; `/usr/bin/time` would give only the largest single
-process. Prints a table and the growth exponents of time and memory between the smallest and largest N,
-and writes all of it to --out.
+plus the out-of-fold scoring), with `train.loader` from --loader (stream by default). Memory is the peak of
+the summed RSS of the stage's whole process tree (its worker processes too), sampled every 0.1 s with psutil;
+`/usr/bin/time` would give only the largest single process. Prints a table and the growth exponents of time
+and memory between the smallest and largest N, and writes all of it to --out.
 
     python benchmarks/scale_run.py --sizes 10000 30000 100000 --root /tmp/scale   # after `dvc repro dedup`
 """
@@ -56,7 +56,7 @@ def run_stage(stage: str, cwd: Path) -> dict:
     return {"seconds": round(seconds, 1), "peak_rss_gib": round(peak / 2**30, 3)}
 
 
-def scratch(root: Path, images: int) -> Path:
+def scratch(root: Path, images: int, loader: str) -> Path:
     """A working folder for one N, with the params of a scale run."""
     mirror, work = root / f"mirror{images}", root / f"work{images}"
     if not mirror.exists():
@@ -67,7 +67,7 @@ def scratch(root: Path, images: int) -> Path:
         source["enabled"] = name == "local"
     params["fetch"]["sources"]["local"]["path"] = str(mirror)
     params["fetch"]["overrides"] = str(REPO / "labels/overrides.csv")
-    params["train"].update(folds=2, epochs=1)
+    params["train"].update(folds=2, epochs=1, loader=loader)
     (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     return work
 
@@ -77,11 +77,12 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 30_000, 100_000])
     parser.add_argument("--root", type=Path, default=Path("/tmp/scale"))
     parser.add_argument("--stages", nargs="+", default=list(STAGES), choices=STAGES)
+    parser.add_argument("--loader", default="stream", choices=("stream", "arrays"), help="train.loader")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/data/scale.json"))
     args = parser.parse_args()
-    results = {}
+    results: dict = {"loader": args.loader}
     for images in args.sizes:
-        work = scratch(args.root, images)
+        work = scratch(args.root, images, args.loader)
         results[images] = {stage: run_stage(stage, work) for stage in args.stages}
         for name in ("fetch", "dedup", "split"):
             if (work / f"metrics/{name}.json").exists():
