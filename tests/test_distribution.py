@@ -84,6 +84,64 @@ def test_data_parallel_splits_each_batch_and_learns_as_one_device(tmp_path):
     assert report["odd"] == 1
 
 
+ONE_HOST_OF_TWO = textwrap.dedent("""
+    import hashlib, json, sys
+    import jax, keras, numpy as np
+    sys.path.insert(0, sys.argv[2])
+    from pathlib import Path
+    from braintumor.datasets import load_split
+    from braintumor.training import fit
+    from fixtures.split import tiny_params
+
+    split = Path(sys.argv[1])
+    train, val = (load_split(split, name, "binary") for name in ("train", "val"))
+    params = tiny_params("small_xception", epochs=3, batch_size=16, dropout=0.0, mirror_average=False,
+                         distribution="data_parallel")
+    params["train"]["augment"] = dict.fromkeys(params["train"]["augment"], 0) | {"horizontal_flip": False}
+    history = keras.callbacks.History()
+    model, _ = fit(params, train, val, callbacks=[history], verbose=0)
+    weights = hashlib.sha256(b"".join(np.asarray(w).tobytes() for w in model.get_weights())).hexdigest()
+    print(json.dumps({"process": jax.process_index(), "processes": jax.process_count(),
+                      "devices": jax.device_count(), "local_devices": jax.local_device_count(),
+                      "weights": weights, "loss": history.history["loss"]}))
+""")
+
+
+@pytest.mark.slow
+def test_two_processes_train_one_model_as_two_hosts_would(tmp_path):
+    """Two processes joined through jax.distributed (the multi-host path, here both on this machine), one CPU
+    device each: every batch is split between them and both end with the very same weights."""
+    from fixtures.servers import free_port
+    from fixtures.split import make_split
+
+    make_split(tmp_path / "split")
+    hosts = f"localhost:{free_port()}"
+    runs = [
+        subprocess.Popen(
+            [sys.executable, "-c", ONE_HOST_OF_TWO, str(tmp_path / "split"), str(REPO / "tests")],
+            env={
+                **os.environ,
+                "KERAS_BACKEND": "jax",
+                "KERAS_DISTRIBUTION_JOB_ADDRESSES": hosts,
+                "KERAS_DISTRIBUTION_NUM_PROCESSES": "2",
+                "KERAS_DISTRIBUTION_PROCESS_ID": str(rank),
+            },
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for rank in (0, 1)
+    ]
+    outputs = [run.communicate(timeout=900) for run in runs]
+    for run, (_, err) in zip(runs, outputs, strict=True):
+        assert run.returncode == 0, err[-3000:]
+    first, second = (json.loads(out.strip().splitlines()[-1]) for out, _ in outputs)
+    assert (first["process"], second["process"]) == (0, 1)
+    assert first["processes"] == 2 and first["devices"] == 2 and first["local_devices"] == 1
+    assert first["weights"] == second["weights"] and first["loss"] == second["loss"]  # one model, not two
+    assert first["loss"][-1] < first["loss"][0]
+
+
 def test_data_parallel_needs_the_jax_backend():
     """This process runs Keras on TensorFlow (the default): the param is refused with what to do instead."""
     import keras

@@ -26,6 +26,7 @@ def join_hosts() -> None:
     import jax
 
     if os.environ.get(HOSTS_ENV) and not jax.distributed.is_initialized():
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU hosts; GPUs use NCCL anyway
         keras.distribution.initialize()
 
 
@@ -47,7 +48,8 @@ def data_parallel(mode: str, batch_size: int) -> keras.distribution.DataParallel
             f"params.yaml: `train.batch_size` {batch_size} does not split evenly over {len(devices)} devices; "
             f"make it a multiple of {len(devices)}"
         )
-    return keras.distribution.DataParallel(devices=devices)
+    # each process already feeds only its own rows (process_share), so Keras must not shard them again
+    return keras.distribution.DataParallel(devices=devices, auto_shard_dataset=False)
 
 
 def full_batches(
