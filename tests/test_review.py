@@ -46,6 +46,9 @@ def test_review_ranks_the_confidently_contradicted_labels_first_and_changes_noth
     assert table.path[(table.set == "test") & table.flagged].tolist() == [test["path"][5]]
     assert metrics["flagged"]["train_val"]["flagged"] == 4 and metrics["flagged"]["test"]["flagged"] == 1
     placement = metrics["threshold_placement"]
+    test_p = pd.read_csv(in_tmp / "artifacts/evaluate/test_predictions.csv").probability.to_numpy()
+    errors = np.flatnonzero((test_p >= placement["all"]["threshold"]).astype(int) != test["label"])
+    assert metrics["test_errors"] == {"misclassified": len(errors), "flagged": int(5 in errors)}
     assert placement["without_flagged"]["threshold"] != placement["all"]["threshold"]
     assert json.loads((in_tmp / "metrics/review.json").read_text()) == metrics
     assert Image.open(in_tmp / "plots/review/label_issues.png").size[0] > 400

@@ -93,6 +93,7 @@ def review(
         "without_flagged": threshold_for_recall(clean.label.to_numpy(), clean.p_tumor.to_numpy(), target),
     }
     y, p = test.label.to_numpy(), test.probability.to_numpy()
+    wrong = set(test.path[(p >= thresholds["all"]).astype(int) != y])  # at the shipped model's threshold
     metrics = {
         "flagged": {
             name: {
@@ -107,6 +108,7 @@ def review(
             }
             for name, part in (("train_val", pool), ("test", tested))
         },
+        "test_errors": {"misclassified": len(wrong), "flagged": int(tested.path[tested.flagged].isin(wrong).sum())},
         "threshold_placement": {  # what clean learning's threshold would do; the shipped one uses every image
             placed: {
                 "threshold": round(threshold, 6),
@@ -121,12 +123,14 @@ def review(
     write_json(metrics_path, metrics)
     gallery(table[table.flagged], split_dir, config["gallery"], gallery_path)
     log.info(
-        "review: cleanlab flags %d of %d train+val and %d of %d test images; a threshold placed without the "
-        "flagged would be %.3f (test recall %.4f, specificity %.4f) instead of %.3f",
+        "review: cleanlab flags %d of %d train+val and %d of %d test images (%d of the %d test errors); a "
+        "threshold placed without the flagged would be %.3f (test recall %.4f, specificity %.4f) instead of %.3f",
         metrics["flagged"]["train_val"]["flagged"],
         len(pool),
         metrics["flagged"]["test"]["flagged"],
         len(tested),
+        metrics["test_errors"]["flagged"],
+        metrics["test_errors"]["misclassified"],
         thresholds["without_flagged"],
         metrics["threshold_placement"]["without_flagged"]["recall"],
         metrics["threshold_placement"]["without_flagged"]["specificity"],
