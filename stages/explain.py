@@ -1,9 +1,14 @@
 """DVC stage `explain`: see dvc.yaml; the logic lives in braintumor.explanation."""
 
 import sys
+from pathlib import Path
 
-from braintumor.explanation import explain
-from braintumor.stage import run
+# This checkout's code, not whichever copy of the package is installed: `dvc exp run --queue` runs a stage in a
+# temporary copy of the repository, and DVC's deps are the files of that copy.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from braintumor.explanation import explain  # noqa: E402
+from braintumor.stage import run  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(run("explain", explain))

@@ -1,9 +1,14 @@
 """DVC stage `train`: see dvc.yaml; the logic lives in braintumor.training."""
 
 import sys
+from pathlib import Path
 
-from braintumor.stage import run
-from braintumor.training import train
+# This checkout's code, not whichever copy of the package is installed: `dvc exp run --queue` runs a stage in a
+# temporary copy of the repository, and DVC's deps are the files of that copy.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from braintumor.stage import run  # noqa: E402
+from braintumor.training import train  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(run("train", train))

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import ast
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -70,3 +73,19 @@ def test_the_closure_follows_lazy_and_package_imports(tmp_path, monkeypatch):
     closure = code_closure(entry)
     assert "src/braintumor/ixi.py" in closure and "src/braintumor/errors.py" in closure  # ixi imports errors
     assert "src/braintumor/__init__.py" in closure
+
+
+@pytest.mark.parametrize("stage", sorted(STAGES))
+def test_a_stage_runs_the_code_of_its_own_checkout(tmp_path, stage):
+    """`dvc exp run --queue` runs stages in a temporary copy of the repository: the copy's code must run, not the
+    installed package's (which is the main checkout's, and may have changed since the experiment was queued)."""
+    copy = tmp_path / "repo"
+    shutil.copytree(REPO / "stages", copy / "stages")
+    shutil.copytree(REPO / "src", copy / "src", ignore=shutil.ignore_patterns("*.egg-info", "__pycache__"))
+    stage_py = copy / "src/braintumor/stage.py"
+    stage_py.write_text(stage_py.read_text().replace("(see dvc.yaml)", "(the copy's code)"))
+    result = subprocess.run(
+        [sys.executable, str(copy / "stages" / f"{stage}.py"), "--help"], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "(the copy's code)" in result.stdout
