@@ -299,3 +299,22 @@ def test_a_held_lock_ends_with_a_message_not_a_hang(mlflow_server, trained_state
     with FileLock(in_tmp / "mlflow" / "register.lock"):  # another registration of this clone, still running
         with pytest.raises(RegistryError, match="another registration has held this lock for over 1 s"):
             run(trained_states["seed_fsm"])
+
+
+def test_the_data_fingerprint_counts_the_scored_images_only(tmp_path):
+    rows = pd.DataFrame(
+        {
+            "path": ["a.png", "b.png", "c.png"],
+            "label": [1, 0, 1],
+            "sha256": ["aa", "bb", "cc"],
+            "split": ["train", "test", "val"],
+        }
+    )
+    rows.to_csv(tmp_path / "representatives.csv", index=False)
+    with_members = pd.concat([rows.assign(representative=True), rows.iloc[:1].assign(path="a2.png", sha256="a2")])
+    with_members.assign(representative=[True, True, True, False]).to_csv(tmp_path / "clusters.csv", index=False)
+    relabelled = rows.assign(label=[1, 1, 1])
+    relabelled.to_csv(tmp_path / "relabelled.csv", index=False)
+    fingerprint = data_fingerprint(tmp_path / "representatives.csv")
+    assert data_fingerprint(tmp_path / "clusters.csv") == fingerprint  # the members are trained on, never scored
+    assert data_fingerprint(tmp_path / "relabelled.csv") != fingerprint

@@ -108,9 +108,10 @@ def data_fingerprint(split_manifest: Path) -> str:
     table = pd.read_csv(split_manifest, keep_default_na=False)
     if "representative" in table:
         table = table[table.representative.astype(str).str.lower() == "true"]
-    rows = sorted(
-        f"{s},{label},{split}" for s, label, split in table[["sha256", "label", "split"]].itertuples(index=False)
-    )
+    # the three columns in the file's order (label, sha256, split), as fingerprints have always been made, so
+    # that runs registered before stay comparable
+    columns = [column for column in table.columns if column in ("sha256", "label", "split")]
+    rows = sorted(",".join(map(str, row)) for row in table[columns].itertuples(index=False))
     return hashlib.sha256("\n".join(rows).encode()).hexdigest()[:16]
 
 
