@@ -37,7 +37,7 @@ def repo(tmp_path_factory, mlflow_server):
     repo.mkdir()
     for name in ("dvc.yaml", "params.yaml"):
         shutil.copy(REPO / name, repo / name)
-    for name in ("stages", "src"):
+    for name in ("stages", "src", "labels"):
         shutil.copytree(REPO / name, repo / name, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
     (repo / "data").mkdir()
     params = yaml.safe_load((repo / "params.yaml").read_text())
@@ -72,7 +72,9 @@ def ran(output):
 
 
 def test_repro_runs_all_stages_then_nothing_then_only_what_a_param_touches(repo):
-    assert ran(dvc(repo, "repro")) == ["fetch", "dedup", "split", "train", "evaluate", "explain", "register"]
+    stages = ran(dvc(repo, "repro"))
+    assert stages[:5] == ["fetch", "dedup", "split", "train", "evaluate"] and stages[-1] == "register"
+    assert sorted(stages[5:7]) == ["explain", "review"]  # both follow evaluate
 
     fetched = json.loads((repo / "metrics/fetch.json").read_text())
     assert fetched["per_source"]["kaggle2018"]["images"] == 12 * 4
@@ -98,6 +100,9 @@ def test_repro_runs_all_stages_then_nothing_then_only_what_a_param_touches(repo)
     assert len(manifest) == dedup["images_out"] == split["images"]
     evaluated = json.loads((repo / "metrics/evaluate.json").read_text())
     assert evaluated["test_images"] == split["per_split"]["test"]["images"]
+    review = json.loads((repo / "metrics/review.json").read_text())  # every scored image ranked, none relabelled
+    assert review["flagged"]["test"]["images"] == evaluated["test_images"]
+    assert review["flagged"]["train_val"]["images"] == split["images"] - evaluated["test_images"]
     # metrics round the threshold to 6 digits; the model keeps it whole
     assert json.loads((repo / "models/model.json").read_text())["threshold"] == pytest.approx(
         evaluated["threshold"], abs=1e-6
@@ -112,7 +117,9 @@ def test_repro_runs_all_stages_then_nothing_then_only_what_a_param_touches(repo)
 
     params["train"]["learning_rate"] /= 2
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    assert ran(dvc(repo, "repro")) == ["train", "evaluate", "explain", "register"]
+    stages = ran(dvc(repo, "repro"))
+    assert stages[:2] == ["train", "evaluate"] and sorted(stages[2:4]) == ["explain", "review"]
+    assert stages[4:] == ["register"]
 
 
 def test_exp_run_of_two_variants_leaves_the_better_as_champion(repo):
