@@ -28,14 +28,18 @@ REPO = Path(__file__).resolve().parents[1]
 STAGES = ("fetch", "dedup", "split", "train")
 
 
-def tree_rss(process: psutil.Process) -> int:
-    total = 0
+def tree_rss(process: psutil.Process) -> tuple[int, int]:
+    """(resident, resident less file-backed pages) summed over the process tree. File-backed pages (a
+    memory-mapped split being read, shared libraries) count in RSS but are page cache the kernel can drop."""
+    total = private = 0
     for p in [process, *process.children(recursive=True)]:
         try:
-            total += p.memory_info().rss
+            info = p.memory_info()
         except psutil.Error:  # ended between the listing and the reading
-            pass
-    return total
+            continue
+        total += info.rss
+        private += info.rss - info.shared
+    return total, private
 
 
 def run_stage(stage: str, cwd: Path) -> dict:
@@ -43,17 +47,22 @@ def run_stage(stage: str, cwd: Path) -> dict:
     log = (cwd / f"{stage}.log").open("w")
     started = time.perf_counter()
     child = subprocess.Popen([sys.executable, str(REPO / "stages" / f"{stage}.py")], cwd=cwd, stdout=log, stderr=log)
-    process, peak = psutil.Process(child.pid), 0
+    process, peak, peak_private = psutil.Process(child.pid), 0, 0
     while child.poll() is None:
         try:
-            peak = max(peak, tree_rss(process))
+            rss, private = tree_rss(process)
+            peak, peak_private = max(peak, rss), max(peak_private, private)
         except psutil.Error:
             pass
         time.sleep(0.1)
     seconds = time.perf_counter() - started
     if child.returncode:
         raise SystemExit(f"{stage} failed in {cwd} (exit {child.returncode}); see {cwd / f'{stage}.log'}")
-    return {"seconds": round(seconds, 1), "peak_rss_gib": round(peak / 2**30, 3)}
+    return {
+        "seconds": round(seconds, 1),
+        "peak_rss_gib": round(peak / 2**30, 3),
+        "peak_rss_without_file_pages_gib": round(peak_private / 2**30, 3),
+    }
 
 
 def scratch(root: Path, images: int, loader: str) -> Path:
@@ -85,7 +94,7 @@ def main() -> None:
         work = scratch(args.root, images, args.loader)
         results[images] = {stage: run_stage(stage, work) for stage in args.stages}
         for name in ("fetch", "dedup", "split"):
-            if (work / f"metrics/{name}.json").exists():
+            if name in results[images] and (work / f"metrics/{name}.json").exists():
                 results[images][name]["metrics"] = json.loads((work / f"metrics/{name}.json").read_text())
         print(images, {s: {k: v for k, v in r.items() if k != "metrics"} for s, r in results[images].items()})
     small, large = min(args.sizes), max(args.sizes)

@@ -51,15 +51,23 @@ def assign_splits(frame: pd.DataFrame, fractions: dict[str, float], seed: int) -
 
 def write_images(path: Path, files: list[str], size: int, workers: int | None, name: str) -> None:
     """Prepare `files` into one (n, size, size) uint8 .npy at `path`, a chunk at a time: the stage holds one
-    chunk of images, never the split, so its memory does not grow with the number of images."""
-    images = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=(len(files), size, size))
+    chunk of images, never the split, so its memory does not grow with the number of images. (Plain file
+    writes, not a memory map: the written pages then stay in the page cache, not in the stage's memory.)"""
     prepare = functools.partial(model_channel, size=size)
-    for start in range(0, len(files), CHUNK):
-        chunk = files[start : start + CHUNK]
-        desc = f"split: {name} images {start + 1}-{start + len(chunk)} of {len(files)}"
-        images[start : start + len(chunk)] = parallel_map(prepare, chunk, workers, desc=desc)
-    images.flush()
-    del images
+    with open(path, "wb") as out:
+        np.lib.format.write_array_header_1_0(
+            out,
+            {
+                "descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)),
+                "fortran_order": False,
+                "shape": (len(files), size, size),
+            },
+        )
+        for start in range(0, len(files), CHUNK):
+            chunk = files[start : start + CHUNK]
+            desc = f"split: {name} images {start + 1}-{start + len(chunk)} of {len(files)}"
+            images = parallel_map(prepare, chunk, workers, desc=desc)
+            out.write(np.stack(images).astype(np.uint8).tobytes() if images else b"")
 
 
 def model_channel(path: str, size: int) -> np.ndarray:
