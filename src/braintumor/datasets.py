@@ -18,6 +18,14 @@ def read_manifest(path: str | Path) -> pd.DataFrame:
     return pd.read_csv(path, dtype={"group": str, "subtype": str}, keep_default_na=False)
 
 
+def representatives(manifest: pd.DataFrame) -> np.ndarray:
+    """Which rows stand for their dedup cluster: all, unless dedup kept the clusters' members too
+    (`dedup.keep: clusters` writes a `representative` column)."""
+    if "representative" not in manifest:
+        return np.ones(len(manifest), dtype=bool)
+    return manifest["representative"].astype(str).str.lower().eq("true").to_numpy()
+
+
 IMAGES_SUFFIX = ".x.npy"  # <split>.x.npy: (n, size, size) uint8, one channel
 
 
@@ -89,11 +97,7 @@ def load_split(split_dir: str | Path, name: str, task: str, lazy: bool = False) 
     rows = manifest.loc[arrays["path"].astype(object)]
     arrays["source"], arrays["group"] = rows["source"].to_numpy(), rows["group"].to_numpy()
     arrays["cluster"] = rows["cluster"].to_numpy().astype(np.int64)
-    arrays["representative"] = (
-        rows["representative"].astype(str).str.lower().eq("true").to_numpy()
-        if "representative" in rows
-        else np.ones(len(rows), dtype=bool)
-    )
+    arrays["representative"] = representatives(rows)
     arrays["collection"] = np.array(
         [collection_of(source, original) for source, original in zip(rows["source"], rows["original"], strict=True)],
         dtype=object,
@@ -106,3 +110,12 @@ def load_split(split_dir: str | Path, name: str, task: str, lazy: bool = False) 
     arrays = {key: value[known] for key, value in arrays.items()}
     arrays["y"] = np.array([MULTICLASS_CLASSES.index(SUBTYPE_CLASS[s]) for s in arrays["subtype"]], dtype=np.int64)
     return arrays
+
+
+def load_splits(split_dir: str | Path, names: tuple[str, ...], task: str, lazy: bool = False) -> dict[str, np.ndarray]:
+    """Several splits as one set (`load_split` of each, concatenated in order); `lazy` leaves the images in
+    their memory-mapped files."""
+    parts = [load_split(split_dir, name, task, lazy=lazy) for name in names]
+    joined = {key: np.concatenate([part[key] for part in parts]) for key in parts[0] if key != "x"}
+    join = SplitImages.concatenate if lazy else np.concatenate
+    return {**joined, "x": join([part["x"] for part in parts])}

@@ -33,7 +33,7 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
 from braintumor.atomic import atomic_path, write_csv, write_json
-from braintumor.datasets import read_manifest
+from braintumor.datasets import read_manifest, representatives
 from braintumor.hashing import Hashes, Pairs, hamming, hash_images, near_pairs
 from braintumor.images import center_on_head, load_grayscale, pixel_digest
 from braintumor.params import validate_dedup
@@ -303,7 +303,7 @@ def dedup_metrics(manifest: pd.DataFrame, kept: pd.DataFrame, dropped: pd.DataFr
         "unreadable": int(reasons.get("unreadable", 0)),
         "images_out": len(kept),
         "clusters_out": int(kept.cluster.nunique()),
-        "near_duplicates_kept": int((~kept.get("representative", pd.Series(True, index=kept.index))).sum()),
+        "near_duplicates_kept": int((~representatives(kept)).sum()),
         "clusters_with_duplicates": int((kept.drop_duplicates("cluster").cluster_size > 1).sum()),
         "thresholds": {
             "hash_size": config["hash_size"],

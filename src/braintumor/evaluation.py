@@ -189,6 +189,17 @@ def evaluate(
     return result
 
 
+def image_grid(count: int, width: float, height: float) -> tuple[plt.Figure, np.ndarray]:
+    """A figure of `count` image cells (at least one), up to 8 a row, each `width` x `height` inches, axes off;
+    returns it and its axes in reading order."""
+    columns = max(1, min(8, count))
+    rows = max(1, math.ceil(count / columns))
+    fig, axes = plt.subplots(rows, columns, figsize=(width * columns, height * rows), squeeze=False)
+    for ax in axes.ravel():
+        ax.axis("off")
+    return fig, axes.ravel()
+
+
 def write_plots(plots_dir: Path, y, p, threshold, images, paths, gallery: int) -> None:
     """DVC plot data (confusion, ROC, PR) and a gallery PNG of misclassified test images."""
     label = np.array(["no_tumor", "tumor"])
@@ -217,12 +228,8 @@ def write_plots(plots_dir: Path, y, p, threshold, images, paths, gallery: int) -
         )
         wrong = np.flatnonzero((p >= threshold).astype(int) != y)
         wrong = wrong[np.argsort(-np.abs(p[wrong] - threshold))][:gallery]
-        columns = max(1, min(8, len(wrong)))
-        rows = max(1, math.ceil(len(wrong) / columns))
-        fig, axes = plt.subplots(rows, columns, figsize=(1.8 * columns, 2.0 * rows), squeeze=False)
-        for ax in axes.ravel():
-            ax.axis("off")
-        for ax, index in zip(axes.ravel(), wrong, strict=False):  # more axes than images
+        fig, axes = image_grid(len(wrong), 1.8, 2.0)
+        for ax, index in zip(axes, wrong, strict=False):  # more axes than images
             ax.imshow(images[index][..., 0], cmap="gray")
             ax.set_title(
                 f"true {label[y[index]]}\nP(tumor)={p[index]:.2f}\n{Path(str(paths[index])).name[:18]}", fontsize=6

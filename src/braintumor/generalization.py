@@ -19,10 +19,10 @@ from pathlib import Path
 
 import numpy as np
 
-from braintumor.datasets import load_split
+from braintumor.datasets import load_splits
 from braintumor.evaluation import binary_metrics, bootstrap_intervals, threshold_for_recall
 from braintumor.inference import average_of, tumor_probability
-from braintumor.params import validate_evaluate, validate_train
+from braintumor.params import SPLIT_NAMES, validate_evaluate, validate_train
 from braintumor.training import cross_validation_pool, fit_folds, output_names
 
 log = logging.getLogger(__name__)
@@ -38,9 +38,9 @@ def held_out(data: dict, source: str, collection: str | None) -> np.ndarray:
 
 
 def every_image(split_dir: str | Path) -> dict[str, np.ndarray]:
-    """All three splits as one set (binary task): a hold-out takes its images from each of them."""
-    parts = [load_split(split_dir, name, "binary") for name in ("train", "val", "test")]
-    return {key: np.concatenate([part[key] for part in parts]) for key in parts[0]}
+    """All three splits as one set (binary task), the images left in their files until scored: a hold-out
+    takes its images from each split."""
+    return load_splits(split_dir, SPLIT_NAMES, "binary", lazy=True)
 
 
 def leave_out(params: dict, split_dir: str | Path, name: str, verbose: int = 0) -> dict:

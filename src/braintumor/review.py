@@ -14,7 +14,6 @@ The review loop (README "Reviewing labels"): look at the gallery, decide, and wr
 from __future__ import annotations
 
 import logging
-import math
 from pathlib import Path
 
 import matplotlib
@@ -26,10 +25,10 @@ import pandas as pd
 
 from braintumor.atomic import atomic_path, write_csv, write_json
 from braintumor.datasets import load_split, read_manifest
-from braintumor.evaluation import binary_metrics, threshold_for_recall
+from braintumor.evaluation import binary_metrics, image_grid, threshold_for_recall
 from braintumor.label_issues import label_issues
 from braintumor.labels import collection_of
-from braintumor.params import validate_evaluate, validate_review
+from braintumor.params import SPLIT_NAMES, validate_evaluate, validate_review
 
 log = logging.getLogger(__name__)
 
@@ -143,16 +142,13 @@ def gallery(flagged: pd.DataFrame, split_dir: str | Path, count: int, path: str 
     """The first `count` flagged images of each set, least likely label first, with what a reviewer needs."""
     picks = flagged.groupby("set", sort=False).head(count)
     images = {}
-    for name in ("train", "val", "test"):
-        data = load_split(split_dir, name, "binary")
-        images.update(zip(data["path"], data["x"], strict=True))
-    columns = max(1, min(8, len(picks)))
-    rows = max(1, math.ceil(len(picks) / columns))
-    fig, axes = plt.subplots(rows, columns, figsize=(1.9 * columns, 2.3 * rows), squeeze=False)
-    for ax in axes.ravel():
-        ax.axis("off")
+    for name in SPLIT_NAMES:  # read from the memory-mapped splits only the images shown
+        data = load_split(split_dir, name, "binary", lazy=True)
+        shown = np.flatnonzero(np.isin(data["path"], picks.path))
+        images.update(zip(data["path"][shown], np.asarray(data["x"][shown]), strict=True))
+    fig, axes = image_grid(len(picks), 1.9, 2.3)
     label = ("no_tumor", "tumor")
-    for ax, row in zip(axes.ravel(), picks.itertuples(), strict=False):  # more axes than images
+    for ax, row in zip(axes, picks.itertuples(), strict=False):  # more axes than images
         ax.imshow(images[row.path][..., 0], cmap="gray")
         ax.set_title(
             f"{row.set} #{row.rank}: labelled {label[row.label]}\nP(tumor)={row.p_tumor:.2f} "

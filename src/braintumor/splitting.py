@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 
 from braintumor.atomic import atomic_path, write_csv, write_json
-from braintumor.datasets import IMAGES_SUFFIX, read_manifest
+from braintumor.datasets import IMAGES_SUFFIX, read_manifest, representatives
 from braintumor.hashing import Hashes, near_pairs
 from braintumor.images import model_input
 from braintumor.parallel import parallel_map
@@ -75,13 +75,6 @@ def model_channel(path: str, size: int) -> np.ndarray:
     return model_input(path, size=size, max_pixels=None)[..., 0]  # fetch refused the images over its limit
 
 
-def representatives(frame: pd.DataFrame) -> pd.Series:
-    """Rows that stand for their cluster: all of them, unless dedup kept the clusters' members too."""
-    if "representative" not in frame:
-        return pd.Series(True, index=frame.index)
-    return frame.representative.astype(str).str.lower() == "true"
-
-
 def leakage(hashes: Hashes, split: pd.Series, max_p: int, max_d: int) -> dict[str, int]:
     """Validation and test images that have a near duplicate in train, by the dedup thresholds."""
     train = hashes.take(np.flatnonzero(split == "train"))
@@ -108,7 +101,7 @@ def split(
     if len(hashes) != len(frame):
         raise ValueError(f"{dedup_dir}: hashes.npz and manifest.csv disagree in length; re-run `dvc repro dedup`")
 
-    representative = representatives(frame)
+    representative = pd.Series(representatives(frame), index=frame.index)
     reps = frame[representative]
     frame["split"] = frame.group.map(
         dict(zip(reps.group, assign_splits(reps, config["fractions"], params["seed"]), strict=True))

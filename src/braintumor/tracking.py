@@ -23,7 +23,7 @@ from types import SimpleNamespace
 import numpy as np
 import pandas as pd
 
-from braintumor.datasets import split_images
+from braintumor.datasets import representatives, split_images
 from braintumor.errors import RegistryError
 
 log = logging.getLogger(__name__)
@@ -106,8 +106,7 @@ def data_fingerprint(split_manifest: Path) -> str:
     split assignment: two runs with equal fingerprints were tested and placed their thresholds on the same
     images, so their metrics compare, with or without the clusters' members (`dedup.keep`) in training."""
     table = pd.read_csv(split_manifest, keep_default_na=False)
-    if "representative" in table:
-        table = table[table.representative.astype(str).str.lower() == "true"]
+    table = table[representatives(table)]
     # the three columns in the file's order (label, sha256, split), as fingerprints have always been made, so
     # that runs registered before stay comparable
     columns = [column for column in table.columns if column in ("sha256", "label", "split")]

@@ -19,7 +19,7 @@ from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import StratifiedGroupKFold
 
 from braintumor.atomic import atomic_path, write_csv, write_json
-from braintumor.datasets import SplitImages, load_split
+from braintumor.datasets import load_splits
 from braintumor.distribution import data_parallel, full_batches, process_share
 from braintumor.inference import average_of, tumor_probability
 from braintumor.label_issues import label_issues
@@ -273,10 +273,7 @@ def cross_validation_pool(split_dir: str | Path, task: str, lazy: bool = False) 
     """train+val as one pool; each image keeps its dedup group, so near duplicates never straddle two folds,
     and its `representative` flag: only representatives are held out and scored (a cluster counts once).
     `lazy`: the images stay in the split's memory-mapped files (`train.loader: stream`)."""
-    parts = [load_split(split_dir, name, task, lazy=lazy) for name in ("train", "val")]
-    pool = {key: np.concatenate([part[key] for part in parts]) for key in parts[0] if key != "x"}
-    join = SplitImages.concatenate if lazy else np.concatenate
-    return {**pool, "x": join([part["x"] for part in parts])}
+    return load_splits(split_dir, ("train", "val"), task, lazy)
 
 
 def folds_of(pool: dict, folds: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
