@@ -39,21 +39,26 @@ TWO_DEVICES = textwrap.dedent("""
     params = tiny_params("small_xception", epochs=3, batch_size=16, dropout=0.0, mirror_average=False)
     params["train"]["augment"] = dict.fromkeys(params["train"]["augment"], 0) | {"horizontal_flip": False}
     report = {"devices": len(keras.distribution.list_devices())}
-    for mode in ("none", "data_parallel"):
-        params["train"]["distribution"] = mode
-        losses = Losses()
-        model, summary = fit(params, train, val, callbacks=[losses], verbose=0)
-        report[mode] = {"losses": losses.seen, "epochs": summary["epochs_run"],
-                        "weights_on": len(model.trainable_variables[0].value.sharding.device_set),
-                        "test": model.predict(test["x"].astype("float32"), verbose=0)[:, 0].tolist()}
+    lazy = {name: load_split(split, name, "binary", lazy=True) for name in ("train", "val")}
+    for loader, (fit_train, fit_val) in (("arrays", (train, val)), ("stream", (lazy["train"], lazy["val"]))):
+        for mode in ("none", "data_parallel"):
+            params["train"].update(distribution=mode, loader=loader)
+            losses = Losses()
+            model, summary = fit(params, fit_train, fit_val, callbacks=[losses], verbose=0)
+            report[f"{loader} {mode}"] = {
+                "losses": losses.seen, "epochs": summary["epochs_run"],
+                "weights_on": len(model.trainable_variables[0].value.sharding.device_set),
+                "test": model.predict(test["x"].astype("float32"), verbose=0)[:, 0].tolist()}
     layout = data_parallel("data_parallel", 16).get_data_layout((16, 48, 48, 3))
     batch = keras.distribution.distribute_tensor(np.zeros((16, 48, 48, 3), "float32"), layout)
     report["batch_axes"] = list(layout.axes)
     report["shards"] = sorted({tuple(shard.data.shape) for shard in batch.addressable_shards})
     # an odd number of images: the last batches are padded with zero-weight rows, not refused
-    params["train"].update(distribution="data_parallel", epochs=1)
-    odd = {key: value[:91] for key, value in train.items()}
-    report["odd"] = fit(params, odd, {key: value[:29] for key, value in val.items()}, verbose=0)[1]["epochs_run"]
+    for loader, (fit_train, fit_val) in (("arrays", (train, val)), ("stream", (lazy["train"], lazy["val"]))):
+        params["train"].update(distribution="data_parallel", loader=loader, epochs=1)
+        odd = {key: value[:91] for key, value in fit_train.items()}
+        odd_val = {key: value[:29] for key, value in fit_val.items()}
+        report[f"odd {loader}"] = fit(params, odd, odd_val, verbose=0)[1]["epochs_run"]
     print(json.dumps(report))
 """)
 
@@ -72,16 +77,17 @@ def test_data_parallel_splits_each_batch_and_learns_as_one_device(tmp_path):
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report["devices"] == 2
     assert report["batch_axes"][0] == "batch" and report["shards"] == [[8, 48, 48, 3]]  # 16 rows, 8 a device
-    one, two = report["none"], report["data_parallel"]
-    assert (one["weights_on"], two["weights_on"]) == (1, 2)  # the fit itself ran on both devices
-    assert len(one["losses"]) == len(two["losses"]) == 3 * 96 // 16
-    # The same steps, with each batch's gradient summed in two halves: only float32 rounding differs. Measured
-    # here: at most 1.0e-6 relative over the 18 losses, 5e-5 on the test predictions. The bounds are 100 and 20
-    # times that, far below what a real difference (another batch order, a gradient not averaged over both
-    # halves) moves them by: over 1e-2.
-    assert two["losses"] == pytest.approx(one["losses"], rel=1e-4)
-    assert two["test"] == pytest.approx(one["test"], abs=1e-3)
-    assert report["odd"] == 1
+    for loader in ("arrays", "stream"):  # both loaders: in-memory arrays, and batches read from the split's files
+        one, two = report[f"{loader} none"], report[f"{loader} data_parallel"]
+        assert (one["weights_on"], two["weights_on"]) == (1, 2)  # the fit itself ran on both devices
+        assert len(one["losses"]) == len(two["losses"]) == 3 * 96 // 16
+        # The same steps, with each batch's gradient summed in two halves: only float32 rounding differs.
+        # Measured here: at most 1.0e-6 relative over the 18 losses, 5e-5 on the test predictions. The bounds are
+        # 100 and 20 times that, far below what a real difference (another batch order, a gradient not averaged
+        # over both halves) moves them by: over 1e-2.
+        assert two["losses"] == pytest.approx(one["losses"], rel=1e-4)
+        assert two["test"] == pytest.approx(one["test"], abs=1e-3)
+        assert report[f"odd {loader}"] == 1
 
 
 ONE_HOST_OF_TWO = textwrap.dedent("""
@@ -94,23 +100,30 @@ ONE_HOST_OF_TWO = textwrap.dedent("""
     from fixtures.split import tiny_params
 
     split = Path(sys.argv[1])
-    train, val = (load_split(split, name, "binary") for name in ("train", "val"))
     params = tiny_params("small_xception", epochs=3, batch_size=16, dropout=0.0, mirror_average=False,
                          distribution="data_parallel")
     params["train"]["augment"] = dict.fromkeys(params["train"]["augment"], 0) | {"horizontal_flip": False}
-    history = keras.callbacks.History()
-    model, _ = fit(params, train, val, callbacks=[history], verbose=0)
-    weights = hashlib.sha256(b"".join(np.asarray(w).tobytes() for w in model.get_weights())).hexdigest()
-    print(json.dumps({"process": jax.process_index(), "processes": jax.process_count(),
-                      "devices": jax.device_count(), "local_devices": jax.local_device_count(),
-                      "weights": weights, "loss": history.history["loss"]}))
+    report = {}
+    for loader in ("arrays", "stream"):
+        train, val = (load_split(split, name, "binary", lazy=loader == "stream") for name in ("train", "val"))
+        # 81 images: shares of 41 and 40, 6 and 5 batches of 8 if each process counted its own
+        train = {key: value[:81] for key, value in train.items()}
+        params["train"]["loader"] = loader
+        history = keras.callbacks.History()
+        model, _ = fit(params, train, val, callbacks=[history], verbose=0)
+        weights = hashlib.sha256(b"".join(np.asarray(w).tobytes() for w in model.get_weights())).hexdigest()
+        report[loader] = {"weights": weights, "loss": history.history["loss"]}
+    report.update(process=jax.process_index(), processes=jax.process_count(), devices=jax.device_count(),
+                  local_devices=jax.local_device_count())
+    print(json.dumps(report))
 """)
 
 
 @pytest.mark.slow
 def test_two_processes_train_one_model_as_two_hosts_would(tmp_path):
     """Two processes joined through jax.distributed (the multi-host path, here both on this machine), one CPU
-    device each: every batch is split between them and both end with the very same weights."""
+    device each: every batch is split between them and both end with the very same weights, with either
+    loader, also when the images do not share out evenly."""
     from fixtures.servers import free_port
     from fixtures.split import make_split
 
@@ -132,14 +145,16 @@ def test_two_processes_train_one_model_as_two_hosts_would(tmp_path):
         )
         for rank in (0, 1)
     ]
-    outputs = [run.communicate(timeout=900) for run in runs]
+    outputs = [run.communicate(timeout=600) for run in runs]
     for run, (_, err) in zip(runs, outputs, strict=True):
         assert run.returncode == 0, err[-3000:]
     first, second = (json.loads(out.strip().splitlines()[-1]) for out, _ in outputs)
     assert (first["process"], second["process"]) == (0, 1)
     assert first["processes"] == 2 and first["devices"] == 2 and first["local_devices"] == 1
-    assert first["weights"] == second["weights"] and first["loss"] == second["loss"]  # one model, not two
-    assert first["loss"][-1] < first["loss"][0]
+    for loader in ("arrays", "stream"):
+        one, other = first[loader], second[loader]
+        assert one["weights"] == other["weights"] and one["loss"] == other["loss"]  # one model, not two
+        assert one["loss"][-1] < one["loss"][0]
 
 
 def test_data_parallel_needs_the_jax_backend():

@@ -52,14 +52,23 @@ def data_parallel(mode: str, batch_size: int) -> keras.distribution.DataParallel
     return keras.distribution.DataParallel(devices=devices, auto_shard_dataset=False)
 
 
+def batches_per_epoch(rows: int, batch_size: int) -> int:
+    """Steps of a data-parallel epoch over `rows` images, `batch_size` of them a process a step. Every process
+    must take the same number of steps (each step is a collective), so the count follows the largest share."""
+    import jax
+
+    largest_share = -(-rows // jax.process_count())
+    return -(-largest_share // batch_size)
+
+
 def full_batches(
-    x: np.ndarray, y: np.ndarray, weights: np.ndarray | None, batch_size: int
+    x: np.ndarray, y: np.ndarray, weights: np.ndarray | None, batch_size: int, batches: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """`x`, `y` and per-sample weights padded with zero-weight repeats of their first rows to a whole number of
-    batches: a sharded batch must divide evenly over the devices, the last partial one too. The padding adds
-    nothing to the gradients or the weighted metrics."""
+    """`x`, `y` and per-sample weights padded with zero-weight repeats of their first rows to `batches` whole
+    batches: a sharded batch must divide evenly over the devices, the last partial one too, and every process
+    must feed as many batches as the others. The padding adds nothing to the gradients or the weighted metrics."""
     weights = np.ones(len(x), dtype="float32") if weights is None else weights.astype("float32")
-    extra = (-len(x)) % batch_size
+    extra = batches * batch_size - len(x)
     if not extra:
         return x, y, weights
     rows = np.arange(extra) % len(x)

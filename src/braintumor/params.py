@@ -285,11 +285,7 @@ def validate_train(params: dict) -> dict:
     _int(params, "train.reduce_lr_patience", 1, 1000)
     _bool(params, "train.mixed_precision")
     _choice(params, "train.distribution", ("none", "data_parallel"))
-    if _choice(params, "train.loader", ("arrays", "stream")) == "stream" and params["train"]["distribution"] != "none":
-        raise ParamError(
-            "params.yaml: `train.loader: stream` does not shard batches over devices yet; with "
-            "`train.distribution: data_parallel` use `train.loader: arrays`"
-        )
+    _choice(params, "train.loader", ("arrays", "stream"))
     _bool(params, "train.augment.horizontal_flip")
     if _bool(params, "train.mirror_average") and not params["train"]["augment"]["horizontal_flip"]:
         raise ParamError(

@@ -20,7 +20,7 @@ from sklearn.model_selection import StratifiedGroupKFold
 
 from braintumor.atomic import atomic_path, write_csv, write_json
 from braintumor.datasets import load_splits
-from braintumor.distribution import data_parallel, full_batches, process_share
+from braintumor.distribution import batches_per_epoch, data_parallel, full_batches, process_share
 from braintumor.inference import average_of, tumor_probability
 from braintumor.label_issues import label_issues
 from braintumor.labels import BINARY_CLASSES, MULTICLASS_CLASSES, SUBTYPE_CLASS, class_names
@@ -97,24 +97,41 @@ def sample_weights(
 class Batches(keras.utils.PyDataset):
     """(float32 images, targets, loss weights) a batch at a time, for `train.loader: stream`: only the batch is
     converted, and `images` may be `datasets.SplitImages`, read from the memory-mapped split as it goes.
-    Given a `seed`, the order is shuffled before every epoch (seeded, so a rerun sees the same batches)."""
+    Given a `seed`, the order is shuffled before every epoch (seeded, so a rerun sees the same batches).
+    Given `batches` (data-parallel training), there are exactly that many batches, each of `batch_size` rows:
+    short ones are filled with zero-weight repeats, so every batch divides over the devices and every process
+    takes as many steps as the others."""
 
     def __init__(
-        self, images, targets: np.ndarray, weights: np.ndarray | None, batch_size: int, seed: int | None = None
+        self,
+        images,
+        targets: np.ndarray,
+        weights: np.ndarray | None,
+        batch_size: int,
+        seed: int | None = None,
+        batches: int | None = None,
     ):
         super().__init__()
+        if batches is not None and weights is None:
+            weights = np.ones(len(targets), dtype="float32")
         self.images, self.targets, self.weights, self.batch_size = images, targets, weights, batch_size
+        self.batches = batches
         self.rng = None if seed is None else np.random.default_rng(seed)
         self.order = np.arange(len(targets))
         self.on_epoch_end()
 
     def __len__(self) -> int:
-        return -(-len(self.targets) // self.batch_size)
+        return self.batches if self.batches is not None else -(-len(self.targets) // self.batch_size)
 
     def __getitem__(self, index: int) -> tuple:
         rows = np.sort(self.order[index * self.batch_size : (index + 1) * self.batch_size])  # sorted: file order
+        weights = None if self.weights is None else self.weights[rows].astype("float32")
+        if self.batches is not None and len(rows) < self.batch_size:
+            filler = np.arange(self.batch_size - len(rows)) % len(self.targets)
+            rows = np.concatenate([rows, filler])
+            weights = np.concatenate([weights, np.zeros(len(filler), dtype="float32")])
         batch = (np.asarray(self.images[rows], dtype="float32"), self.targets[rows])
-        return batch if self.weights is None else (*batch, self.weights[rows].astype("float32"))
+        return batch if weights is None else (*batch, weights)
 
     def on_epoch_end(self) -> None:
         if self.rng is not None:
@@ -167,9 +184,10 @@ def fit(
     if distribution is None:
         return fit_on_devices(params, config, train, val, callbacks, verbose, name, config["batch_size"])
     per_process = config["batch_size"] // jax_process_count()
+    steps = tuple(batches_per_epoch(len(data["y"]), per_process) for data in (train, val))
     with distribution.scope():
         return fit_on_devices(
-            params, config, process_share(train), process_share(val), callbacks, verbose, name, per_process
+            params, config, process_share(train), process_share(val), callbacks, verbose, name, per_process, steps
         )
 
 
@@ -188,9 +206,10 @@ def fit_on_devices(
     verbose: int,
     name: str | None,
     batch_size: int,
+    steps: tuple[int, int] | None = None,
 ) -> tuple[keras.Model, dict]:
-    """`fit` under the distribution in force (none, or data parallel with `batch_size` rows a process)."""
-    distributed = keras.distribution.distribution() is not None
+    """`fit` under the distribution in force: none, or data parallel with `batch_size` rows a process and
+    `steps` (train, validation) batches an epoch in every process."""
     keras.utils.set_random_seed(params["seed"])
     keras.mixed_precision.set_global_policy("mixed_float16" if config["mixed_precision"] else "float32")
     names = output_names(config)
@@ -216,8 +235,9 @@ def fit_on_devices(
         ),
     ]
     if config["loader"] == "stream":  # a batch of float32 at a time, read from the split's files
-        fit_data = {"x": Batches(train["x"], train["y"], weights, batch_size, params["seed"])}
-        held_out = Batches(val["x"], val["y"], held_out_weights, batch_size)
+        train_steps, val_steps = steps or (None, None)
+        fit_data = {"x": Batches(train["x"], train["y"], weights, batch_size, params["seed"], train_steps)}
+        held_out = Batches(val["x"], val["y"], held_out_weights, batch_size, batches=val_steps)
     else:
         fit_data = {
             "x": np.asarray(train["x"], dtype="float32"),
@@ -229,10 +249,10 @@ def fit_on_devices(
         held_out = (np.asarray(val["x"], dtype="float32"), val["y"]) + (
             (held_out_weights,) if held_out_weights is not None else ()
         )
-        if distributed:  # every sharded batch, the last ones too, must divide evenly over the devices
-            x, y, w = full_batches(fit_data["x"], fit_data["y"], weights, batch_size)
+        if steps:  # every sharded batch, the last ones too, must divide evenly over the devices
+            x, y, w = full_batches(fit_data["x"], fit_data["y"], weights, batch_size, steps[0])
             fit_data.update(x=x, y=y, sample_weight=w)
-            held_out = full_batches(*held_out[:2], held_out_weights, batch_size)
+            held_out = full_batches(*held_out[:2], held_out_weights, batch_size, steps[1])
     started = time.perf_counter()
     history = model.fit(
         **fit_data,
