@@ -96,7 +96,7 @@ def add_compare(sub) -> None:
         "compare",
         help="is experiment B better than A? paired bootstrap intervals of the differences",
         description="Recall, specificity and ROC AUC of two revisions on the same test and out-of-fold images, "
-        "with the paired bootstrap 95 %% interval of B - A.",
+        "with the paired bootstrap 95 % interval of B - A.",
     )
     compare.add_argument("a", help="a DVC experiment name, a git revision, or `workspace`")
     compare.add_argument("b", help="the same for the other one")
