@@ -10,7 +10,8 @@ import pandas as pd
 import pytest
 
 from braintumor.datasets import load_split
-from braintumor.inference import members_of, mirror, tumor_probability
+from braintumor.evaluation import binary_metrics, evaluate, threshold_for_recall
+from braintumor.inference import load_model, members_of, mirror, tumor_probability
 from braintumor.labels import MULTICLASS_CLASSES, collection_of
 from braintumor.training import (
     compile_model,
@@ -324,9 +325,27 @@ def test_clean_learning_fits_again_without_the_images_cleanlab_flags(in_tmp):
     assert len(set(flagged) & set(arrays["path"][flipped])) >= 3  # most of the wrong labels are caught
     members = excluded[excluded.reason == "clean_learning: member of a flagged cluster"]
     assert set(members.path.str.replace("-member", "")) <= set(flagged)  # a member leaves with its cluster
-    with np.load(in_tmp / "artifacts/train/oof.npz") as oof:
-        kept = set(pool["path"][pool["representative"]]) - set(flagged)
-        assert set(oof["path"]) == kept  # the second fit's scores, where the threshold is placed
+    reps = pool["path"][pool["representative"]]
+    with np.load(in_tmp / "artifacts/train/oof.npz") as data:
+        oof = {key: data[key] for key in data.files}
+    assert oof["path"].tolist() == reps.tolist()  # every image scored, as without clean learning: comparable
+    left_out = oof["fold"] == -1
+    assert set(oof["path"][left_out]) == set(flagged)
+    # the left-out images were seen by no model of the second fit: the shipped ensemble scores them
+    rows = np.flatnonzero(np.isin(pool["path"], oof["path"][left_out]))
+    shipped = load_model(in_tmp / "artifacts/train/model.keras")
+    by_path = dict(zip(oof["path"], oof["probability"], strict=True))
+    expected = tumor_probability(shipped, pool["x"][rows], ["no_tumor", "tumor"])
+    assert [by_path[path] for path in pool["path"][rows]] == pytest.approx(expected, abs=1e-5)
     assert metrics["clean_learning_excluded"] == len(excluded)
     live = json.loads((in_tmp / "metrics/train/metrics.json").read_text())
     assert {"fold0", "clean_learning"} <= set(live)
+
+    # evaluate places the threshold on the second fit's scores only, and scores out of fold on every image
+    result = evaluate(params)["threshold_selection"]
+    assert result["images"] == len(reps) - len(flagged) and result["left_out_by_clean_learning"] == len(flagged)
+    target = params["evaluate"]["target_recall"]
+    placed = threshold_for_recall(oof["label"][~left_out], oof["probability"][~left_out], target)
+    assert json.loads((in_tmp / "models/model.json").read_text())["threshold"] == pytest.approx(placed)
+    every = binary_metrics(oof["label"], oof["probability"], placed)
+    assert result["out_of_fold"]["specificity"] == every["specificity"]

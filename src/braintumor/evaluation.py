@@ -110,8 +110,9 @@ def evaluate(
     with np.load(train_dir / "oof.npz") as data:
         oof = {key: data[key] for key in data.files}
     target = config["target_recall"]
-    threshold = threshold_for_recall(oof["label"], oof["probability"], target)
-    folds = sorted(set(oof["fold"].tolist()))
+    placing = oof["fold"] >= 0  # fold -1: left out of training by `train.clean_learning`, so out of placement too
+    threshold = threshold_for_recall(oof["label"][placing], oof["probability"][placing], target)
+    folds = sorted(set(oof["fold"][placing].tolist()))
     fold_thresholds = [
         threshold_for_recall(oof["label"][oof["fold"] == f], oof["probability"][oof["fold"] == f], target)
         for f in folds
@@ -136,10 +137,11 @@ def evaluate(
         "threshold_selection": {
             "target_recall": target,
             "folds": len(folds),
-            "images": len(oof["label"]),
+            "images": int(placing.sum()),
+            **({"left_out_by_clean_learning": int((~placing).sum())} if not placing.all() else {}),
             "fold_thresholds": [round(t, 6) for t in fold_thresholds],
             "fold_threshold_spread": round(max(fold_thresholds) - min(fold_thresholds), 6),
-            "out_of_fold": {
+            "out_of_fold": {  # every train+val image as labelled, any left out of placement too
                 k: v
                 for k, v in binary_metrics(oof["label"], oof["probability"], threshold).items()
                 if k in ("recall", "specificity", "accuracy", "roc_auc")

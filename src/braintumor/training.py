@@ -374,6 +374,21 @@ def without_label_issues(pool: dict, oof: np.ndarray) -> tuple[dict, pd.DataFram
     return {key: value[~out] for key, value in pool.items()}, excluded
 
 
+def with_left_out_scored(
+    pool: dict, kept: dict, oof: np.ndarray, fold_of: np.ndarray, ensemble: keras.Model, names: list[str]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Out-of-fold P(tumor) and fold for every representative of `pool`, as without clean learning, so that two
+    experiments compare on the same images. Those clean learning left out were seen by no model of the second
+    fit, so the shipped ensemble scores them; their fold is -1, and evaluate places the threshold without them."""
+    reps, kept_reps = pool["path"][pool["representative"]], kept["path"][kept["representative"]]
+    scores = pd.Series(oof, index=kept_reps).reindex(reps)
+    folds = pd.Series(fold_of, index=kept_reps).reindex(reps).fillna(-1).astype(np.int8)
+    left_out = np.flatnonzero(scores.isna().to_numpy())
+    rows = np.flatnonzero(pool["representative"])[left_out]
+    scores.iloc[left_out] = tumor_probability(ensemble, pool["x"][rows], names)
+    return scores.to_numpy(), folds.to_numpy()
+
+
 def train(
     params: dict,
     split_dir: str | Path = "artifacts/split",
@@ -409,12 +424,14 @@ def train(
     with Live(str(live_dir), dvcyaml=None, save_dvc_exp=False, report=None) as live:
         members, summaries, oof, fold_of = fit_folds(params, pool, live_metrics)
         if config["clean_learning"]:
-            pool, excluded = without_label_issues(pool, oof)
+            kept, excluded = without_label_issues(pool, oof)
             log.info("train: clean learning: %d images flagged by cleanlab; fitting again without them", len(excluded))
             members, summaries, oof, fold_of = fit_folds(
-                params, pool, lambda fold: live_metrics(fold, "clean_learning/")
+                params, kept, lambda fold: live_metrics(fold, "clean_learning/")
             )
     ensemble = average_of(members, mirrored=config["mirror_average"])
+    if config["clean_learning"]:
+        oof, fold_of = with_left_out_scored(pool, kept, oof, fold_of, ensemble, names)
     info = {
         "model": config["model"],
         "task": task,
