@@ -43,7 +43,7 @@ class EpochClock(keras.callbacks.Callback):
         self.started = time.perf_counter()
 
     def on_test_begin(self, logs=None):
-        if len(self.seconds) < self.params["epochs"] and self.started:
+        if self.started:  # the first validation pass of the epoch
             self.seconds.append(time.perf_counter() - self.started)
             self.started = 0.0
 

@@ -98,9 +98,9 @@ class Batches(keras.utils.PyDataset):
     """(float32 images, targets, loss weights) a batch at a time, for `train.loader: stream`: only the batch is
     converted, and `images` may be `datasets.SplitImages`, read from the memory-mapped split as it goes.
     Given a `seed`, the order is shuffled before every epoch (seeded, so a rerun sees the same batches).
-    Given `batches` (data-parallel training), there are exactly that many batches, each of `batch_size` rows:
-    short ones are filled with zero-weight repeats, so every batch divides over the devices and every process
-    takes as many steps as the others."""
+    Given `batches` (data-parallel training), the rows are first padded to exactly that many full batches with
+    zero-weight repeats (`distribution.full_batches`, as the arrays loader pads): every batch then divides over
+    the devices and every process takes as many steps as the others."""
 
     def __init__(
         self,
@@ -112,26 +112,21 @@ class Batches(keras.utils.PyDataset):
         batches: int | None = None,
     ):
         super().__init__()
-        if batches is not None and weights is None:
-            weights = np.ones(len(targets), dtype="float32")
+        self.rows = np.arange(len(targets))  # the image behind each position (padding repeats some)
+        if batches is not None:
+            self.rows, targets, weights = full_batches(self.rows, targets, weights, batch_size, batches)
         self.images, self.targets, self.weights, self.batch_size = images, targets, weights, batch_size
-        self.batches = batches
         self.rng = None if seed is None else np.random.default_rng(seed)
         self.order = np.arange(len(targets))
         self.on_epoch_end()
 
     def __len__(self) -> int:
-        return self.batches if self.batches is not None else -(-len(self.targets) // self.batch_size)
+        return -(-len(self.targets) // self.batch_size)
 
     def __getitem__(self, index: int) -> tuple:
-        rows = np.sort(self.order[index * self.batch_size : (index + 1) * self.batch_size])  # sorted: file order
-        weights = None if self.weights is None else self.weights[rows].astype("float32")
-        if self.batches is not None and len(rows) < self.batch_size:
-            filler = np.arange(self.batch_size - len(rows)) % len(self.targets)
-            rows = np.concatenate([rows, filler])
-            weights = np.concatenate([weights, np.zeros(len(filler), dtype="float32")])
-        batch = (np.asarray(self.images[rows], dtype="float32"), self.targets[rows])
-        return batch if weights is None else (*batch, weights)
+        picked = np.sort(self.order[index * self.batch_size : (index + 1) * self.batch_size])  # sorted: file order
+        batch = (np.asarray(self.images[self.rows[picked]], dtype="float32"), self.targets[picked])
+        return batch if self.weights is None else (*batch, self.weights[picked].astype("float32"))
 
     def on_epoch_end(self) -> None:
         if self.rng is not None:
