@@ -11,9 +11,13 @@ endif
 endif
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: env repro test test-fast lint
+.PHONY: help env repro test test-fast lint
+.DEFAULT_GOAL := help
 
-env: $(VENV)/.installed
+help: ## list the targets (this screen)
+	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  make %-10s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+
+env: $(VENV)/.installed ## create .venv with the package and its test tools
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -21,18 +25,18 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[test]'
 	touch $@
 
-repro: env
+repro: env ## run the pipeline (dvc repro) on the sources in params.yaml
 	# data/ is your own images (tracked by data.dvc): restore it from the DVC cache/remote, or start empty
 	dvc checkout data.dvc 2>/dev/null || dvc pull data.dvc 2>/dev/null || mkdir -p data
 	dvc repro
 
-test: env
+test: env ## the whole test suite (what CI runs)
 	$(BIN)/python -m pytest -q
 
 # The inner loop: everything but the tests marked slow (servers, subprocesses, several backends, real data).
-test-fast: env
+test-fast: env ## the tests not marked slow: the inner loop
 	$(BIN)/python -m pytest -q -m "not slow"
 
-lint: env
+lint: env ## ruff: lint and format check
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .

@@ -16,7 +16,7 @@ from pathlib import Path
 import kagglehub
 import pandas as pd
 
-from braintumor.calibration import hash_calibration_set, rates, write_altered_copies
+from braintumor.data.hash_calibration import hash_calibration_set, rates, write_altered_copies
 from braintumor.params import load_params
 
 HANDLE = "sartajbhuvaji/brain-tumor-classification-mri/versions/2"

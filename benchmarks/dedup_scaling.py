@@ -29,9 +29,9 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from braintumor.dedup import cluster_ids
-from braintumor.hashing import Hashes, Pairs, _append, _popcount, hash_images, near_pairs
-from braintumor.images import center_on_head, load_grayscale
+from braintumor.data.dedup import cluster_ids
+from braintumor.data.hashing import Hashes, Pairs, _append, _popcount, hash_images, near_pairs
+from braintumor.data.images import center_on_head, load_grayscale
 from braintumor.parallel import parallel_map
 from braintumor.params import load_params
 

@@ -27,8 +27,8 @@ import keras
 import numpy as np
 import yaml
 
-from braintumor.datasets import load_split
-from braintumor.training import fit
+from braintumor.data.datasets import load_split
+from braintumor.model.train import fit
 
 
 class EpochClock(keras.callbacks.Callback):

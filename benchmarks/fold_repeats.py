@@ -33,9 +33,10 @@ from fold_training import fold_predictions, override  # benchmarks/ is on the pa
 from sklearn.metrics import roc_auc_score
 
 from braintumor.atomic import atomic_path, write_json
-from braintumor.datasets import load_split
-from braintumor.evaluation import binary_metrics, threshold_for_recall
-from braintumor.params import ParamError, validate_train
+from braintumor.data.datasets import load_split
+from braintumor.errors import ParamError
+from braintumor.params import validate_train
+from braintumor.quality.evaluate import binary_metrics, threshold_for_recall
 
 
 def run_repeat(params: dict, split_dir: Path, seed: int, out_file: Path) -> str:

@@ -29,11 +29,11 @@ import keras
 import numpy as np
 import yaml
 
-from braintumor.datasets import load_split
-from braintumor.evaluation import binary_metrics, threshold_for_recall
-from braintumor.inference import average_of, tumor_probability
+from braintumor.data.datasets import load_split
 from braintumor.labels import class_names
-from braintumor.training import cross_validation_pool, fit_folds
+from braintumor.model.inference import average_of, tumor_probability
+from braintumor.model.train import cross_validation_pool, fit_folds
+from braintumor.quality.evaluate import binary_metrics, threshold_for_recall
 
 
 def pack(split_dir: Path, out_dir: Path) -> None:

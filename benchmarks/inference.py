@@ -29,8 +29,8 @@ def main() -> None:
     args = parser.parse_args()
 
     started = time.perf_counter()
-    from braintumor.images import model_input
-    from braintumor.prediction import load, predict
+    from braintumor.data.images import model_input
+    from braintumor.serve.predict import load, predict
 
     loaded = load(args.model)
     manifest = pd.read_csv(args.manifest, keep_default_na=False)

@@ -1,4 +1,4 @@
-"""Leave-one-source-out evaluation of the pipeline's training recipe (see braintumor.generalization).
+"""Leave-one-source-out evaluation of the pipeline's training recipe (see braintumor.quality.generalization).
 
     python benchmarks/leave_one_source_out.py                # every hold-out, params.yaml as it is
     python benchmarks/leave_one_source_out.py --folds 2      # cheaper: 2 fold models per hold-out
@@ -16,8 +16,8 @@ import logging
 import time
 
 from braintumor.atomic import write_json
-from braintumor.generalization import HOLD_OUTS, leave_out
 from braintumor.params import load_params
+from braintumor.quality.generalization import HOLD_OUTS, leave_out
 
 
 def main() -> None:

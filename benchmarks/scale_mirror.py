@@ -20,8 +20,8 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from braintumor.datasets import read_manifest
-from braintumor.images import load_grayscale
+from braintumor.data.datasets import read_manifest
+from braintumor.data.images import load_grayscale
 from braintumor.parallel import parallel_map
 
 FOLDER = {"glioma": "glioma", "meningioma": "meningioma", "pituitary": "pituitary", "unknown": "tumor"}

@@ -56,8 +56,8 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=200)
     args = parser.parse_args()
 
-    from braintumor.images import model_input
-    from braintumor.prediction import load
+    from braintumor.data.images import model_input
+    from braintumor.serve.predict import load
 
     manifest = pd.read_csv(args.manifest, keep_default_na=False)
     files = [Path(p) for p in manifest[manifest.split == "test"]["path"]][:32]

@@ -25,9 +25,9 @@ import keras
 import numpy as np
 import yaml
 
-from braintumor.datasets import load_split
-from braintumor.models import build_model
-from braintumor.training import compile_model
+from braintumor.data.datasets import load_split
+from braintumor.model.architectures import build_model
+from braintumor.model.train import compile_model
 
 SUBSET = Path(__file__).with_name("data") / "train_subset.npz"
 

@@ -1,4 +1,4 @@
-"""DVC stage `fetch`: see dvc.yaml; the logic lives in braintumor.sources."""
+"""DVC stage `fetch`: see dvc.yaml; the logic lives in braintumor.data.fetch."""
 
 import sys
 from pathlib import Path
@@ -7,7 +7,7 @@ from pathlib import Path
 # temporary copy of the repository, and DVC's deps are the files of that copy.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from braintumor.sources import fetch  # noqa: E402
+from braintumor.data.fetch import fetch  # noqa: E402
 from braintumor.stage import run  # noqa: E402
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""DVC stage `split`: see dvc.yaml; the logic lives in braintumor.splitting."""
+"""DVC stage `split`: see dvc.yaml; the logic lives in braintumor.data.split."""
 
 import sys
 from pathlib import Path
@@ -7,7 +7,7 @@ from pathlib import Path
 # temporary copy of the repository, and DVC's deps are the files of that copy.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from braintumor.splitting import split  # noqa: E402
+from braintumor.data.split import split  # noqa: E402
 from braintumor.stage import run  # noqa: E402
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""DVC stage `train`: see dvc.yaml; the logic lives in braintumor.training."""
+"""DVC stage `train`: see dvc.yaml; the logic lives in braintumor.model.train."""
 
 import sys
 from pathlib import Path
@@ -7,8 +7,8 @@ from pathlib import Path
 # temporary copy of the repository, and DVC's deps are the files of that copy.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+from braintumor.model.train import train  # noqa: E402
 from braintumor.stage import run  # noqa: E402
-from braintumor.training import train  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(run("train", train))

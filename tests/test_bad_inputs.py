@@ -10,12 +10,13 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from braintumor import images
-from braintumor.dedup import dedup
-from braintumor.images import ImageReadError, open_image
+from braintumor.data import images
+from braintumor.data.dedup import dedup
+from braintumor.data.fetch import fetch
+from braintumor.data.images import open_image
+from braintumor.errors import ImageReadError
 from braintumor.params import load_params
-from braintumor.prediction import image_files
-from braintumor.sources import fetch
+from braintumor.serve.predict import image_files
 
 from conftest import EPS, REPO, bomb_png, brain_image, save
 

@@ -7,9 +7,9 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from braintumor.dedup import dedup, merged_groups
+from braintumor.data.dedup import dedup, merged_groups
+from braintumor.data.fetch import fetch
 from braintumor.params import load_params
-from braintumor.sources import fetch
 
 from conftest import KAGGLE2018, KAGGLE2020, REPO, brain_image, kaggle_cache, save
 

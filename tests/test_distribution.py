@@ -10,7 +10,7 @@ import textwrap
 
 import pytest
 
-from braintumor.params import ParamError
+from braintumor.errors import ParamError
 
 from conftest import REPO
 from fixtures.split import tiny_params
@@ -20,9 +20,9 @@ TWO_DEVICES = textwrap.dedent("""
     import keras, numpy as np
     sys.path.insert(0, sys.argv[2])
     from pathlib import Path
-    from braintumor.datasets import load_split
-    from braintumor.distribution import data_parallel
-    from braintumor.training import fit
+    from braintumor.data.datasets import load_split
+    from braintumor.model.distribution import data_parallel
+    from braintumor.model.train import fit
     from fixtures.split import make_split, tiny_params
 
     class Losses(keras.callbacks.Callback):
@@ -100,8 +100,8 @@ ONE_HOST_OF_TWO = textwrap.dedent("""
     import jax, keras, numpy as np
     sys.path.insert(0, sys.argv[2])
     from pathlib import Path
-    from braintumor.datasets import load_split
-    from braintumor.training import fit
+    from braintumor.data.datasets import load_split
+    from braintumor.model.train import fit
     from fixtures.split import tiny_params
 
     split = Path(sys.argv[1])
@@ -166,7 +166,7 @@ def test_data_parallel_needs_the_jax_backend():
     """This process runs Keras on TensorFlow (the default): the param is refused with what to do instead."""
     import keras
 
-    from braintumor.distribution import data_parallel
+    from braintumor.model.distribution import data_parallel
 
     if keras.backend.backend() == "jax":
         pytest.skip("this test process runs the JAX backend")

@@ -1,8 +1,8 @@
 import numpy as np
 import pandas as pd
 
-from braintumor.generalization import every_image, leave_out
-from braintumor.training import fit_folds
+from braintumor.model.train import fit_folds
+from braintumor.quality.generalization import every_image, leave_out
 
 from fixtures.split import make_split, tiny_params
 
@@ -21,7 +21,7 @@ def test_a_held_out_source_is_scored_by_models_that_never_saw_its_clusters(in_tm
         seen.append(pool["path"].copy())
         return fit_folds(params, pool, verbose=verbose)
 
-    monkeypatch.setattr("braintumor.generalization.fit_folds", fit_folds_seen)
+    monkeypatch.setattr("braintumor.quality.generalization.fit_folds", fit_folds_seen)
     params = tiny_params("seed_fsm", epochs=1)
     params["split"]["image_size"] = 32
     result = leave_out(params, split, "kaggle2018")

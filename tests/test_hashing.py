@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-import braintumor.hashing as hashing
-from braintumor.hashing import Hashes, hamming, hash_images, leader_index, near_pairs
+import braintumor.data.hashing as hashing
+from braintumor.data.hashing import Hashes, hamming, hash_images, leader_index, near_pairs
 from braintumor.params import load_params
 
 from conftest import REPO, brain_image, save

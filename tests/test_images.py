@@ -2,9 +2,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from braintumor.images import (
+from braintumor.data.images import (
     HASH_WINDOW_RADII,
-    ImageReadError,
     center_on_head,
     crop_to_content,
     model_input,
@@ -12,6 +11,7 @@ from braintumor.images import (
     percentiles,
     to_grayscale,
 )
+from braintumor.errors import ImageReadError
 
 from conftest import brain_image, save
 

@@ -15,10 +15,10 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from braintumor.data.fetch import fetch
+from braintumor.data.ixi import fetch_slices
 from braintumor.errors import SourceError
-from braintumor.ixi import fetch_slices
 from braintumor.params import load_params
-from braintumor.sources import fetch
 
 from conftest import REPO
 
@@ -120,7 +120,7 @@ def add_member(tar: tarfile.TarFile, name: str, payload: bytes) -> None:
 
 def test_bad_volumes_are_skipped_each_with_its_reason(tmp_path, server, monkeypatch):
     """A bad gzip body, a bad NIfTI header and a gzip bomb each cost one volume, never the whole fetch."""
-    from braintumor import ixi
+    from braintumor.data import ixi
 
     monkeypatch.setattr(ixi, "MAX_VOLUME_BYTES", 1 << 20)  # so that the bomb stays small in the test
     good = tiny_volume(1)

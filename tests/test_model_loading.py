@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from braintumor.errors import ModelLoadError
-from braintumor.prediction import load
+from braintumor.serve.predict import load
 
 INFO = {"image_size": 32, "class_names": ["no_tumor", "tumor"], "threshold": 0.4, "task": "binary"}
 

@@ -5,9 +5,9 @@ import json
 import pandas as pd
 import pytest
 
+from braintumor.data.fetch import fetch
 from braintumor.errors import SourceError
 from braintumor.params import load_params
-from braintumor.sources import fetch
 
 from conftest import REPO, brain_image, save
 

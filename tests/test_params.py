@@ -3,7 +3,8 @@ import copy
 import pytest
 import yaml
 
-from braintumor.params import ParamError, load_params, validate_dedup, validate_fetch, validate_register, validate_split
+from braintumor.errors import ParamError
+from braintumor.params import load_params, validate_dedup, validate_fetch, validate_register, validate_split
 
 from conftest import REPO
 

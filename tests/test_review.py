@@ -4,8 +4,8 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from braintumor.datasets import load_split
-from braintumor.review import review
+from braintumor.data.datasets import load_split
+from braintumor.quality.review import review
 
 from fixtures.split import make_split, tiny_params
 

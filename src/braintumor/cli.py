@@ -10,7 +10,7 @@ import os
 import sys
 from pathlib import Path
 
-from braintumor.images import DEFAULT_MAX_PIXELS
+from braintumor.data.images import DEFAULT_MAX_PIXELS
 from braintumor.stage import add_arguments, configure_logging, execute
 
 log = logging.getLogger("braintumor")
@@ -18,14 +18,14 @@ log = logging.getLogger("braintumor")
 
 # stage name -> (module, function); imported on use so that `braintumor --help` stays fast
 STAGES = {
-    "fetch": ("braintumor.sources", "fetch"),
-    "dedup": ("braintumor.dedup", "dedup"),
-    "split": ("braintumor.splitting", "split"),
-    "train": ("braintumor.training", "train"),
-    "evaluate": ("braintumor.evaluation", "evaluate"),
-    "review": ("braintumor.review", "review"),
-    "explain": ("braintumor.explanation", "explain"),
-    "register": ("braintumor.registry", "register"),
+    "fetch": ("braintumor.data.fetch", "fetch"),
+    "dedup": ("braintumor.data.dedup", "dedup"),
+    "split": ("braintumor.data.split", "split"),
+    "train": ("braintumor.model.train", "train"),
+    "evaluate": ("braintumor.quality.evaluate", "evaluate"),
+    "review": ("braintumor.quality.review", "review"),
+    "explain": ("braintumor.quality.explain", "explain"),
+    "register": ("braintumor.registry.register", "register"),
 }
 
 
@@ -106,7 +106,8 @@ def add_compare(sub) -> None:
 
 
 def run_compare(args) -> int:
-    from braintumor.comparison import CompareError, compare, table
+    from braintumor.errors import CompareError
+    from braintumor.quality.compare import compare, table
 
     try:
         result = compare(args.a, args.b, args.resamples, args.seed)
@@ -120,7 +121,7 @@ def run_compare(args) -> int:
 def run_serve(args) -> int:
     quiet_libraries()
     from braintumor.errors import ModelLoadError
-    from braintumor.serving import Limits, serve
+    from braintumor.serve.service import Limits, serve
 
     limits = Limits(
         max_body_bytes=args.max_body_mb << 20,
@@ -140,7 +141,7 @@ def run_predict(args) -> int:
     """Exit status 0 when every file was classified, 1 when some could not be read (they are reported)."""
     quiet_libraries()
     from braintumor.errors import ModelLoadError
-    from braintumor.prediction import image_files, load, predict_in_chunks, write_grad_cams
+    from braintumor.serve.predict import image_files, load, predict_in_chunks, write_grad_cams
 
     files = image_files(args.paths)
     if not files:

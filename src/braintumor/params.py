@@ -14,13 +14,11 @@ from typing import Any
 
 import yaml
 
+from braintumor.errors import ParamError
+
 SOURCE_NAMES = ("kaggle2018", "kaggle2020", "ixi", "local")
 IXI_PLANES = ("axial", "coronal", "sagittal")
 SPLIT_NAMES = ("train", "val", "test")
-
-
-class ParamError(ValueError):
-    """A missing, unknown or invalid entry of params.yaml."""
 
 
 # Every key params.yaml may hold: a dict for a section, None for a value. `fetch.sources` names each source.

@@ -12,8 +12,8 @@ import sys
 import time
 from collections.abc import Callable
 
-from braintumor.errors import ModelLoadError, RegistryError, SourceError
-from braintumor.params import ParamError, load_params
+from braintumor.errors import ModelLoadError, ParamError, RegistryError, SourceError
+from braintumor.params import load_params
 
 log = logging.getLogger("braintumor")
 

@@ -1,0 +1,1 @@
+"""Data stages: fetch the sources, read images and volumes, deduplicate, split. They know no model."""

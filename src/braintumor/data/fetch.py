@@ -1,0 +1,249 @@
+"""The `fetch` stage: gather images from every enabled source into one folder and one manifest.
+
+Sources (params `fetch.sources`): the two Kaggle datasets through the real `kagglehub.dataset_download`
+(offline when `KAGGLEHUB_CACHE` points at a local copy), healthy IXI slices (see `data/ixi.py`) and the user's
+own `data/` folder. Every file is decoded once here; unreadable ones are skipped and listed with a reason.
+Duplicates are kept on purpose: `dedup` finds them across sources.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import shutil
+from collections import Counter
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from braintumor.atomic import atomic_path, write_csv, write_json
+from braintumor.data import ixi
+from braintumor.data.images import check_usable, open_image
+from braintumor.data.listing import printable, walk_files
+from braintumor.data.overrides import EXCLUDE, apply_overrides, read_overrides
+from braintumor.errors import ImageReadError, SourceError
+from braintumor.labels import CLASS_FOLDERS, NO_TUMOR, TUMOR, class_folder
+from braintumor.parallel import parallel_map
+from braintumor.params import validate_fetch
+
+log = logging.getLogger(__name__)
+
+MANIFEST_COLUMNS = ["path", "source", "label", "subtype", "group", "sha256", "width", "height", "mode", "original"]
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One file found in a source, before it is checked and copied."""
+
+    source: str
+    src: str  # where the file is now
+    dest: str  # where it goes, relative to the repository root
+    label: int
+    subtype: str
+    group: str
+    original: str  # provenance: path inside the source
+
+
+def kaggle_root(name: str, handle: str) -> Path:
+    """Download (or find in the kagglehub cache) one pinned Kaggle dataset version."""
+    import kagglehub
+
+    try:
+        return Path(kagglehub.dataset_download(handle))
+    except Exception as err:  # kagglehub raises many types; the user needs the same advice for all
+        raise SourceError(
+            f"fetch.sources.{name}: kagglehub could not get {handle!r} ({type(err).__name__}: {err}). "
+            f"Offline, point KAGGLEHUB_CACHE at a kagglehub cache holding it; "
+            f"or switch the source off with `fetch.sources.{name}.enabled: false`."
+        ) from err
+
+
+def find_candidates(
+    name: str, root: Path, images_dir: Path, strict_folders: bool
+) -> tuple[list[Candidate], list[dict]]:
+    """Files under `root`, labelled by the nearest enclosing class folder; every other entry gets a skipped row.
+
+    With `strict_folders` (the user's `data/`), a first-level folder that is not a class name is an error,
+    since a typo would otherwise drop a whole class.
+    """
+    classes = CLASS_FOLDERS[name]
+    if strict_folders:
+        for child in sorted(root.iterdir()):
+            if child.is_dir() and child.name not in classes and not child.name.startswith("."):
+                raise SourceError(
+                    f"{printable(child)}: unknown class folder in the local source; name it one of "
+                    f"{', '.join(classes)} (or move it out of {root})"
+                )
+    files, problems = walk_files(root)
+    candidates, skipped = [], [_skip(name, path, reason, detail) for path, reason, detail in problems]
+    for path in files:
+        rel = path.relative_to(root)
+        if printable(rel) != str(rel):
+            skipped.append(_skip(name, path, "file_name_not_utf8", "rename the file: its name is not valid UTF-8"))
+            continue
+        if any(part.startswith(".") for part in rel.parts):
+            skipped.append(_skip(name, path, "hidden_file", "dot-files are not images"))
+            continue
+        folder = class_folder(rel.parts[:-1], classes)
+        if folder is None:
+            skipped.append(_skip(name, path, "not_in_class_folder", f"expected under one of {', '.join(classes)}"))
+            continue
+        label, subtype = classes[rel.parts[folder]]
+        dest = images_dir / name / rel
+        candidates.append(Candidate(name, str(path), str(dest), label, subtype, "", str(rel)))
+    return candidates, skipped
+
+
+def _skip(source: str, path: Path | str, reason: str, detail: str) -> dict:
+    return {"source": source, "original": printable(path), "reason": reason, "detail": detail}
+
+
+def check_and_copy(candidate: Candidate, max_pixels: int) -> dict:
+    """Decode one file fully and run every step later stages take on it (grayscale, hashing window, model
+    crop); copy its bytes to `dest` when all pass, else report why not. No failure of one file stops the stage."""
+    try:
+        data = Path(candidate.src).read_bytes()
+        img = open_image(candidate.src, data=data, max_pixels=max_pixels)
+        check_usable(img)
+    except ImageReadError as err:
+        return _skip(candidate.source, candidate.src, err.reason, err.detail)
+    except OSError as err:
+        return _skip(candidate.source, candidate.src, "unreadable_file", f"{type(err).__name__}: {err.strerror or err}")
+    except Exception as err:  # noqa: BLE001 - pixels that a later step cannot use: recorded, never fatal
+        return _skip(candidate.source, candidate.src, "unusable_pixels", f"{type(err).__name__}: {err}")
+    dest = Path(candidate.dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    dest.write_bytes(data)
+    width, height = img.size
+    return {
+        **asdict(candidate),
+        "sha256": hashlib.sha256(data).hexdigest(),
+        "width": width,
+        "height": height,
+        "mode": img.mode,
+    }
+
+
+def fetch(
+    params: dict, out_dir: str | Path = "artifacts/fetch", metrics_path: str | Path = "metrics/fetch.json"
+) -> dict:
+    """Run the fetch stage: `out_dir/images/...`, `out_dir/manifest.csv`, `out_dir/skipped.csv` and metrics."""
+    config = validate_fetch(params)
+    decisions = read_overrides(config["overrides"])  # a bad row stops the stage before any download
+    out_dir = Path(out_dir)
+    with atomic_path(out_dir) as staging:
+        images_dir = out_dir / "images"  # paths recorded relative to the repository root
+        staged_images = staging / "images"
+        candidates, skipped = [], []
+        for name, source in config["sources"].items():
+            if not source["enabled"]:
+                log.info("source %s: disabled in params", name)
+                continue
+            if name == "ixi":
+                scratch = staging / "ixi-slices"
+                found, bad = ixi.fetch_slices(
+                    source["urls"],
+                    scratch,
+                    source["max_subjects"],
+                    source["slices_per_volume"],
+                    source["planes"],
+                    source["timeout_s"],
+                    source["deadline_s"],
+                )
+                candidates += [
+                    Candidate(
+                        "ixi",
+                        str(scratch / s.name),
+                        str(images_dir / "ixi" / s.name),
+                        NO_TUMOR,
+                        "none",
+                        s.subject,
+                        s.original,
+                    )
+                    for s in found
+                ]
+                skipped += [_skip("ixi", original, reason, detail) for original, reason, detail in bad]
+                continue
+            if name == "local":
+                root = Path(source["path"])
+                if not root.is_dir():
+                    raise SourceError(
+                        f"fetch.sources.local: folder {root} does not exist; create it (see README) "
+                        f"or switch the source off with `fetch.sources.local.enabled: false`"
+                    )
+            else:
+                root = kaggle_root(name, source["handle"])
+            found, bad = find_candidates(name, root, images_dir, strict_folders=name == "local")
+            log.info("source %s: %d files under %s", name, len(found), root)
+            candidates += found
+            skipped += bad
+        # Workers write straight into the staging folder; the recorded paths stay the final ones.
+        staged = [
+            Candidate(
+                c.source,
+                c.src,
+                str(staged_images / Path(c.dest).relative_to(images_dir)),
+                c.label,
+                c.subtype,
+                c.group,
+                c.original,
+            )
+            for c in candidates
+        ]
+        results = parallel_map(
+            functools.partial(check_and_copy, max_pixels=config["max_image_pixels"]),
+            staged,
+            config.get("workers"),
+            desc="fetch: check and copy",
+        )
+        rows = []
+        for final, result in zip(candidates, results, strict=True):
+            if "reason" in result:
+                skipped.append(result)
+            else:
+                rows.append({**result, "path": final.dest})
+        shutil.rmtree(staging / "ixi-slices", ignore_errors=True)
+        manifest = pd.DataFrame(rows, columns=MANIFEST_COLUMNS)
+        manifest, excluded, applied = apply_overrides(manifest, decisions)
+        for row in applied[applied.decision == EXCLUDE].itertuples():  # the copy of an excluded image goes too
+            (staged_images / Path(row.path).relative_to(images_dir)).unlink(missing_ok=True)
+        skipped += excluded
+        write_csv(staging / "overrides_applied.csv", applied)
+        skipped_frame = pd.DataFrame(skipped, columns=["source", "original", "reason", "detail"])
+        write_csv(staging / "manifest.csv", manifest)
+        write_csv(staging / "skipped.csv", skipped_frame)
+        metrics = fetch_metrics(manifest, skipped_frame, [n for n, s in config["sources"].items() if s["enabled"]])
+        metrics["overrides"] = {
+            "relabelled": int(((applied.decision != EXCLUDE) & (applied.path.notna())).sum()),
+            "excluded": len(excluded),
+            "unmatched": int(applied.path.isna().sum()),
+        }
+    write_json(metrics_path, metrics)
+    log.info(
+        "fetch: %d images from %d sources, %d files skipped (%s)",
+        len(manifest),
+        len(metrics["per_source"]),
+        len(skipped_frame),
+        ", ".join(f"{k}: {v}" for k, v in metrics["skipped_by_reason"].items()) or "none",
+    )
+    return metrics
+
+
+def fetch_metrics(manifest: pd.DataFrame, skipped: pd.DataFrame, sources: list[str]) -> dict:
+    per_source = {}
+    for name in sources:
+        mine = manifest[manifest.source == name]
+        per_source[name] = {
+            "images": len(mine),
+            "tumor": int((mine.label == TUMOR).sum()),
+            "no_tumor": int((mine.label == NO_TUMOR).sum()),
+            "skipped": dict(Counter(skipped.loc[skipped.source == name, "reason"])),
+        }
+    return {
+        "images": len(manifest),
+        "skipped": len(skipped),
+        "skipped_by_reason": dict(Counter(skipped["reason"])),
+        "per_source": per_source,
+    }

@@ -1,0 +1,470 @@
+"""The `train` stage: fit the chosen model variant, k-fold over train+val, and ship the average of the folds.
+
+Keras 3 API only (no backend imports), so the same code trains on TensorFlow (the default, on the GPU when
+there is one), JAX or PyTorch, whichever `KERAS_BACKEND` names. Per-epoch metrics go to dvclive through a
+small backend-agnostic callback (dvclive's own Keras callback needs TensorFlow).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import keras
+import numpy as np
+import pandas as pd
+from sklearn.metrics import roc_auc_score
+from sklearn.model_selection import StratifiedGroupKFold
+
+from braintumor.atomic import atomic_path, write_csv, write_json
+from braintumor.data.datasets import load_splits
+from braintumor.labels import BINARY_CLASSES, MULTICLASS_CLASSES, SUBTYPE_CLASS, class_names
+from braintumor.model.architectures import BACKBONES, build_model
+from braintumor.model.distribution import batches_per_epoch, data_parallel, full_batches, process_share
+from braintumor.model.inference import average_of, tumor_probability
+from braintumor.params import validate_train
+from braintumor.quality.label_issues import label_issues
+
+log = logging.getLogger(__name__)
+
+# Targets of `train.subtypes`: the four classes, plus "a tumor of unknown type" (the Kaggle 2018 tumors).
+ANY_TUMOR = len(MULTICLASS_CLASSES)
+ALLOWED_CLASSES = np.vstack([np.eye(ANY_TUMOR), [name != "no_tumor" for name in MULTICLASS_CLASSES]]).astype("float32")
+
+
+def output_names(config: dict) -> list[str]:
+    """The classes of the model's outputs: four for the multiclass task and for the binary task with
+    `train.subtypes`, whose P(tumor) is 1 - P(no_tumor)."""
+    return MULTICLASS_CLASSES if config["task"] == "multiclass" or config["subtypes"] else BINARY_CLASSES
+
+
+def subtype_targets(data: dict) -> np.ndarray:
+    """Targets for `train.subtypes`: the class index of a healthy scan or a tumor of known type, ANY_TUMOR for a
+    tumor whose type its source does not give."""
+    tumor_types = {
+        subtype: MULTICLASS_CLASSES.index(name) for subtype, name in SUBTYPE_CLASS.items() if name != "no_tumor"
+    }
+    tumor = [tumor_types.get(subtype, ANY_TUMOR) for subtype in data["subtype"]]
+    return np.where(data["label"] == 1, tumor, MULTICLASS_CLASSES.index("no_tumor")).astype(np.int64)
+
+
+@keras.saving.register_keras_serializable(package="braintumor")
+def subtype_crossentropy(y_true, y_pred):
+    """-log P(the target's classes): cross-entropy for a known class, -log(1 - P(no_tumor)) for ANY_TUMOR.
+    So the tumors of unknown type still teach tumor against no tumor, and the others teach their type too."""
+    allowed = keras.ops.take(
+        keras.ops.convert_to_tensor(ALLOWED_CLASSES), keras.ops.cast(keras.ops.reshape(y_true, (-1,)), "int32"), axis=0
+    )
+    likelihood = keras.ops.sum(keras.ops.cast(y_pred, "float32") * allowed, axis=-1)
+    return -keras.ops.log(keras.ops.clip(likelihood, 1e-7, 1.0))
+
+
+def sample_weights(
+    data: dict, names: list[str], mode: str, member_weight: str = "image"
+) -> tuple[np.ndarray | None, dict[str, float]]:
+    """Per-image loss weights and the weight of each stratum, for `train.class_weight` and `train.member_weight`.
+
+    `balanced`: every class carries the same total weight (sklearn's rule). `balanced_by_source`: every
+    (source, class) stratum does, so that the scans of a small source (Kaggle 2018: 8 % of the images, and
+    the tumors the models miss most) are not drowned by those of a large one. `balanced_by_collection`: every
+    (source, sub-collection, class) stratum does, the sub-collections being a source's folders above its class
+    folders (Kaggle 2020's Training and Testing). `none`: no class weights.
+
+    `member_weight: cluster` (for `dedup.keep: clusters`): the images of one dedup cluster share the weight of
+    one image, so that 18 slices of one patient do not outweigh a single scan 18 to 1; `image`: each its own."""
+    base = np.ones(len(data["y"]))
+    if member_weight == "cluster":
+        _, members, counts = np.unique(data["cluster"], return_inverse=True, return_counts=True)
+        base = 1.0 / counts[members]
+    if mode == "none":
+        return (None if member_weight == "image" else base), {}
+    classes = np.array(names, dtype=object)[data["y"]]
+    strata = classes
+    if mode == "balanced_by_source":
+        strata = data["source"].astype(object) + "/" + classes
+    elif mode == "balanced_by_collection":  # a source without sub-collections keeps its (source, class) strata
+        strata = np.array(
+            ["/".join(filter(None, key)) for key in zip(data["source"], data["collection"], classes, strict=True)],
+            dtype=object,
+        )
+    keys, index = np.unique(strata, return_inverse=True)
+    weight = base.sum() / (len(keys) * np.bincount(index, weights=base))
+    return base * weight[index], {str(k): round(float(w), 4) for k, w in zip(keys, weight, strict=True)}
+
+
+class Batches(keras.utils.PyDataset):
+    """(float32 images, targets, loss weights) a batch at a time, for `train.loader: stream`: only the batch is
+    converted, and `images` may be `datasets.SplitImages`, read from the memory-mapped split as it goes.
+    Given a `seed`, the order is shuffled before every epoch (seeded, so a rerun sees the same batches).
+    Given `batches` (data-parallel training), the rows are first padded to exactly that many full batches with
+    zero-weight repeats (`distribution.full_batches`, as the arrays loader pads): every batch then divides over
+    the devices and every process takes as many steps as the others."""
+
+    def __init__(
+        self,
+        images,
+        targets: np.ndarray,
+        weights: np.ndarray | None,
+        batch_size: int,
+        seed: int | None = None,
+        batches: int | None = None,
+    ):
+        super().__init__()
+        self.rows = np.arange(len(targets))  # the image behind each position (padding repeats some)
+        if batches is not None:
+            self.rows, targets, weights = full_batches(self.rows, targets, weights, batch_size, batches)
+        self.images, self.targets, self.weights, self.batch_size = images, targets, weights, batch_size
+        self.rng = None if seed is None else np.random.default_rng(seed)
+        self.order = np.arange(len(targets))
+        self.on_epoch_end()
+
+    def __len__(self) -> int:
+        return -(-len(self.targets) // self.batch_size)
+
+    def __getitem__(self, index: int) -> tuple:
+        picked = np.sort(self.order[index * self.batch_size : (index + 1) * self.batch_size])  # sorted: file order
+        batch = (np.asarray(self.images[self.rows[picked]], dtype="float32"), self.targets[picked])
+        return batch if self.weights is None else (*batch, self.weights[picked].astype("float32"))
+
+    def on_epoch_end(self) -> None:
+        if self.rng is not None:
+            self.rng.shuffle(self.order)
+
+
+class LiveMetrics(keras.callbacks.Callback):
+    """Log every epoch's metrics and learning rate to dvclive (works on every Keras backend)."""
+
+    def __init__(self, live, prefix: str = ""):
+        super().__init__()
+        self.live = live
+        self.prefix = prefix
+
+    def on_epoch_end(self, epoch, logs=None):
+        for key, value in (logs or {}).items():
+            split = "val" if key.startswith("val_") else "train"
+            self.live.log_metric(f"{self.prefix}{split}/{key.removeprefix('val_')}", float(value))
+        self.live.next_step()
+
+
+def compile_model(model: keras.Model, optimizer: str, learning_rate: float, config: dict) -> None:
+    """Compile for the task, with `train.weight_decay` (Keras applies it decoupled, as AdamW does, to any optimizer)."""
+    if output_names(config) == BINARY_CLASSES:
+        loss, metrics = "binary_crossentropy", ["accuracy", keras.metrics.Recall(name="recall")]
+    elif config["task"] == "multiclass":
+        loss, metrics = "sparse_categorical_crossentropy", ["accuracy"]
+    else:  # binary, learnt through the four-way head of `train.subtypes`
+        loss, metrics = subtype_crossentropy, []
+    model.compile(
+        optimizer=keras.optimizers.get(
+            {
+                "class_name": optimizer,
+                "config": {"learning_rate": learning_rate, "weight_decay": config["weight_decay"] or None},
+            }
+        ),
+        loss=loss,
+        metrics=metrics,
+    )
+
+
+def fit(
+    params: dict, train: dict, val: dict, callbacks: list | None = None, verbose: int = 2, name: str | None = None
+) -> tuple[keras.Model, dict]:
+    """Build and fit the model of `params["train"]` (called `name`) on one device, or on all of them with
+    `train.distribution: data_parallel`; early stopping on `val` restores the best epoch. Returns the model (which
+    predicts on one device, whatever it was trained on) and a summary."""
+    config = validate_train(params)
+    distribution = data_parallel(config["distribution"], config["batch_size"])
+    if distribution is None:
+        return fit_on_devices(params, config, train, val, callbacks, verbose, name, config["batch_size"])
+    per_process = config["batch_size"] // jax_process_count()
+    steps = tuple(batches_per_epoch(len(data["y"]), per_process) for data in (train, val))
+    with distribution.scope():
+        return fit_on_devices(
+            params, config, process_share(train), process_share(val), callbacks, verbose, name, per_process, steps
+        )
+
+
+def jax_process_count() -> int:
+    import jax
+
+    return jax.process_count()
+
+
+def fit_on_devices(
+    params: dict,
+    config: dict,
+    train: dict,
+    val: dict,
+    callbacks: list | None,
+    verbose: int,
+    name: str | None,
+    batch_size: int,
+    steps: tuple[int, int] | None = None,
+) -> tuple[keras.Model, dict]:
+    """`fit` under the distribution in force: none, or data parallel with `batch_size` rows a process and
+    `steps` (train, validation) batches an epoch in every process."""
+    keras.utils.set_random_seed(params["seed"])
+    keras.mixed_precision.set_global_policy("mixed_float16" if config["mixed_precision"] else "float32")
+    names = output_names(config)
+    image_size = train["x"].shape[1]
+    outputs = 1 if len(names) == 2 else len(names)  # one sigmoid unit for the binary task
+    model, optimizer = build_model(config["model"], image_size, outputs, config, params["seed"], name)
+    pretrained = config["model"] in BACKBONES and config["transfer"]["weights"] is not None
+    if pretrained:  # phase 1: only the new head learns
+        for layer in model.layers[:-3]:
+            layer.trainable = False
+    compile_model(model, optimizer, config["learning_rate"], config)
+    task_names = class_names(config["task"])  # the weights balance the task's classes, whatever the head
+    weights, strata = sample_weights(train, task_names, config["class_weight"], config["member_weight"])
+    held_out_weights, _ = sample_weights(val, task_names, config["class_weight"])  # early stopping: the same loss
+    if names != task_names:
+        train, val = ({**data, "y": subtype_targets(data)} for data in (train, val))
+    schedule = [
+        keras.callbacks.ReduceLROnPlateau(
+            monitor="val_loss", factor=0.5, patience=config["reduce_lr_patience"], min_lr=1e-6
+        ),
+        keras.callbacks.EarlyStopping(
+            monitor="val_loss", patience=config["early_stopping_patience"], restore_best_weights=True
+        ),
+    ]
+    if config["loader"] == "stream":  # a batch of float32 at a time, read from the split's files
+        train_steps, val_steps = steps or (None, None)
+        fit_data = {"x": Batches(train["x"], train["y"], weights, batch_size, params["seed"], train_steps)}
+        held_out = Batches(val["x"], val["y"], held_out_weights, batch_size, batches=val_steps)
+    else:
+        fit_data = {
+            "x": np.asarray(train["x"], dtype="float32"),
+            "y": train["y"],
+            "sample_weight": weights,
+            "batch_size": batch_size,
+            "shuffle": True,
+        }
+        held_out = (np.asarray(val["x"], dtype="float32"), val["y"]) + (
+            (held_out_weights,) if held_out_weights is not None else ()
+        )
+        if steps:  # every sharded batch, the last ones too, must divide evenly over the devices
+            x, y, w = full_batches(fit_data["x"], fit_data["y"], weights, batch_size, steps[0])
+            fit_data.update(x=x, y=y, sample_weight=w)
+            held_out = full_batches(*held_out[:2], held_out_weights, batch_size, steps[1])
+    started = time.perf_counter()
+    history = model.fit(
+        **fit_data,
+        epochs=config["epochs"],
+        validation_data=held_out,
+        callbacks=schedule + (callbacks or []),
+        verbose=verbose,
+    )
+    losses = history.history["val_loss"]
+    epochs_run = len(losses)
+    if pretrained and config["transfer"]["fine_tune_epochs"]:  # phase 2: unfreeze the last N backbone layers
+        for layer in model.layers[-3 - config["transfer"]["fine_tune_layers"] : -3]:
+            if not isinstance(layer, keras.layers.BatchNormalization):
+                layer.trainable = True
+        compile_model(model, optimizer, config["transfer"]["fine_tune_learning_rate"], config)
+        more = model.fit(
+            **{key: value for key, value in fit_data.items() if key != "shuffle"},
+            epochs=epochs_run + config["transfer"]["fine_tune_epochs"],
+            initial_epoch=epochs_run,
+            validation_data=held_out,
+            callbacks=schedule + (callbacks or []),
+            verbose=verbose,
+        )
+        losses = losses + more.history["val_loss"]
+        epochs_run = len(losses)
+    seconds = time.perf_counter() - started
+    summary = {
+        "epochs_run": epochs_run,
+        "best_epoch": int(np.argmin(losses)) + 1,
+        "train_seconds": round(seconds, 1),
+        "train_images_per_second": round(len(train["x"]) * epochs_run / seconds, 1),
+        "class_weight": strata,
+    }
+    return model, summary
+
+
+def cross_validation_pool(split_dir: str | Path, task: str, lazy: bool = False) -> dict[str, np.ndarray]:
+    """train+val as one pool; each image keeps its dedup group, so near duplicates never straddle two folds,
+    and its `representative` flag: only representatives are held out and scored (a cluster counts once).
+    `lazy`: the images stay in the split's memory-mapped files (`train.loader: stream`)."""
+    return load_splits(split_dir, ("train", "val"), task, lazy)
+
+
+def folds_of(pool: dict, folds: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(fit rows, held-out rows) per fold: stratified by label, grouped by dedup cluster, seeded.
+
+    The folds are drawn over the representatives alone, so they are the same with and without the clusters'
+    members; a member fits with its group and is never held out."""
+    reps = np.flatnonzero(pool["representative"])
+    splitter = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
+    fold_of_group = {}
+    for fold, (_, held) in enumerate(splitter.split(reps, pool["label"][reps], pool["group"][reps])):
+        fold_of_group.update(dict.fromkeys(pool["group"][reps[held]], fold))
+    fold_of = np.array([fold_of_group[g] for g in pool["group"]])
+    return [(np.flatnonzero(fold_of != k), reps[fold_of[reps] == k]) for k in range(folds)]
+
+
+def fit_folds(
+    params: dict, pool: dict, callbacks_for=None, verbose: int = 2
+) -> tuple[list[keras.Model], list[dict], np.ndarray, np.ndarray]:
+    """Fit one model per fold of `pool` (train+val), each early-stopped on its held-out fold, and predict that
+    fold as the shipped model will (with the mirrored view when `train.mirror_average`).
+
+    Returns (fold models, a summary per fold, the out-of-fold P(tumor) and the fold of each representative).
+    `callbacks_for(fold)` gives extra callbacks for a fold's `fit` (the train stage's dvclive logger)."""
+    config = validate_train(params)
+    names = output_names(config)
+    folds = folds_of(pool, config["folds"], params["seed"])
+    members, summaries = [], []
+    oof, fold_of = np.full(len(pool["x"]), np.nan), np.full(len(pool["x"]), -1, dtype=np.int8)
+    for fold, (fit_rows, held_rows) in enumerate(folds):
+        fit_set, held_set = ({k: v[rows] for k, v in pool.items()} for rows in (fit_rows, held_rows))
+        model, summary = fit(
+            params,
+            fit_set,
+            held_set,
+            callbacks=callbacks_for(fold) if callbacks_for else None,
+            verbose=verbose,
+            name=f"{config['model']}_fold{fold}",
+        )
+        seen_as_shipped = average_of([model], mirrored=True) if config["mirror_average"] else model
+        oof[held_rows], fold_of[held_rows] = tumor_probability(seen_as_shipped, held_set["x"], names), fold
+        members.append(model)
+        summaries.append({"fold": fold, "images": len(fit_rows), "held_out": len(held_rows), **summary})
+        log.info(
+            "train: fold %d/%d: %d epochs (best %d), %.0f images/s",
+            fold + 1,
+            len(folds),
+            summary["epochs_run"],
+            summary["best_epoch"],
+            summary["train_images_per_second"],
+        )
+    reps = pool["representative"]
+    return members, summaries, oof[reps], fold_of[reps]
+
+
+def without_label_issues(pool: dict, oof: np.ndarray) -> tuple[dict, pd.DataFrame]:
+    """`train.clean_learning`: the pool without the clusters whose representative cleanlab flags on its
+    out-of-fold score, and a row per left-out image (members of a flagged cluster share its label, so they go
+    too). The test split is never touched: its metrics use every test image as labelled."""
+    reps = np.flatnonzero(pool["representative"])
+    flagged, quality = label_issues(pool["label"][reps], oof)
+    out = np.isin(pool["cluster"], pool["cluster"][reps[flagged]])
+    first_pass = pd.Series(oof, index=pool["path"][reps])
+    rows = np.flatnonzero(out)
+    excluded = pd.DataFrame(
+        {
+            "path": pool["path"][rows],
+            "label": pool["label"][rows],
+            "p_tumor": np.round(first_pass.reindex(pool["path"][rows]).to_numpy(), 6),
+            "label_quality": np.round(pd.Series(quality, index=pool["path"][reps]).reindex(pool["path"][rows]), 6),
+            "reason": np.where(
+                pool["representative"][rows],
+                "clean_learning: cleanlab flag",
+                "clean_learning: member of a flagged cluster",
+            ),
+        }
+    )
+    return {key: value[~out] for key, value in pool.items()}, excluded
+
+
+def with_left_out_scored(
+    pool: dict, kept: dict, oof: np.ndarray, fold_of: np.ndarray, ensemble: keras.Model, names: list[str]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Out-of-fold P(tumor) and fold for every representative of `pool`, as without clean learning, so that two
+    experiments compare on the same images. Those clean learning left out were seen by no model of the second
+    fit, so the shipped ensemble scores them; their fold is -1, and evaluate places the threshold without them."""
+    reps, kept_reps = pool["path"][pool["representative"]], kept["path"][kept["representative"]]
+    scores = pd.Series(oof, index=kept_reps).reindex(reps)
+    folds = pd.Series(fold_of, index=kept_reps).reindex(reps).fillna(-1).astype(np.int8)
+    left_out = np.flatnonzero(scores.isna().to_numpy())
+    rows = np.flatnonzero(pool["representative"])[left_out]
+    scores.iloc[left_out] = tumor_probability(ensemble, pool["x"][rows], names)
+    return scores.to_numpy(), folds.to_numpy()
+
+
+def train(
+    params: dict,
+    split_dir: str | Path = "artifacts/split",
+    model_dir: str | Path = "artifacts/train",
+    metrics_path: str | Path = "metrics/train.json",
+    live_dir: str | Path = "metrics/train",
+) -> dict:
+    """Run the train stage: k fold models over train+val, each early-stopped on its held-out fold, shipped as
+    one model that averages them. The held-out predictions (out of fold) go to `oof.npz`, where `evaluate`
+    places the threshold: they come from the very models that ship, so the threshold fits the shipped model.
+
+    Writes `model.keras`, `model.json` (what inference needs but the threshold, which `evaluate` adds when it
+    writes the deployable copy to `models/`) and `oof.npz`."""
+    from dvclive import Live
+
+    config = validate_train(params)
+    task, names = config["task"], output_names(config)
+    pool = cross_validation_pool(split_dir, task, lazy=config["loader"] == "stream")
+    log.info(
+        "train: %s (%s), %d fold models over %d train+val images, backend %s",
+        config["model"],
+        task,
+        config["folds"],
+        len(pool["x"]),
+        keras.backend.backend(),
+    )
+
+    def live_metrics(fold: int, prefix: str = "") -> list:
+        live.step = 0
+        return [LiveMetrics(live, f"{prefix}fold{fold}/")]
+
+    excluded = None
+    with Live(str(live_dir), dvcyaml=None, save_dvc_exp=False, report=None) as live:
+        members, summaries, oof, fold_of = fit_folds(params, pool, live_metrics)
+        if config["clean_learning"]:
+            kept, excluded = without_label_issues(pool, oof)
+            log.info("train: clean learning: %d images flagged by cleanlab; fitting again without them", len(excluded))
+            members, summaries, oof, fold_of = fit_folds(
+                params, kept, lambda fold: live_metrics(fold, "clean_learning/")
+            )
+    ensemble = average_of(members, mirrored=config["mirror_average"])
+    if config["clean_learning"]:
+        oof, fold_of = with_left_out_scored(pool, kept, oof, fold_of, ensemble, names)
+    info = {
+        "model": config["model"],
+        "task": task,
+        "class_names": names,
+        "subtypes": names != class_names(task),
+        "folds": len(members),
+        "image_size": int(pool["x"].shape[1]),
+        "input": "uint8 RGB image scaled to image_size, 0..255 float",
+        "keras_backend": keras.backend.backend(),
+        "keras_version": keras.__version__,
+    }
+    with atomic_path(model_dir) as staging:
+        staging.mkdir()
+        ensemble.save(staging / "model.keras")
+        (staging / "model.json").write_text(json.dumps(info, indent=2) + "\n")
+        reps = pool["representative"]
+        np.savez(staging / "oof.npz", path=pool["path"][reps], label=pool["label"][reps], probability=oof, fold=fold_of)
+        if config["clean_learning"]:
+            write_csv(staging / "excluded.csv", excluded)
+    seconds = sum(s["train_seconds"] for s in summaries)
+    metrics = {
+        "folds": len(members),
+        "params": ensemble.count_params(),
+        "train_seconds": round(seconds, 1),
+        "train_images_per_second": round(sum(s["images"] * s["epochs_run"] for s in summaries) / seconds, 1),
+        "epochs_run": sum(s["epochs_run"] for s in summaries),
+        "class_weight": summaries[0]["class_weight"],
+        "out_of_fold_auc": round(float(roc_auc_score(pool["label"][pool["representative"]], oof)), 4),
+        **({"clean_learning_excluded": len(excluded)} if config["clean_learning"] else {}),
+        "members": [{k: v for k, v in s.items() if k != "class_weight"} for s in summaries],
+    }
+    write_json(metrics_path, metrics)
+    log.info(
+        "train: %s ensemble of %d, %d epochs in all, %.0f images/s, out-of-fold ROC AUC %.4f",
+        config["model"],
+        len(members),
+        metrics["epochs_run"],
+        metrics["train_images_per_second"],
+        metrics["out_of_fold_auc"],
+    )
+    return metrics

@@ -1,0 +1,1 @@
+"""Judging a trained model: evaluation, explanations, label review, unseen-collection figures, comparisons."""

@@ -1,0 +1,238 @@
+"""`braintumor predict` (and the web service): classify new scans with a shipped model, local or registered.
+
+A model reference is a registry URI (`models:/brain-tumor-classifier@champion`), a run URI (`runs:/<id>/model`),
+an MLflow model folder, or a local `.keras` file with its `model.json` beside it (as in `models/`). Nothing in a
+model runs as code: only `models:/` and `runs:/` URIs and local paths are resolved, an MLflow model must be a
+Keras 3 archive inside its own folder (no exported SavedModel, whose graph TensorFlow would run), Keras loads it
+in safe mode, and its description is checked against the network. Images go through `images.model_input`, the
+very code that prepared the training arrays, with a pixel limit and a format allowlist.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlparse
+
+import numpy as np
+
+from braintumor.data.images import DEFAULT_MAX_PIXELS, model_input
+from braintumor.data.listing import walk_files
+from braintumor.errors import ImageReadError, ModelLoadError
+
+SCHEMES = ("models", "runs")  # the URI schemes resolved through MLflow; anything else is refused
+
+
+@dataclass
+class LoadedModel:
+    model: object  # keras.Model
+    info: dict  # model.json: image_size, class_names, threshold, ...
+
+    @property
+    def threshold(self) -> float:
+        return float(self.info["threshold"])
+
+
+def _from_keras_file(path: Path, info: dict, where: str) -> LoadedModel:
+    from braintumor.model.inference import check_model_info, load_model
+
+    model = load_model(path)
+    return LoadedModel(model, check_model_info(info, model, where))
+
+
+def _from_mlflow_folder(folder: Path) -> LoadedModel:
+    """The Keras archive of an MLflow model folder, read the way `mlflow.keras` lays it out, without its loader
+    (which takes safe mode from the environment and loads exported SavedModels with TensorFlow)."""
+    from mlflow.models import Model
+
+    where = f"{folder / 'MLmodel'}"
+    try:
+        description = Model.load(folder / "MLmodel")
+    except Exception as err:  # noqa: BLE001 - a malformed MLmodel file, of any kind
+        raise ModelLoadError(f"{where}: not a readable MLflow model description ({err})") from err
+    flavor = description.flavors.get("keras")
+    if flavor is None:
+        raise ModelLoadError(f"{where}: no `keras` flavor (this project logs Keras 3 models only)")
+    if flavor.get("save_exported_model"):
+        raise ModelLoadError(
+            f"{where}: an exported SavedModel (save_exported_model: true) is a TensorFlow graph "
+            "that would run as code; only Keras 3 .keras archives are loaded"
+        )
+    root = folder.resolve()
+    data = (folder / str(flavor.get("data", "model"))).resolve()
+    if not data.is_relative_to(root):
+        raise ModelLoadError(f"{where}: its `data` path {flavor.get('data')!r} leads outside the model folder")
+    archive = (data / "model.keras") if data.is_dir() else data.with_name(data.name + ".keras")
+    if not archive.resolve().is_relative_to(root) or not archive.is_file():
+        raise ModelLoadError(f"{where}: no Keras archive at {archive}")
+    info = description.metadata or {}
+    if "threshold" not in info:
+        raise ModelLoadError(
+            f"{where}: the MLflow model has no threshold in its metadata; it was not logged by `braintumor register`"
+        )
+    return _from_keras_file(archive, info, where)
+
+
+def load(reference: str) -> LoadedModel:
+    """Resolve `reference` (see the module docstring) to the Keras model and what inference needs."""
+    scheme = urlparse(reference).scheme
+    if scheme and scheme not in SCHEMES:
+        from braintumor.registry.tracking import redact
+
+        raise ModelLoadError(
+            f"{redact(reference)}: the {scheme}: scheme is not loaded; give a models:/ or runs:/ URI of "
+            "the tracking server, or a local path"
+        )
+    if not scheme:
+        path = Path(reference)
+        if path.is_file() and path.suffix == ".keras":
+            sidecar = path.with_name("model.json")
+            if not sidecar.is_file():
+                raise ModelLoadError(
+                    f"{path}: no model.json beside it (image size, classes, threshold); copy the "
+                    "whole models/ folder, or use a models:/ or runs:/ URI"
+                )
+            try:
+                info = json.loads(sidecar.read_text())
+            except (ValueError, UnicodeDecodeError) as err:
+                raise ModelLoadError(f"{sidecar}: not valid JSON ({err})") from err
+            return _from_keras_file(path, info if isinstance(info, dict) else {}, str(sidecar))
+        if path.is_dir():
+            if (path / "MLmodel").is_file():
+                return _from_mlflow_folder(path)
+            if (path / "model.keras").is_file():
+                return load(str(path / "model.keras"))
+            raise ModelLoadError(f"{path}: neither an MLflow model folder nor a folder with model.keras")
+        raise ModelLoadError(f"{reference}: no such model file or folder, and not a models:/ or runs:/ URI")
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    from braintumor.registry.tracking import redact
+
+    connect_tracking()
+    with tempfile.TemporaryDirectory(prefix="braintumor-model-") as scratch:  # the model ends up in memory
+        try:
+            folder = Path(mlflow.artifacts.download_artifacts(artifact_uri=reference, dst_path=scratch))
+        except MlflowException as err:
+            raise ModelLoadError(
+                f"{redact(reference)}: {redact(err.message)} (tracking URI "
+                f"{redact(mlflow.get_tracking_uri())}; set MLFLOW_TRACKING_URI to the server or "
+                "database that holds the model)"
+            ) from err
+        return _from_mlflow_folder(folder)
+
+
+def connect_tracking() -> None:
+    """Point MLflow at `MLFLOW_TRACKING_URI`, else at the project's embedded store when run inside the project."""
+    import mlflow
+
+    from braintumor.registry.tracking import local_store, project_root
+
+    if not os.environ.get("MLFLOW_TRACKING_URI") and (project_root() / "mlflow" / "mlflow.db").is_file():
+        store = local_store()[0]
+        mlflow.set_tracking_uri(store)
+        mlflow.set_registry_uri(store)
+
+
+def image_files(paths: list[str]) -> list[Path]:
+    """The files to classify: each path as given, and every entry under each folder (sorted). Nothing is passed
+    over: an entry that is no image gets an error result from `predict`."""
+    files = []
+    for name in paths:
+        path = Path(name)
+        if path.is_dir():
+            found, problems = walk_files(path)
+            files.extend(sorted(found + [Path(entry) for entry, _, _ in problems]))
+        else:
+            files.append(path)
+    return files
+
+
+def read_error(path: Path, err: Exception) -> str:
+    if isinstance(err, ImageReadError):
+        return f"{err.reason}: {err.detail}"
+    return f"{type(err).__name__}: {err}"
+
+
+def predict(
+    loaded: LoadedModel, files: list[Path | str], batch_size: int = 32, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> tuple[list[dict], np.ndarray]:
+    """One result per file, in order: {"path", "probability", "label"}, or {"path", "error"} for a file that
+    cannot be read as an image (the others are still predicted); and the prepared images of the predicted
+    files, in the same order, for Grad-CAM."""
+    from braintumor.model.inference import tumor_probability
+
+    size = int(loaded.info["image_size"])
+    results, arrays, rows = [], [], []
+    for path in map(Path, files):
+        try:
+            if not path.is_file():
+                raise ImageReadError(
+                    path, "not_a_file", "missing, a broken link, a folder that cannot be listed, or not a regular file"
+                )
+            arrays.append(model_input(path, size, max_pixels=max_pixels))
+            rows.append(len(results))
+            results.append({"path": str(path)})
+        except Exception as err:  # noqa: BLE001 - any unreadable file is reported, never fatal for the rest
+            results.append({"path": str(path), "error": read_error(path, err)})
+    if not arrays:
+        return results, np.zeros((0, size, size, 3), dtype=np.uint8)
+    images = np.stack(arrays)
+    probabilities = tumor_probability(loaded.model, images, loaded.info["class_names"], batch_size=batch_size)
+    for row, p in zip(rows, probabilities, strict=True):
+        results[row].update(probability=round(float(p), 6), label=int(p >= loaded.threshold))
+    return results, images
+
+
+# Files decoded, predicted and explained at a time by `braintumor predict`: its memory stays that of one chunk
+# whatever the number of files (rounded up to whole batches, so results equal those of one call).
+FILES_AT_A_TIME = 512
+
+
+def predict_in_chunks(
+    loaded: LoadedModel, files: list[Path | str], batch_size: int = 32, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> Iterator[tuple[list[dict], np.ndarray]]:
+    """`predict` over consecutive chunks of `files`, one (results, images) pair a chunk."""
+    chunk = -(-FILES_AT_A_TIME // batch_size) * batch_size
+    for start in range(0, len(files), chunk):
+        yield predict(loaded, files[start : start + chunk], batch_size, max_pixels)
+
+
+def write_grad_cams(
+    loaded: LoadedModel, results: list[dict], images: np.ndarray, folder: Path, first: int = 0
+) -> list[Path]:
+    """A Grad-CAM overlay PNG per predicted image (`predict`'s two outputs), named after its position (counted
+    from `first`) and file."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from braintumor.quality.explain import grad_cam
+
+    if not len(images):
+        return []
+    done = [r for r in results if "error" not in r]
+    cams = grad_cam(loaded.model, images, loaded.info["class_names"])
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    for k, (result, image, cam) in enumerate(zip(done, images, cams, strict=True)):
+        fig, ax = plt.subplots(figsize=(3, 3.2))
+        ax.imshow(image)
+        ax.imshow(cam, cmap="jet", alpha=0.4)
+        ax.set_title(
+            f"{Path(result['path']).name[:28]}\nP(tumor)={result['probability']:.3f} "
+            f"({'tumor' if result['label'] else 'no tumor'})",
+            fontsize=7,
+        )
+        ax.axis("off")
+        fig.tight_layout()
+        out = folder / f"{first + k:04d}-{Path(result['path']).stem}.png"
+        fig.savefig(out, dpi=100)
+        plt.close(fig)
+        written.append(out)
+    return written

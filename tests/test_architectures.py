@@ -1,0 +1,77 @@
+import keras
+import numpy as np
+import pytest
+
+from braintumor.errors import ParamError
+from braintumor.model.architectures import augmentation, build_model
+from braintumor.params import MODEL_NAMES, validate_train
+
+from fixtures.split import tiny_params
+
+# The binary head (one sigmoid) on every variant; the four-way softmax head on one (the head is shared code).
+VARIANTS = [(name, 1) for name in MODEL_NAMES] + [("small_xception", 4)]
+
+
+@pytest.fixture(scope="module")
+def built() -> dict:
+    """Each variant built once for the module: keras.applications backbones take seconds each."""
+    return {
+        (name, outputs): build_model(name, 48, outputs, tiny_params(name)["train"], seed=0)
+        for name, outputs in VARIANTS
+    }
+
+
+@pytest.mark.parametrize("name, outputs", VARIANTS)  # every name params.yaml accepts must build
+def test_every_variant_builds_and_predicts_probabilities(built, name, outputs):
+    model, optimizer = built[(name, outputs)]
+    x = np.random.default_rng(0).integers(0, 256, (2, 48, 48, 3)).astype("float32")
+    p = keras.ops.convert_to_numpy(model(x, training=False))
+    assert p.shape == (2, outputs) and optimizer in ("adam", "rmsprop")
+    assert ((p >= 0) & (p <= 1)).all()
+    if outputs > 1:
+        np.testing.assert_allclose(p.sum(axis=1), 1, rtol=1e-5)
+
+
+def test_augmentation_amounts_of_zero_leave_layers_out_and_inference_is_untouched():
+    config = {"horizontal_flip": False, "rotation": 0.1, "zoom": 0, "translation": 0, "brightness": 0.2, "contrast": 0}
+    assert [type(layer).__name__ for layer in augmentation(config, 0)] == ["RandomRotation", "RandomBrightness"]
+    params = tiny_params("small_xception")
+    model, _ = build_model("small_xception", 48, 1, params["train"], 0)
+    x = np.random.default_rng(1).integers(0, 256, (4, 48, 48, 3)).astype("float32")
+    first = keras.ops.convert_to_numpy(model(x, training=False))
+    np.testing.assert_array_equal(first, keras.ops.convert_to_numpy(model(x, training=False)))
+    assert not np.allclose(first, keras.ops.convert_to_numpy(model(x, training=True)))
+
+
+def test_saved_model_reloads_with_the_same_predictions(built, tmp_path):
+    model, _ = built[("resnet50", 1)]
+    x = np.random.default_rng(2).integers(0, 256, (2, 48, 48, 3)).astype("float32")
+    model.save(tmp_path / "m.keras")
+    again = keras.saving.load_model(tmp_path / "m.keras")
+    np.testing.assert_allclose(model.predict(x, verbose=0), again.predict(x, verbose=0), rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"model": "resnet18"}, "train.model"),
+        ({"class_weight": "auto"}, "train.class_weight"),
+        ({"weight_decay": -0.01}, "train.weight_decay"),
+    ],
+)
+def test_train_params_are_validated(change, message):
+    params = tiny_params(**change) if "model" not in change else tiny_params(change["model"])
+    with pytest.raises(ParamError, match=message):
+        validate_train(params)
+
+
+def test_image_too_small_for_a_model():
+    params = tiny_params("seed_cnn")
+    params["split"]["image_size"] = 36
+    with pytest.raises(ParamError, match="too small for train.model seed_cnn"):
+        validate_train(params)
+    params = tiny_params("small_xception")
+    params["split"]["image_size"] = 32
+    params["train"]["small_xception"]["widths"] = [8] * 5  # five halvings and the stem: needs 64
+    with pytest.raises(ParamError, match="too small for 5 blocks"):
+        validate_train(params)

@@ -1,0 +1,186 @@
+"""`braintumor predict` and `mlflow models serve` on the registered champion, each in a fresh process."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+import requests
+
+from braintumor import cli
+from braintumor.data.images import model_input
+from braintumor.errors import ModelLoadError
+from braintumor.registry.register import register
+from braintumor.serve.predict import image_files, load, predict
+
+from conftest import brain_image, save
+from fixtures.servers import BIN, free_port, serving, tool_env
+
+MODEL = "models:/predict-model@champion"
+
+
+@pytest.fixture(scope="module")
+def scans(tmp_path_factory) -> Path:
+    """New scans in every form a user may have, plus files that are not images."""
+    root = tmp_path_factory.mktemp("scans")
+    save(root / "gray.png", brain_image(1, 120))
+    save(root / "nested/rgba.png", brain_image(2, 90), mode="RGBA")
+    save(root / "sixteen_bit.png", brain_image(3, 64), mode="I;16")
+    save(root / "odd_size.jpg", brain_image(4, 200)[:173, :131], mode="RGB")
+    (root / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    (root / "empty.png").write_bytes(b"")
+    (root / "notes.txt").write_text("not an image: listed with an error, never passed over")
+    return root
+
+
+@pytest.fixture(scope="module")
+def registered(mlflow_server, trained_states, tmp_path_factory):
+    """The seed_cnn state registered as champion of `predict-model` on the session's tracking server."""
+    workspace, params = trained_states["seed_cnn"]
+    params = copy.deepcopy(params)
+    params["register"].update(experiment="predict", model_name="predict-model")
+    with pytest.MonkeyPatch.context() as patch, contextlib.chdir(workspace):
+        patch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+        patch.setenv("DVC_ROOT", str(tmp_path_factory.mktemp("predict-root")))
+        assert register(params)["champion_version"] == 1
+    return workspace
+
+
+def expected(workspace: Path, files: list[Path]) -> np.ndarray:
+    """P(tumor) straight from the workspace's Keras model on the shared preprocessing."""
+    model = keras.saving.load_model(workspace / "models/model.keras")
+    size = json.loads((workspace / "models/model.json").read_text())["image_size"]
+    return model.predict(np.stack([model_input(f, size) for f in files]).astype("float32"), verbose=0)[:, 0]
+
+
+def test_folders_expand_to_their_images(scans):
+    names = {p.relative_to(scans).as_posix() for p in image_files([str(scans)])}
+    assert names == {
+        "gray.png",
+        "nested/rgba.png",
+        "sixteen_bit.png",
+        "odd_size.jpg",
+        "corrupt.jpg",
+        "empty.png",
+        "notes.txt",
+    }
+
+
+def test_local_model_predicts_every_readable_image_and_reports_the_rest(trained_states, scans):
+    workspace = trained_states["seed_cnn"][0]
+    loaded = load(str(workspace / "models/model.keras"))
+    files = image_files([str(scans)])
+    results, _ = predict(loaded, files)
+    assert [r["path"] for r in results] == [str(f) for f in files]
+    assert predict(loaded, [str(f) for f in files])[0] == results  # paths as text work the same
+    bad = {Path(r["path"]).name: r["error"] for r in results if "error" in r}
+    assert set(bad) == {"corrupt.jpg", "empty.png", "notes.txt"} and "empty_file" in bad["empty.png"]
+    assert bad["notes.txt"].startswith("not_an_image")
+    good = [r for r in results if "error" not in r]
+    want = expected(workspace, [Path(r["path"]) for r in good])
+    assert [r["probability"] for r in good] == pytest.approx(want, abs=1e-5)
+    assert [r["label"] for r in good] == [int(p >= loaded.threshold) for p in want]
+
+
+def test_predict_command_works_a_chunk_at_a_time_with_the_same_results(
+    trained_states, scans, tmp_path, monkeypatch, capsys
+):
+    model = str(trained_states["seed_cnn"][0] / "models/model.keras")
+    files = image_files([str(scans)])
+    whole, _ = predict(load(model), files, batch_size=1)
+    monkeypatch.setattr("braintumor.serve.predict.FILES_AT_A_TIME", 2)  # 7 files: 4 chunks, one with 2 bad files
+    assert (
+        cli.main(["predict", "--model", model, "--json", "--batch-size", "1", "--explain", str(tmp_path), str(scans)])
+        == 1
+    )
+    printed = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert printed == whole
+    overlays = sorted(p.name for p in tmp_path.glob("*.png"))
+    assert [name[:4] for name in overlays] == ["0000", "0001", "0002", "0003"]  # one per readable file, numbered on
+
+
+def test_a_keras_file_without_its_model_json_is_refused_with_a_hint(trained_states, tmp_path):
+    lone = tmp_path / "model.keras"
+    lone.write_bytes((trained_states["seed_cnn"][0] / "models/model.keras").read_bytes())
+    with pytest.raises(ModelLoadError, match="no model.json beside it"):
+        load(str(lone))
+    with pytest.raises(ModelLoadError, match="not a models:/ or runs:/ URI"):
+        load(str(tmp_path / "missing.keras"))
+
+
+def test_predict_command_pulls_the_champion_in_a_fresh_process(mlflow_server, registered, scans, tmp_path):
+    env = {"PATH": f"{BIN}{os.pathsep}/usr/bin:/bin", "HOME": str(tmp_path), "MLFLOW_TRACKING_URI": mlflow_server}
+    result = subprocess.run(
+        [
+            str(BIN / "braintumor"),
+            "predict",
+            "--model",
+            MODEL,
+            "--json",
+            str(scans),
+            "--explain",
+            str(tmp_path / "cams"),
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 1, result.stderr  # some files could not be read; the rest are predicted
+    lines = [json.loads(line) for line in result.stdout.splitlines()]
+    assert len(lines) == 7
+    errors = {Path(line["path"]).name for line in lines if "error" in line}
+    assert errors == {"corrupt.jpg", "empty.png", "notes.txt"}
+    good = [line for line in lines if "error" not in line]
+    assert all(set(line) == {"path", "probability", "label"} for line in good)
+    want = expected(registered, [Path(line["path"]) for line in good])
+    assert [line["probability"] for line in good] == pytest.approx(want, abs=1e-5)
+    assert len(list((tmp_path / "cams").glob("*.png"))) == len(good)
+    assert "4 images" in result.stderr
+
+
+def test_predict_command_without_a_reachable_model_says_what_to_set(scans, tmp_path):
+    env = {"PATH": f"{BIN}{os.pathsep}/usr/bin:/bin", "HOME": str(tmp_path)}
+    result = subprocess.run(
+        [str(BIN / "braintumor"), "predict", "--model", MODEL, str(scans / "gray.png")],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 2 and "MLFLOW_TRACKING_URI" in result.stderr
+
+
+def test_mlflow_models_serve_answers_with_the_same_probabilities(mlflow_server, registered, scans, tmp_path):
+    port = free_port()
+    args = [
+        str(BIN / "mlflow"),
+        "models",
+        "serve",
+        "-m",
+        MODEL,
+        "--env-manager",
+        "local",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+    ]
+    files = [scans / "gray.png", scans / "odd_size.jpg"]
+    images = np.stack([model_input(f, 48) for f in files])
+    with serving(
+        args, f"http://127.0.0.1:{port}/ping", tmp_path / "serve.log", env=tool_env(MLFLOW_TRACKING_URI=mlflow_server)
+    ):
+        answer = requests.post(f"http://127.0.0.1:{port}/invocations", json={"inputs": images.tolist()}, timeout=60)
+    assert answer.status_code == 200, answer.text
+    served = np.array(answer.json()["predictions"])[:, 0]
+    assert served == pytest.approx(expected(registered, files), abs=1e-5)

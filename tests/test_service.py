@@ -1,0 +1,157 @@
+"""The REST API of `braintumor serve`, against the real app on tiny trained models (FastAPI's TestClient)."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+from mlflow import MlflowClient
+from PIL import Image
+
+from braintumor.registry.register import CHAMPION, register
+from braintumor.serve.predict import load, predict
+from braintumor.serve.service import Limits, create_app
+
+from conftest import EPS, bomb_png, brain_image, save
+
+
+def png_bytes(pixels, mode: str = "L") -> bytes:
+    out = io.BytesIO()
+    Image.fromarray(pixels).convert(mode).save(out, format="PNG")
+    return out.getvalue()
+
+
+@pytest.fixture(scope="module")
+def local_client(trained_states):
+    """The app over a shipped models/ folder (model.keras with model.json)."""
+    workspace = trained_states["seed_cnn"][0]
+    with TestClient(
+        create_app(str(workspace / "models/model.keras"), Limits(max_body_bytes=2 << 20, max_file_bytes=1 << 20))
+    ) as client:
+        yield client, workspace
+
+
+def test_several_files_keep_their_order_and_match_the_command_line(local_client, tmp_path):
+    client, workspace = local_client
+    files = [
+        save(tmp_path / "a.png", brain_image(1, 120)),
+        save(tmp_path / "b.jpg", brain_image(2, 90), "RGB"),
+        save(tmp_path / "c.png", brain_image(3, 64), "I;16"),
+    ]
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"\xff\xd8\xff\xe0 cut short")
+    upload = [files[0], broken, files[1], files[2]]
+    answer = client.post("/v1/predict", files=[("files", (p.name, p.read_bytes())) for p in upload])
+    assert answer.status_code == 200, answer.text
+    body = answer.json()
+    assert [r["filename"] for r in body["results"]] == ["a.png", "broken.jpg", "b.jpg", "c.png"]
+    assert body["results"][1]["error"].startswith(("truncated_or_corrupt", "not_an_image"))
+    loaded = load(str(workspace / "models/model.keras"))
+    expected, _ = predict(loaded, files)  # what `braintumor predict` says for the same files
+    got = [r for r in body["results"] if "error" not in r]
+    assert [r["label"] for r in got] == [e["label"] for e in expected]
+    assert [r["probability"] for r in got] == pytest.approx([e["probability"] for e in expected], abs=1e-5)
+    assert body["model"]["threshold"] == loaded.threshold and body["model"]["image_size"] == 48
+
+
+def test_bad_requests_get_a_json_4xx(local_client):
+    client, _ = local_client
+    no_files = client.post("/v1/predict", data={"other": "x"})
+    assert no_files.status_code == 400 and "files" in no_files.json()["detail"]
+    too_big = client.post("/v1/predict", files=[("files", ("big.png", b"\0" * (3 << 20)))])
+    assert too_big.status_code == 413 and "limit" in too_big.json()["detail"]
+    assert client.get("/healthz").json() == {"status": "ok"}  # the process is still up
+
+
+def test_a_bomb_and_foreign_formats_are_refused_per_file(local_client):
+    client, _ = local_client
+    answer = client.post(
+        "/v1/predict",
+        files=[
+            ("files", ("bomb.png", bomb_png(10_000))),
+            ("files", ("poster.jpg", EPS)),
+            ("files", ("fine.png", png_bytes(brain_image(5)))),
+        ],
+    )
+    assert answer.status_code == 200
+    results = {r["filename"]: r for r in answer.json()["results"]}
+    assert results["bomb.png"]["error"].startswith("too_large")
+    assert results["poster.jpg"]["error"].startswith("unsupported_format")
+    assert 0 <= results["fine.png"]["probability"] <= 1
+
+
+def test_explain_answers_the_scan_beside_its_overlay(local_client):
+    client, _ = local_client
+    answer = client.post("/v1/explain", files={"file": ("a.png", png_bytes(brain_image(4)))})
+    assert answer.status_code == 200 and answer.headers["content-type"] == "image/png"
+    panel = Image.open(io.BytesIO(answer.content))
+    assert panel.size == (2 * 256 + 8, 256)
+    left, right = panel.crop((0, 0, 256, 256)), panel.crop((264, 0, 520, 256))
+    assert left.convert("RGB").getextrema()[0] == left.convert("RGB").getextrema()[2]  # gray scan
+    assert left.tobytes() != right.tobytes()  # coloured overlay
+    bad = client.post("/v1/explain", files={"file": ("x.png", b"nope")})
+    assert bad.status_code == 422 and "x.png" in bad.json()["detail"]
+
+
+def test_the_page_and_its_assets_are_served_from_the_app(local_client):
+    client, _ = local_client
+    page = client.get("/")
+    assert page.status_code == 200 and '<script src="app.js">' in page.text
+    assert "not a diagnostic device" in page.text
+    for asset in ("app.js", "app.css"):
+        assert client.get(f"/{asset}").status_code == 200
+    assert "http" not in page.text.replace("http-equiv", "")  # nothing from a CDN
+    assert client.get("/docs").status_code == 200 and "/v1/predict" in client.get("/openapi.json").text
+
+
+@pytest.fixture
+def two_versions(mlflow_server, trained_states, tmp_path, monkeypatch):
+    """Both tiny states registered as versions 1 and 2 of `serve-model`, the alias on version 1."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path))
+    for name in ("seed_fsm", "seed_cnn"):
+        workspace, params = trained_states[name]
+        params = copy.deepcopy(params)
+        params["register"].update(experiment="serve", model_name="serve-model", champion_on_new_data="replace")
+        with contextlib.chdir(workspace):
+            register(params)
+    client = MlflowClient()
+    client.set_registered_model_alias("serve-model", CHAMPION, "1")
+    return client
+
+
+def test_a_moved_alias_is_served_from_the_next_answer_on(two_versions, tmp_path):
+    scan = save(tmp_path / "a.png", brain_image(9))
+    with TestClient(create_app("models:/serve-model@champion", poll_seconds=0)) as client:
+        first = client.post("/v1/predict", files=[("files", ("a.png", scan.read_bytes()))]).json()
+        assert first["model"] == {**first["model"], "name": "serve-model", "version": "1", "alias": "champion"}
+        info = client.get("/v1/model").json()
+        assert info["model_card"] and set(info["test_metrics"]) >= {"recall", "specificity"}
+        two_versions.set_registered_model_alias("serve-model", CHAMPION, "2")
+        assert client.post("/v1/reload").json()["reloaded"] is True
+        second = client.post("/v1/predict", files=[("files", ("a.png", scan.read_bytes()))]).json()
+        assert second["model"]["version"] == "2"
+        assert client.post("/v1/reload").json()["reloaded"] is False  # nothing moved since
+
+
+def test_the_poll_notices_a_moved_alias_by_itself(two_versions):
+    import time
+
+    with TestClient(create_app("models:/serve-model@champion", poll_seconds=0.5)) as client:
+        assert client.get("/readyz").json()["model"]["version"] == "1"
+        two_versions.set_registered_model_alias("serve-model", CHAMPION, "2")
+        deadline = time.monotonic() + 60
+        while client.get("/readyz").json()["model"]["version"] != "2":
+            assert time.monotonic() < deadline, "the alias move was not noticed within a minute"
+            time.sleep(0.5)
+
+
+def test_a_bad_reference_stops_at_start_up(tmp_path):
+    from braintumor.errors import ModelLoadError
+
+    with pytest.raises(ModelLoadError):
+        create_app(str(Path(tmp_path) / "missing.keras"))

@@ -1,0 +1,351 @@
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import keras
+import numpy as np
+import pandas as pd
+import pytest
+
+from braintumor.data.datasets import load_split
+from braintumor.labels import MULTICLASS_CLASSES, collection_of
+from braintumor.model.inference import load_model, members_of, mirror, tumor_probability
+from braintumor.model.train import (
+    compile_model,
+    cross_validation_pool,
+    fit,
+    folds_of,
+    sample_weights,
+    subtype_crossentropy,
+    subtype_targets,
+    train,
+)
+from braintumor.quality.evaluate import binary_metrics, evaluate, threshold_for_recall
+
+from conftest import REPO
+from fixtures.split import make_split, tiny_params
+
+
+def test_sample_weights_balance_classes_or_each_source_s_classes():
+    # source a: 10 healthy, 30 tumor; source b: 4 healthy, 6 tumor
+    y = np.array([0] * 10 + [1] * 30 + [0] * 4 + [1] * 6)
+    data = {"y": y, "source": np.array(["a"] * 40 + ["b"] * 10)}
+    names = ["no_tumor", "tumor"]
+
+    weights, strata = sample_weights(data, names, "balanced")
+    assert weights[y == 0].sum() == pytest.approx(weights[y == 1].sum())
+    assert weights.sum() == pytest.approx(len(y)) and set(strata) == {"no_tumor", "tumor"}
+
+    weights, strata = sample_weights(data, names, "balanced_by_source")
+    totals = [weights[(data["source"] == s) & (y == c)].sum() for s in "ab" for c in (0, 1)]
+    assert totals == pytest.approx([len(y) / 4] * 4)
+    assert strata == pytest.approx(
+        {"a/no_tumor": 50 / 40, "a/tumor": 50 / 120, "b/no_tumor": 50 / 16, "b/tumor": 50 / 24}, abs=1e-4
+    )  # reported to 4 decimals
+
+    assert sample_weights(data, names, "none") == (None, {})
+
+
+def test_sample_weights_by_collection_balance_each_folder_of_a_source():
+    # source a: collection Training 10 healthy / 30 tumor, Testing 5 / 5; source b (no collections): 4 / 6
+    y = np.array([0] * 10 + [1] * 30 + [0] * 5 + [1] * 5 + [0] * 4 + [1] * 6)
+    data = {
+        "y": y,
+        "source": np.array(["a"] * 50 + ["b"] * 10),
+        "collection": np.array(["Training"] * 40 + ["Testing"] * 10 + [""] * 10, dtype=object),
+    }
+    weights, strata = sample_weights(data, ["no_tumor", "tumor"], "balanced_by_collection")
+    assert set(strata) == {
+        "a/Training/no_tumor",
+        "a/Training/tumor",
+        "a/Testing/no_tumor",
+        "a/Testing/tumor",
+        "b/no_tumor",
+        "b/tumor",
+    }
+    keys = np.array([f"{s}/{c}/{k}" for s, c, k in zip(data["source"], data["collection"], y, strict=True)])
+    totals = [weights[keys == key].sum() for key in np.unique(keys)]
+    assert totals == pytest.approx([len(y) / 6] * 6)
+    assert strata["a/Testing/no_tumor"] == pytest.approx(60 / 30, abs=1e-4)
+
+
+@pytest.mark.parametrize(
+    "source, original, collection",
+    [
+        ("kaggle2020", "Training/glioma_tumor/gg (1).jpg", "Training"),
+        ("kaggle2020", "Testing/no_tumor/image(3).jpg", "Testing"),
+        ("kaggle2018", "brain_tumor_dataset/no/N1.jpg", "brain_tumor_dataset"),
+        ("kaggle2018", "yes/Y1.jpg", ""),
+        ("local", "tumor/patient-7/slice.png", ""),
+        ("ixi", "http://example.org/IXI-T1.tar#IXI002-Guys-0828-T1.nii.gz", ""),
+    ],
+)
+def test_collection_is_the_folders_above_the_class_folder(source, original, collection):
+    assert collection_of(source, original) == collection
+
+
+@pytest.mark.parametrize("weight_decay, kernel_after", [(0.0, 1.0), (0.5, 0.95)])
+def test_weight_decay_shrinks_weights_by_learning_rate_times_decay(weight_decay, kernel_after):
+    # zero inputs: the loss has no gradient, so only the decay moves the kernel (lr 0.1 * decay 0.5 = 5 %)
+    model = keras.Sequential([keras.Input((1,)), keras.layers.Dense(1, use_bias=False, kernel_initializer="ones")])
+    compile_model(model, "adam", 0.1, {"task": "binary", "subtypes": False, "weight_decay": weight_decay})
+    model.train_on_batch(np.zeros((4, 1), "float32"), np.ones((4, 1), "float32"))
+    assert float(model.get_weights()[0][0, 0]) == pytest.approx(kernel_after)
+
+
+def test_multiclass_keeps_only_known_subtypes(tmp_path):
+    split = make_split(tmp_path / "split")
+    np.save(split / "extra.x.npy", np.zeros((3, 48, 48), np.uint8))
+    np.savez(
+        split / "extra.npz",
+        y=np.array([1, 1, 0], np.int8),
+        subtype=np.array(["unknown", "glioma", "none"]),
+        path=np.array(["a", "b", "c"]),
+    )
+    extra = pd.DataFrame(
+        [
+            {"path": p, "label": y, "subtype": t, "source": s, "group": f"g-{p}", "cluster": c, "split": "extra"}
+            for c, (p, y, t, s) in enumerate([("a", 1, "unknown", "x"), ("b", 1, "glioma", "y"), ("c", 0, "none", "x")])
+        ]
+    )
+    pd.concat([pd.read_csv(split / "manifest.csv"), extra]).to_csv(split / "manifest.csv", index=False)
+    data = load_split(split, "extra", "multiclass")
+    assert data["path"].tolist() == ["b", "c"] and data["y"].tolist() == [0, 2]  # glioma, no_tumor
+    assert data["source"].tolist() == ["y", "x"] and data["group"].tolist() == ["g-b", "g-c"]
+    assert load_split(split, "extra", "binary")["y"].tolist() == [1, 1, 0]
+
+
+def test_subtype_targets_and_loss_teach_the_type_where_known_and_tumor_where_not():
+    data = {
+        "label": np.array([0, 1, 1, 1, 1]),
+        "subtype": np.array(["none", "glioma", "unknown", "pituitary", "meningioma"]),
+    }
+    targets = subtype_targets(data)  # classes: glioma, meningioma, no_tumor, pituitary; 4 = some tumor
+    assert targets.tolist() == [2, 0, 4, 3, 1]
+    p = np.array([[0.1, 0.2, 0.6, 0.1]] * 5, dtype="float32")
+    loss = keras.ops.convert_to_numpy(subtype_crossentropy(targets, p))
+    assert loss == pytest.approx(-np.log([0.6, 0.1, 0.4, 0.1, 0.2]), rel=1e-5)
+
+
+def test_a_split_whose_manifest_misses_images_is_named(tmp_path):
+    split = make_split(tmp_path / "split")
+    np.save(split / "extra.x.npy", np.zeros((1, 48, 48), np.uint8))
+    np.savez(
+        split / "extra.npz",
+        y=np.array([1], np.int8),
+        subtype=np.array(["glioma"]),
+        path=np.array(["unlisted.png"]),
+    )
+    with pytest.raises(ValueError, match=r"manifest.csv: 1 images of extra.npz .*unlisted.png.*dvc repro split"):
+        load_split(split, "extra", "binary")
+
+
+def test_a_small_model_learns_the_synthetic_lesions(tmp_path):
+    split = make_split(tmp_path / "split")
+    params = tiny_params("seed_cnn", epochs=12, early_stopping_patience=12)
+    model, summary = fit(params, load_split(split, "train", "binary"), load_split(split, "val", "binary"), verbose=0)
+    test = load_split(split, "test", "binary")
+    accuracy = ((model.predict(test["x"].astype("float32"), verbose=0)[:, 0] >= 0.5) == test["y"]).mean()
+    assert accuracy >= 0.85
+    assert 1 <= summary["best_epoch"] <= summary["epochs_run"] <= 12
+
+
+def test_train_stage_ships_the_fold_ensemble_with_out_of_fold_predictions(in_tmp):
+    make_split(in_tmp / "artifacts/split")
+    params = tiny_params("small_xception", epochs=2, class_weight="balanced_by_source")
+    metrics = train(params)
+    assert set(metrics["class_weight"]) == {"synthetic/no_tumor", "synthetic/tumor"}  # sources come from the manifest
+    info = json.loads((in_tmp / "artifacts/train/model.json").read_text())
+    assert info["class_names"] == ["no_tumor", "tumor"] and info["image_size"] == 48 and info["folds"] == 2
+    assert json.loads((in_tmp / "metrics/train.json").read_text()) == metrics
+    assert [m["fold"] for m in metrics["members"]] == [0, 1]
+    assert sum(m["held_out"] for m in metrics["members"]) == 96 + 32  # every train+val image held out once
+
+    with np.load(in_tmp / "artifacts/train/oof.npz") as oof:
+        assert sorted(np.bincount(oof["fold"])) == sorted(m["held_out"] for m in metrics["members"])
+        assert ((oof["probability"] >= 0) & (oof["probability"] <= 1)).all()
+        assert set(oof["path"]) == {
+            p for split in ("train", "val") for p in load_split(in_tmp / "artifacts/split", split, "binary")["path"]
+        }
+
+    ensemble = keras.saving.load_model(in_tmp / "artifacts/train/model.keras")
+    members, mirrored = members_of(ensemble)
+    assert [m.name for m in members] == ["small_xception_fold0", "small_xception_fold1"] and mirrored
+    x = load_split(in_tmp / "artifacts/split", "test", "binary")["x"][:5].astype("float32")
+    mean = np.mean([m.predict(view, verbose=0) for m in members for view in (x, x[:, :, ::-1])], axis=0)
+    assert ensemble.predict(x, verbose=0) == pytest.approx(mean, abs=1e-6)
+    # the image and its mirror get the same score, as the out-of-fold predictions did
+    assert ensemble.predict(x[:, :, ::-1], verbose=0) == pytest.approx(ensemble.predict(x, verbose=0), abs=1e-6)
+
+    live = json.loads((in_tmp / "metrics/train/metrics.json").read_text())
+    assert {"train", "val"} <= set(live["fold0"]) and {"train", "val"} <= set(live["fold1"])
+    curve = (in_tmp / "metrics/train/plots/metrics/fold1/val/loss.tsv").read_text().splitlines()
+    assert curve[0].split("\t") == ["step", "loss"] and len(curve) == 1 + metrics["members"][1]["epochs_run"]
+    assert curve[1].split("\t")[0] == "0"  # every fold's curve starts at step 0
+
+
+def test_binary_task_through_the_subtype_head_ships_p_tumor(in_tmp):
+    split = make_split(in_tmp / "artifacts/split")
+    with np.load(split / "train.npz") as data:  # a third of the training tumors lose their type, as in Kaggle 2018
+        arrays = {key: data[key] for key in data.files}
+    arrays["subtype"][(arrays["y"] == 1) & (np.arange(len(arrays["y"])) % 3 == 0)] = "unknown"
+    np.savez(split / "train.npz", **arrays)
+    params = tiny_params("small_xception", epochs=8, subtypes=True)
+    metrics = train(params)
+    info = json.loads((in_tmp / "artifacts/train/model.json").read_text())
+    assert info["task"] == "binary" and info["subtypes"] and info["class_names"] == MULTICLASS_CLASSES
+    assert set(metrics["class_weight"]) == {"synthetic/no_tumor", "synthetic/tumor"}  # weights stay binary
+
+    ensemble = keras.saving.load_model(in_tmp / "artifacts/train/model.keras")
+    test = load_split(split, "test", "binary")
+    probs = ensemble.predict(test["x"].astype("float32"), verbose=0)
+    assert probs.shape == (len(test["x"]), 4) and probs.sum(axis=1) == pytest.approx(1.0, abs=1e-5)
+    p = tumor_probability(ensemble, test["x"], info["class_names"])
+    assert p == pytest.approx(1 - probs[:, 2], abs=1e-6)
+    assert ((p >= 0.5) == test["label"]).mean() >= 0.8  # the synthetic lesions are learnt through the head
+    with np.load(in_tmp / "artifacts/train/oof.npz") as oof:
+        assert ((oof["probability"] >= 0) & (oof["probability"] <= 1)).all()
+
+
+def test_mirror_flips_left_right_exactly_after_a_save_and_load(in_tmp):
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (3, 48, 48, 3)).astype("float32")
+    inputs = keras.Input((48, 48, 3))
+    keras.Model(inputs, mirror(48)(inputs)).save(in_tmp / "mirror.keras")
+    mirrored = keras.saving.load_model(in_tmp / "mirror.keras").predict(images, verbose=0)
+    assert np.array_equal(mirrored, images[:, :, ::-1])
+
+
+SECOND_BACKEND = textwrap.dedent("""
+    import json, sys
+    import keras
+    from braintumor.data.datasets import load_split
+    from braintumor.quality.explain import grad_cam
+    from braintumor.model.inference import load_model
+    from braintumor.model.train import fit
+    sys.path.insert(0, sys.argv[2])
+    from fixtures.split import make_split, tiny_params
+    from pathlib import Path
+    split = make_split(Path(sys.argv[1]))
+    model, summary = fit(tiny_params("small_xception", epochs=2), load_split(split, "train", "binary"),
+                         load_split(split, "val", "binary"), verbose=0)
+    test = load_split(split, "test", "binary")
+    cams = grad_cam(model, test["x"][:2], ["no_tumor", "tumor"])
+    model.save(Path(sys.argv[1]) / "m.keras")
+    again = load_model(Path(sys.argv[1]) / "m.keras")
+    print(json.dumps({"backend": keras.backend.backend(), "epochs": summary["epochs_run"],
+                      "jit": [model.jit_compile, again.jit_compile],
+                      "cam_shape": list(cams.shape), "cam_max": float(cams.max()),
+                      "reloaded": float(abs(again.predict(test["x"][:4].astype("float32"), verbose=0)
+                                            - model.predict(test["x"][:4].astype("float32"), verbose=0)).max())}))
+""")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["torch", "jax"])
+def test_training_and_grad_cam_run_on_a_second_keras_backend(tmp_path, backend):
+    pytest.importorskip(backend)
+    env = {**os.environ, "KERAS_BACKEND": backend}
+    result = subprocess.run(
+        [sys.executable, "-c", SECOND_BACKEND, str(tmp_path / "split"), str(REPO / "tests")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["backend"] == backend and report["epochs"] == 2
+    assert report["cam_shape"] == [2, 48, 48] and 0.99 <= report["cam_max"] <= 1.0 + 1e-6
+    assert report["reloaded"] < 1e-5
+    if backend == "jax":  # an affine augmentation layer once turned jit off: 75x slower training on an H100
+        assert report["jit"] == [True, True]  # the trained model, and the same model loaded again
+
+
+def test_cluster_members_share_one_image_weight_and_each_stratum_still_weighs_the_same():
+    # source a: healthy clusters of 1 and 3 images, tumor clusters of 1, 1 and 2; source b: one of each class
+    data = {
+        "y": np.array([0, 0, 0, 0, 1, 1, 1, 1, 0, 1]),
+        "cluster": np.array([1, 2, 2, 2, 3, 4, 5, 5, 6, 7]),
+        "source": np.array(["a"] * 8 + ["b"] * 2),
+    }
+    weights, _ = sample_weights(data, ["no_tumor", "tumor"], "balanced_by_source", "cluster")
+    per_cluster = {c: weights[data["cluster"] == c].sum() for c in np.unique(data["cluster"])}
+    assert per_cluster[1] == pytest.approx(per_cluster[2]) and weights[1] == pytest.approx(weights[1:4].mean())
+    assert per_cluster[3] == pytest.approx(per_cluster[5]) == pytest.approx(per_cluster[4])
+    strata = [weights[(data["source"] == s) & (data["y"] == c)].sum() for s in "ab" for c in (0, 1)]
+    assert strata == pytest.approx([7 / 4] * 4)  # 7 clusters' worth of weight, shared by the 4 strata
+    image, _ = sample_weights(data, ["no_tumor", "tumor"], "none", "image")
+    assert image is None and sample_weights(data, ["no_tumor", "tumor"], "none", "cluster")[0][1] == pytest.approx(
+        1 / 3
+    )
+
+
+def test_members_are_fitted_with_their_group_but_never_held_out_or_scored(in_tmp):
+    make_split(in_tmp / "plain", size=32)
+    make_split(in_tmp / "artifacts/split", size=32, members=20)
+    plain, pool = (
+        cross_validation_pool(in_tmp / "plain", "binary"),
+        cross_validation_pool(in_tmp / "artifacts/split", "binary"),
+    )
+    assert len(pool["x"]) == len(plain["x"]) + 40
+    for (_, held_plain), (fit_rows, held) in zip(folds_of(plain, 3, 7), folds_of(pool, 3, 7), strict=True):
+        assert pool["representative"][held].all()
+        assert pool["path"][held].tolist() == plain["path"][held_plain].tolist()  # the folds without members
+        assert not set(pool["group"][fit_rows]) & set(pool["group"][held])
+        members = fit_rows[~pool["representative"][fit_rows]]
+        assert len(members) > 0 and set(pool["group"][members]) <= set(pool["group"][fit_rows])
+
+    params = tiny_params("seed_fsm", epochs=1, member_weight="cluster")
+    params["split"]["image_size"] = 32
+    metrics = train(params)
+    with np.load(in_tmp / "artifacts/train/oof.npz") as oof:
+        assert sorted(oof["path"]) == sorted(plain["path"])  # one score per cluster, none for a member
+        assert np.isfinite(oof["probability"]).all()
+    assert sum(m["held_out"] for m in metrics["members"]) == len(plain["x"])
+    assert sum(m["images"] for m in metrics["members"]) == len(pool["x"]) * (params["train"]["folds"] - 1)
+
+
+def test_clean_learning_fits_again_without_the_images_cleanlab_flags(in_tmp):
+    split = make_split(in_tmp / "artifacts/split", size=32, members=10)
+    with np.load(split / "train.npz") as data:
+        arrays = {key: data[key] for key in data.files}
+    flipped = np.flatnonzero(~np.char.endswith(arrays["path"], "-member.png"))[:12:2]  # six representatives
+    arrays["y"][flipped] = 1 - arrays["y"][flipped]
+    np.savez(split / "train.npz", **arrays)  # labels come from the arrays
+    params = tiny_params("small_xception", epochs=8, clean_learning=True)
+    params["split"]["image_size"] = 32
+    metrics = train(params)
+
+    excluded = pd.read_csv(in_tmp / "artifacts/train/excluded.csv")
+    pool = cross_validation_pool(split, "binary")
+    flagged = excluded.path[excluded.reason == "clean_learning: cleanlab flag"]
+    assert len(set(flagged) & set(arrays["path"][flipped])) >= 3  # most of the wrong labels are caught
+    members = excluded[excluded.reason == "clean_learning: member of a flagged cluster"]
+    assert set(members.path.str.replace("-member", "")) <= set(flagged)  # a member leaves with its cluster
+    reps = pool["path"][pool["representative"]]
+    with np.load(in_tmp / "artifacts/train/oof.npz") as data:
+        oof = {key: data[key] for key in data.files}
+    assert oof["path"].tolist() == reps.tolist()  # every image scored, as without clean learning: comparable
+    left_out = oof["fold"] == -1
+    assert set(oof["path"][left_out]) == set(flagged)
+    # the left-out images were seen by no model of the second fit: the shipped ensemble scores them
+    rows = np.flatnonzero(np.isin(pool["path"], oof["path"][left_out]))
+    shipped = load_model(in_tmp / "artifacts/train/model.keras")
+    by_path = dict(zip(oof["path"], oof["probability"], strict=True))
+    expected = tumor_probability(shipped, pool["x"][rows], ["no_tumor", "tumor"])
+    assert [by_path[path] for path in pool["path"][rows]] == pytest.approx(expected, abs=1e-5)
+    assert metrics["clean_learning_excluded"] == len(excluded)
+    live = json.loads((in_tmp / "metrics/train/metrics.json").read_text())
+    assert {"fold0", "clean_learning"} <= set(live)
+
+    # evaluate places the threshold on the second fit's scores only, and scores out of fold on every image
+    result = evaluate(params)["threshold_selection"]
+    assert result["images"] == len(reps) - len(flagged) and result["left_out_by_clean_learning"] == len(flagged)
+    target = params["evaluate"]["target_recall"]
+    placed = threshold_for_recall(oof["label"][~left_out], oof["probability"][~left_out], target)
+    assert json.loads((in_tmp / "models/model.json").read_text())["threshold"] == pytest.approx(placed)
+    every = binary_metrics(oof["label"], oof["probability"], placed)
+    assert result["out_of_fold"]["specificity"] == every["specificity"]
