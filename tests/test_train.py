@@ -222,7 +222,7 @@ SECOND_BACKEND = textwrap.dedent("""
     import json, sys
     import keras
     from braintumor.data.datasets import load_split
-    from braintumor.quality.explain import grad_cam
+    from braintumor.model.saliency import evidence_map
     from braintumor.model.inference import load_model
     from braintumor.model.train import fit
     sys.path.insert(0, sys.argv[2])
@@ -232,12 +232,12 @@ SECOND_BACKEND = textwrap.dedent("""
     model, summary = fit(tiny_params("small_xception", epochs=2), load_split(split, "train", "binary"),
                          load_split(split, "val", "binary"), verbose=0)
     test = load_split(split, "test", "binary")
-    cams = grad_cam(model, test["x"][:2], ["no_tumor", "tumor"])
+    maps = evidence_map(model, test["x"][:2], ["no_tumor", "tumor"])
     model.save(Path(sys.argv[1]) / "m.keras")
     again = load_model(Path(sys.argv[1]) / "m.keras")
     print(json.dumps({"backend": keras.backend.backend(), "epochs": summary["epochs_run"],
                       "jit": [model.jit_compile, again.jit_compile],
-                      "cam_shape": list(cams.shape), "cam_max": float(cams.max()),
+                      "map_shape": list(maps.shape), "map_max": float(maps.max()),
                       "reloaded": float(abs(again.predict(test["x"][:4].astype("float32"), verbose=0)
                                             - model.predict(test["x"][:4].astype("float32"), verbose=0)).max())}))
 """)
@@ -245,7 +245,7 @@ SECOND_BACKEND = textwrap.dedent("""
 
 @pytest.mark.slow
 @pytest.mark.parametrize("backend", ["torch", "jax"])
-def test_training_and_grad_cam_run_on_a_second_keras_backend(tmp_path, backend):
+def test_training_and_evidence_maps_run_on_a_second_keras_backend(tmp_path, backend):
     pytest.importorskip(backend)
     env = {**os.environ, "KERAS_BACKEND": backend}
     result = subprocess.run(
@@ -258,7 +258,7 @@ def test_training_and_grad_cam_run_on_a_second_keras_backend(tmp_path, backend):
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report["backend"] == backend and report["epochs"] == 2
-    assert report["cam_shape"] == [2, 48, 48] and 0.99 <= report["cam_max"] <= 1.0 + 1e-6
+    assert report["map_shape"] == [2, 48, 48] and 0.99 <= report["map_max"] <= 1.0 + 1e-6
     assert report["reloaded"] < 1e-5
     if backend == "jax":  # an affine augmentation layer once turned jit off: 75x slower training on an H100
         assert report["jit"] == [True, True]  # the trained model, and the same model loaded again

@@ -48,7 +48,7 @@ def add_predict(sub) -> None:
         "with model.json beside it",
     )
     predict.add_argument("--json", action="store_true", help="one JSON object per line")
-    predict.add_argument("--explain", metavar="DIR", help="write a Grad-CAM overlay PNG per image into DIR")
+    predict.add_argument("--explain", metavar="DIR", help="write an evidence-map overlay PNG per image into DIR")
     predict.add_argument("--batch-size", type=positive_int, default=32, help="images per model call (default 32)")
 
 
@@ -141,7 +141,7 @@ def run_predict(args) -> int:
     """Exit status 0 when every file was classified, 1 when some could not be read (they are reported)."""
     quiet_libraries()
     from braintumor.errors import ModelLoadError
-    from braintumor.serve.predict import image_files, load, predict_in_chunks, write_grad_cams
+    from braintumor.serve.predict import image_files, load, predict_in_chunks, write_evidence_maps
 
     files = image_files(args.paths)
     if not files:
@@ -162,11 +162,11 @@ def run_predict(args) -> int:
             else:
                 print(f"{result['path']}\t{result['probability']:.4f}\t{'tumor' if result['label'] else 'no_tumor'}")
         if args.explain:
-            written += len(write_grad_cams(loaded, results, images, Path(args.explain), first=written))
+            written += len(write_evidence_maps(loaded, results, images, Path(args.explain), first=written))
         failed += sum("error" in r for r in results)
         tumors += sum(r.get("label", 0) for r in results)
     if args.explain:
-        log.info("predict: %d Grad-CAM overlays in %s", written, args.explain)
+        log.info("predict: %d evidence maps in %s", written, args.explain)
     log.info(
         "predict: %d images, %d tumor, %d unreadable (threshold %.4f)",
         len(files) - failed,

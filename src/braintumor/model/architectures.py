@@ -108,8 +108,8 @@ def small_xception(inputs, outputs: int, config: dict):
 def transfer(name: str) -> Callable:
     """A keras.applications backbone (ImageNet weights or none) with a new pooled head.
 
-    The backbone is built on the model's own tensors, so its layers are layers of the saved model (Grad-CAM
-    reaches its last convolution) and `fine_tune_layers` can unfreeze the last N of them.
+    The backbone is built on the model's own tensors, so its layers are layers of the saved model and
+    `fine_tune_layers` can unfreeze the last N of them.
     """
     constructor = BACKBONES[name]
 

@@ -100,9 +100,12 @@ def tumor_probability(model, x: np.ndarray, class_names: list[str], batch_size: 
         ]
         or [np.zeros((0, model.output_shape[-1]))]
     )
-    if probs.shape[1] == 1:
-        return probs[:, 0]
-    return 1.0 - probs[:, class_names.index("no_tumor")]
+    return tumor_probability_of(probs, class_names)
+
+
+def tumor_probability_of(outputs: np.ndarray, class_names: list[str]) -> np.ndarray:
+    """P(tumor) from the model's outputs: the sigmoid unit, or 1 - P(no_tumor) for the multiclass head."""
+    return outputs[:, 0] if outputs.shape[1] == 1 else 1.0 - outputs[:, class_names.index("no_tumor")]
 
 
 def mirror(image_size: int) -> keras.Sequential:

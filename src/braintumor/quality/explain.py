@@ -1,14 +1,13 @@
-"""The `explain` stage: LIME superpixels and Grad-CAM heat maps for a few test images.
+"""The `explain` stage: LIME superpixels, the evidence map and occlusion for a few test images.
 
 For correctly classified tumor and healthy scans and for misclassified ones, a panel shows the image, the
-LIME superpixels that support the predicted class, and the Grad-CAM overlay of the last convolutional
-features. Grad-CAM needs gradients, which Keras 3 leaves to the backend: `gradient` asks the active
-backend (TensorFlow, JAX or PyTorch) for them; everything else is backend-agnostic.
+LIME superpixels that support the predicted class, the evidence map a reader sees in `braintumor predict` and
+on the triage page (integrated gradients, `model/saliency.py`), and occlusion beside it: slower, honest by
+construction, so a reader can see whether the two agree.
 """
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 from pathlib import Path
@@ -24,79 +23,11 @@ from skimage.segmentation import mark_boundaries
 
 from braintumor.atomic import atomic_path
 from braintumor.data.datasets import load_split
-from braintumor.model.inference import load_model, members_of, tumor_probability
+from braintumor.model.inference import load_model, tumor_probability
+from braintumor.model.saliency import evidence_map, occlusion
 from braintumor.params import validate_explain
 
 log = logging.getLogger(__name__)
-
-
-@functools.lru_cache(maxsize=32)
-def split_at_features(model: keras.Model) -> tuple[keras.Model, keras.Model]:
-    """(image -> last 4-D feature maps, feature maps -> prediction). The layers after the last spatial layer
-    (pooling or flatten, dropout, dense) form a chain in every model of `model/architectures.py`. Kept per model
-    (building the two halves costs more than a map): the web service explains one scan a request."""
-    index = max(
-        i
-        for i, layer in enumerate(model.layers)
-        if len(layer.output.shape) == 4 and not isinstance(layer, keras.layers.InputLayer)
-    )
-    layer = model.layers[index]
-    features = keras.Model(model.inputs, layer.output)
-    inputs = keras.Input(layer.output.shape[1:])
-    x = inputs
-    for later in model.layers[index + 1 :]:
-        x = later(x)
-    return features, keras.Model(inputs, x)
-
-
-def tumor_score(outputs, class_names: list[str]):
-    """The score Grad-CAM explains: P(tumor), or -P(no_tumor) for the multiclass model."""
-    return outputs[:, 0] if outputs.shape[-1] == 1 else -outputs[:, class_names.index("no_tumor")]
-
-
-def gradient(fn, x: np.ndarray) -> np.ndarray:
-    """d sum(fn(x)) / dx with the active backend's autodiff (Keras 3 has no backend-neutral gradient)."""
-    backend = keras.backend.backend()
-    if backend == "tensorflow":
-        import tensorflow as tf
-
-        tensor = tf.convert_to_tensor(x)
-        with tf.GradientTape() as tape:
-            tape.watch(tensor)
-            total = tf.reduce_sum(fn(tensor))
-        return tape.gradient(total, tensor).numpy()
-    if backend == "jax":
-        import jax
-
-        return np.asarray(jax.grad(lambda t: fn(t).sum())(jax.numpy.asarray(x)))
-    if backend == "torch":
-        import torch
-
-        tensor = torch.tensor(x, requires_grad=True)
-        fn(tensor).sum().backward()
-        return tensor.grad.detach().cpu().numpy()
-    raise ValueError(f"Grad-CAM: unsupported Keras backend {backend!r}")
-
-
-def grad_cam(model: keras.Model, images: np.ndarray, class_names: list[str]) -> np.ndarray:
-    """Grad-CAM maps in 0..1, one per image, at the input resolution. For the shipped ensemble, the mean of
-    its members' maps (each member explains its own share of the averaged score), with each member's map of
-    the mirrored view mirrored back when the ensemble averages that view too."""
-    members, mirrored = members_of(model)
-    if members:
-        maps = [grad_cam(member, images, class_names) for member in members]
-        if mirrored:
-            maps += [grad_cam(member, images[:, :, ::-1], class_names)[:, :, ::-1] for member in members]
-        cams = np.mean(maps, axis=0)
-        return cams / (cams.max(axis=(1, 2), keepdims=True) + 1e-12)
-    features_of, tail = split_at_features(model)
-    features = np.asarray(features_of.predict_on_batch(images.astype("float32")))  # compiled, unlike a call
-    grads = gradient(lambda f: tumor_score(tail(f, training=False), class_names), features)
-    weights = grads.mean(axis=(1, 2), keepdims=True)
-    cams = np.maximum((weights * features).sum(axis=-1), 0)
-    size = images.shape[1]
-    cams = np.maximum(keras.ops.convert_to_numpy(keras.ops.image.resize(cams[..., None], (size, size)))[..., 0], 0)
-    return cams / (cams.max(axis=(1, 2), keepdims=True) + 1e-12)
 
 
 def lime_panel(
@@ -146,14 +77,15 @@ def explain(
     p = tumor_probability(model, test["x"], names)
     chosen = pick_examples(test["label"], p, threshold, config["images"])
     rows = np.concatenate(list(chosen.values())).astype(int)
-    cams = grad_cam(model, test["x"][rows], names) if rows.size else np.zeros((0,))
+    evidence = evidence_map(model, test["x"][rows], names)
+    occluded = occlusion(model, test["x"][rows], names)
     index = []
     with atomic_path(plots_dir) as staging:
         staging.mkdir()
         for k, row in enumerate(rows):
             group = next(name for name, members in chosen.items() if row in members)
             image = test["x"][row]
-            fig, axes = plt.subplots(1, 3, figsize=(7.5, 2.8))
+            fig, axes = plt.subplots(1, 4, figsize=(10, 2.8))
             axes[0].imshow(image)
             axes[0].set_title(
                 f"{group}\ntrue {'tumor' if test['label'][row] else 'no tumor'}, P(tumor)={p[row]:.2f}", fontsize=7
@@ -163,8 +95,12 @@ def explain(
             )
             axes[1].set_title(f"LIME: top {config['lime_superpixels']} superpixels", fontsize=7)
             axes[2].imshow(image)
-            axes[2].imshow(cams[k], cmap="jet", alpha=0.4)
-            axes[2].set_title("Grad-CAM (tumor score)", fontsize=7)
+            axes[2].imshow(evidence[k], cmap="jet", alpha=0.4)
+            axes[2].set_title("evidence for tumor\n(integrated gradients)", fontsize=7)
+            axes[3].imshow(image)
+            limit = max(float(np.abs(occluded[k]).max()), 1e-6)
+            axes[3].imshow(occluded[k], cmap="RdBu_r", alpha=0.5, vmin=-limit, vmax=limit)
+            axes[3].set_title(f"occlusion: drop in P(tumor)\n(red; max {occluded[k].max():.2f})", fontsize=7)
             for ax in axes:
                 ax.axis("off")
             fig.tight_layout()
@@ -182,7 +118,7 @@ def explain(
             )
         (staging / "index.json").write_text(json.dumps(index, indent=2) + "\n")
     log.info(
-        "explain: %d panels (%s) with LIME (%d samples) and Grad-CAM",
+        "explain: %d panels (%s) with LIME (%d samples), evidence maps and occlusion",
         len(index),
         ", ".join(f"{name} {len(members)}" for name, members in chosen.items()),
         config["lime_samples"],

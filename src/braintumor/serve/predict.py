@@ -163,7 +163,7 @@ def predict(
 ) -> tuple[list[dict], np.ndarray]:
     """One result per file, in order: {"path", "probability", "label"}, or {"path", "error"} for a file that
     cannot be read as an image (the others are still predicted); and the prepared images of the predicted
-    files, in the same order, for Grad-CAM."""
+    files, in the same order, for their evidence maps."""
     from braintumor.model.inference import tumor_probability
 
     size = int(loaded.info["image_size"])
@@ -202,28 +202,28 @@ def predict_in_chunks(
         yield predict(loaded, files[start : start + chunk], batch_size, max_pixels)
 
 
-def write_grad_cams(
+def write_evidence_maps(
     loaded: LoadedModel, results: list[dict], images: np.ndarray, folder: Path, first: int = 0
 ) -> list[Path]:
-    """A Grad-CAM overlay PNG per predicted image (`predict`'s two outputs), named after its position (counted
-    from `first`) and file."""
+    """An evidence-map overlay PNG (`model/saliency.py`) per predicted image (`predict`'s two outputs), named
+    after its position (counted from `first`) and file."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from braintumor.quality.explain import grad_cam
+    from braintumor.model.saliency import evidence_map
 
     if not len(images):
         return []
     done = [r for r in results if "error" not in r]
-    cams = grad_cam(loaded.model, images, loaded.info["class_names"])
+    maps = evidence_map(loaded.model, images, loaded.info["class_names"])
     folder.mkdir(parents=True, exist_ok=True)
     written = []
-    for k, (result, image, cam) in enumerate(zip(done, images, cams, strict=True)):
+    for k, (result, image, evidence) in enumerate(zip(done, images, maps, strict=True)):
         fig, ax = plt.subplots(figsize=(3, 3.2))
         ax.imshow(image)
-        ax.imshow(cam, cmap="jet", alpha=0.4)
+        ax.imshow(evidence, cmap="jet", alpha=0.4)
         ax.set_title(
             f"{Path(result['path']).name[:28]}\nP(tumor)={result['probability']:.3f} "
             f"({'tumor' if result['label'] else 'no tumor'})",

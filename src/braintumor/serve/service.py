@@ -4,7 +4,7 @@ One process loads the model reference given at start-up (anything `braintumor pr
 the same resolver and its safety checks), warms it up, and serves:
 
 - `POST /v1/predict`: P(tumor) and the label at the model's threshold for each uploaded scan, in upload order,
-  or an error naming what is wrong with a file; `POST /v1/explain`: the scan beside its Grad-CAM overlay (PNG);
+  or an error naming what is wrong with a file; `POST /v1/explain`: the scan beside its evidence map (PNG);
 - `GET /v1/model`: which model answers (name, version, alias, threshold), its test metrics and model card;
 - `GET /healthz`, `GET /readyz`; `POST /v1/reload`, and a poll of the registry alias (`--poll-seconds`): when
   the alias moves to another version, the new model is loaded and warmed up beside the old one, then swapped
@@ -123,7 +123,7 @@ def alias_version(reference: str) -> str | None:
 
 
 class Scorer:
-    """Runs the model: P(tumor) for prepared images, and Grad-CAM maps. Model calls are serialised (two cores
+    """Runs the model: P(tumor) for prepared images, and evidence maps. Model calls are serialised (two cores
     gain nothing from two at once, and a backend's model need not be re-entrant)."""
 
     def __init__(self, served: Served):
@@ -132,6 +132,8 @@ class Scorer:
         self.names = served.loaded.info["class_names"]
 
     def probabilities(self, images: np.ndarray) -> np.ndarray:
+        from braintumor.model.inference import tumor_probability_of
+
         model = self.served.loaded.model
         out = []
         with self.lock:
@@ -141,14 +143,13 @@ class Scorer:
                         model.predict_on_batch(images[start : start + BATCH].astype("float32")), dtype=np.float64
                     )
                 )
-        probs = np.concatenate(out)
-        return probs[:, 0] if probs.shape[1] == 1 else 1.0 - probs[:, self.names.index("no_tumor")]
+        return tumor_probability_of(np.concatenate(out), self.names)
 
-    def grad_cam(self, image: np.ndarray) -> np.ndarray:
-        from braintumor.quality.explain import grad_cam
+    def evidence_map(self, image: np.ndarray) -> np.ndarray:
+        from braintumor.model.saliency import evidence_map
 
         with self.lock:
-            return grad_cam(self.served.loaded.model, image[None], self.names)[0]
+            return evidence_map(self.served.loaded.model, image[None], self.names)[0]
 
     def warm_up(self) -> None:
         size = int(self.served.loaded.info["image_size"])
@@ -229,12 +230,12 @@ def classify(scorer: Scorer, uploads: list[tuple[str, bytes]], limits: Limits) -
     return results
 
 
-def side_by_side(image: np.ndarray, cam: np.ndarray, side: int = 256) -> bytes:
-    """PNG of the scan and the scan under its Grad-CAM heat map (jet, 40 %), as the explain stage draws it."""
+def side_by_side(image: np.ndarray, evidence: np.ndarray, side: int = 256) -> bytes:
+    """PNG of the scan and the scan under its evidence map (jet, 40 %), as the explain stage draws it."""
     from matplotlib import colormaps
 
     gray = Image.fromarray(image).resize((side, side), Image.Resampling.BILINEAR)
-    heat = Image.fromarray((colormaps["jet"](cam)[..., :3] * 255).astype(np.uint8)).resize((side, side))
+    heat = Image.fromarray((colormaps["jet"](evidence)[..., :3] * 255).astype(np.uint8)).resize((side, side))
     overlay = Image.blend(gray.convert("RGB"), heat, 0.4)
     canvas = Image.new("RGB", (2 * side + 8, side), "white")
     canvas.paste(gray.convert("RGB"), (0, 0))
@@ -341,7 +342,7 @@ def create_app(reference: str, limits: Limits = Limits(), poll_seconds: float = 
     @app.post(
         "/v1/explain",
         response_class=Response,
-        responses={200: {"content": {"image/png": {}}, "description": "the scan and its Grad-CAM overlay"}},
+        responses={200: {"content": {"image/png": {}}, "description": "the scan and its evidence map"}},
     )
     async def explain(file: UploadFile = File(..., description="one scan")):
         scorer = holder.current
@@ -351,7 +352,7 @@ def create_app(reference: str, limits: Limits = Limits(), poll_seconds: float = 
             image = await run_in_threadpool(read_scan, file.filename or "upload", data, size, limits)
         except ImageReadError as err:
             raise HTTPException(422, f"{file.filename}: {err.reason}: {err.detail}") from err
-        png = await run_in_threadpool(lambda: side_by_side(image, scorer.grad_cam(image)))
+        png = await run_in_threadpool(lambda: side_by_side(image, scorer.evidence_map(image)))
         return Response(png, media_type="image/png", headers={"X-Model-Version": str(scorer.served.version)})
 
     app.mount("/", StaticFiles(directory=WEB, html=True), name="page")

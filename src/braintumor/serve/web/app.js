@@ -1,4 +1,4 @@
-// The triage page: upload scans to /v1/predict, keep a queue sorted by P(tumor), show Grad-CAM on click.
+// The triage page: upload scans to /v1/predict, keep a queue sorted by P(tumor), show the evidence map on click.
 "use strict";
 
 const queue = [];       // {file, filename, probability, label, version}
