@@ -1,3 +1,5 @@
+"""Every `train.model` variant builds, predicts probabilities and keeps training-only layers out of inference."""
+
 import keras
 import numpy as np
 import pytest
@@ -26,7 +28,7 @@ def test_every_variant_builds_and_predicts_probabilities(built, name, outputs):
     model, optimizer = built[(name, outputs)]
     x = np.random.default_rng(0).integers(0, 256, (2, 48, 48, 3)).astype("float32")
     p = keras.ops.convert_to_numpy(model(x, training=False))
-    assert p.shape == (2, outputs) and optimizer in ("adam", "rmsprop")
+    assert p.shape == (2, outputs) and isinstance(keras.optimizers.get(optimizer), keras.optimizers.Optimizer)
     assert ((p >= 0) & (p <= 1)).all()
     if outputs > 1:
         np.testing.assert_allclose(p.sum(axis=1), 1, rtol=1e-5)

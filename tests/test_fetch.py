@@ -1,3 +1,5 @@
+"""The fetch stage: sources merged into one manifest, every unreadable or skipped file listed with its reason."""
+
 import copy
 import json
 

@@ -1,3 +1,5 @@
+"""Leave-one-source-out: a held-out collection leaves training whole, its copies in other sources too."""
+
 import numpy as np
 import pandas as pd
 

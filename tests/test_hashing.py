@@ -1,3 +1,5 @@
+"""Perceptual hashes and the pair search that finds near duplicates."""
+
 import numpy as np
 import pytest
 

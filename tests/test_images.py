@@ -1,3 +1,5 @@
+"""Reading images of every format and shape into the 8-bit grayscale the hashes and the model see."""
+
 import numpy as np
 import pytest
 from PIL import Image

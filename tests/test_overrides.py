@@ -1,3 +1,5 @@
+"""A reviewer's label decisions (labels/overrides.csv): validated, applied by fetch, each one recorded."""
+
 import copy
 import hashlib
 import json

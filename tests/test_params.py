@@ -1,10 +1,22 @@
+"""params.yaml is validated before any work starts: every stage's section, each bad value named."""
+
 import copy
 
 import pytest
 import yaml
 
 from braintumor.errors import ParamError
-from braintumor.params import load_params, validate_dedup, validate_fetch, validate_register, validate_split
+from braintumor.params import (
+    load_params,
+    validate_dedup,
+    validate_evaluate,
+    validate_explain,
+    validate_fetch,
+    validate_register,
+    validate_review,
+    validate_split,
+    validate_train,
+)
 
 from conftest import REPO
 
@@ -14,11 +26,25 @@ def params():
     return load_params(REPO / "params.yaml")
 
 
-def test_shipped_params_are_valid(params):
-    validate_fetch(params)
-    validate_dedup(params)
-    validate_split(params)
-    validate_register(params)
+VALIDATORS = {
+    "fetch": validate_fetch,
+    "dedup": validate_dedup,
+    "split": validate_split,
+    "train": validate_train,
+    "evaluate": validate_evaluate,
+    "review": validate_review,
+    "explain": validate_explain,
+    "register": validate_register,
+}
+
+
+def test_every_stage_has_a_validator():
+    assert set(VALIDATORS) == set(yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"])
+
+
+@pytest.mark.parametrize("stage", sorted(VALIDATORS))
+def test_shipped_params_are_valid(params, stage):
+    assert VALIDATORS[stage](copy.deepcopy(params)) == params[stage]  # accepted, and handed back unchanged
 
 
 @pytest.mark.parametrize(
@@ -37,6 +63,11 @@ def test_shipped_params_are_valid(params):
         ("fetch.sources.ixi.planes", ["diagonal"], validate_fetch, None),
         ("fetch.workers", 0, validate_fetch, "fetch.workers"),
         ("register.min_recall", 1.5, validate_register, "register.min_recall"),
+        ("train.epochs", 0, validate_train, "train.epochs"),
+        ("train.model", "resnet18", validate_train, "train.model"),
+        ("evaluate.target_recall", 0.2, validate_evaluate, "evaluate.target_recall"),
+        ("review.gallery", -1, validate_review, "review.gallery"),
+        ("explain.lime_samples", 5, validate_explain, "explain.lime_samples"),
     ],
 )
 def test_bad_values_name_the_param(params, path, value, validator, names):
@@ -53,8 +84,6 @@ def test_bad_values_name_the_param(params, path, value, validator, names):
 
 
 def test_mirror_average_needs_models_that_learnt_flips(params):
-    from braintumor.params import validate_train
-
     params["train"]["augment"]["horizontal_flip"] = False
     with pytest.raises(ParamError, match="train.mirror_average"):
         validate_train(params)
@@ -63,8 +92,6 @@ def test_mirror_average_needs_models_that_learnt_flips(params):
 
 
 def test_subtypes_belong_to_the_binary_task(params):
-    from braintumor.params import validate_train
-
     params["train"].update(subtypes=True, task="multiclass")
     with pytest.raises(ParamError, match="train.subtypes"):
         validate_train(params)

@@ -1,3 +1,5 @@
+"""The split stage: seeded, stratified and group-aware, with no leakage, written as model-ready arrays."""
+
 import numpy as np
 import pandas as pd
 

@@ -83,6 +83,7 @@ def test_the_closure_follows_lazy_and_package_imports(tmp_path, monkeypatch):
     assert {"src/braintumor/__init__.py", "src/braintumor/data/__init__.py"} <= closure
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", sorted(STAGES))
 def test_a_stage_runs_the_code_of_its_own_checkout(tmp_path, stage):
     """`dvc exp run --queue` runs stages in a temporary copy of the repository: the copy's code must run, not the

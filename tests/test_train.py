@@ -1,3 +1,5 @@
+"""The train stage: sample weights, cross-validated folds, the averaged ensemble and other Keras backends."""
+
 import json
 import os
 import subprocess
