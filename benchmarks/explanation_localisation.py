@@ -1,8 +1,8 @@
 """Do the shipped model's explanations point at the evidence it uses? Issue 31's table, measured again.
 
 A bright disc (radius 7 px, value 235 at 96 px) is pasted into real healthy scans of the test split, at places
-inside the head; where the model then calls it a tumor, occlusion (a 16-px square of the image's median, stride
-8: honest by construction) says where the evidence is, and each map's peak is compared with occlusion's:
+inside the head, one at a time; occlusion (a 16-px square of the image's median, stride 8: honest by
+construction) says where the model's evidence is, and each map's peak is compared with occlusion's:
 the evidence map the product draws (`braintumor.model.saliency.evidence_map`) and, as the baseline in the same
 run, Grad-CAM of the last feature layer as the product drew it before (kept here only to measure it).
 
@@ -99,6 +99,7 @@ def main() -> None:
     before = tumor_probability(model, np.repeat(test["x"][healthy], args.discs, axis=0), names)
     after = tumor_probability(model, pasted, names)
     seconds, peaks = {}, {}
+    evidence_map(model, pasted[:1], names)  # traced once, as a served model is after its first explanation
     for name, method in (
         ("occlusion", lambda x: occlusion(model, x, names)),
         ("grad_cam_last_layer", lambda x: last_layer_grad_cam(model, x.astype("float32"), names)),
