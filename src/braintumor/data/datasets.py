@@ -7,6 +7,7 @@ of another stage to do so.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TypedDict
 
 import numpy as np
 import pandas as pd
@@ -75,7 +76,22 @@ class SplitImages:
         return x if dtype is None else x.astype(dtype)
 
 
-def load_split(split_dir: str | Path, name: str, task: str, lazy: bool = False) -> dict[str, np.ndarray]:
+class SplitArrays(TypedDict):
+    """One split (or the train+val pool) as the model side reads it: one row per image in every array."""
+
+    x: np.ndarray | SplitImages  # uint8 (images, side, side, 3), or read from the split's files when lazy
+    y: np.ndarray  # the task's class index
+    label: np.ndarray  # 1 tumor, 0 no tumor
+    subtype: np.ndarray
+    path: np.ndarray
+    source: np.ndarray
+    collection: np.ndarray  # the source's folders above the class folder (Kaggle 2020's Training, Testing)
+    group: np.ndarray  # never straddles two splits or folds
+    cluster: np.ndarray
+    representative: np.ndarray  # false for the members `dedup.keep: clusters` keeps
+
+
+def load_split(split_dir: str | Path, name: str, task: str, lazy: bool = False) -> SplitArrays:
     """Arrays of one split for `task`: x (uint8 images, 3 channels; a `SplitImages` when `lazy`), y (class
     index), plus path/subtype/label, and each image's source, dedup group and cluster, sub-collection, and
     whether it stands for its cluster (`representative`: false for the members `dedup.keep: clusters` keeps)
@@ -112,7 +128,7 @@ def load_split(split_dir: str | Path, name: str, task: str, lazy: bool = False) 
     return arrays
 
 
-def load_splits(split_dir: str | Path, names: tuple[str, ...], task: str, lazy: bool = False) -> dict[str, np.ndarray]:
+def load_splits(split_dir: str | Path, names: tuple[str, ...], task: str, lazy: bool = False) -> SplitArrays:
     """Several splits as one set (`load_split` of each, concatenated in order); `lazy` leaves the images in
     their memory-mapped files."""
     parts = [load_split(split_dir, name, task, lazy=lazy) for name in names]

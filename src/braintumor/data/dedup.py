@@ -112,7 +112,7 @@ def dedup(
     subtype_conflicts = clean.groupby("cluster")["subtype"].agg(lambda s: len(set(s) & set(KNOWN_SUBTYPES)) > 1)
     kept["subtype_conflict"] = kept.cluster.map(subtype_conflicts)
     kept["subtype"] = kept.cluster.map(subtypes)
-    kept["group"] = [g if g else f"cluster-{c:05d}" for g, c in zip(kept.group, kept.cluster, strict=True)]
+    kept["group"] = [group or f"cluster-{cluster:05d}" for group, cluster in zip(kept.group, kept.cluster, strict=True)]
     duplicates = duplicate_rows(clean[~clean._row.isin(reps)], clean, reps, good)
     if config["keep"] == "clusters":
         kept, duplicates = with_members(kept, clean, duplicates)
@@ -121,22 +121,7 @@ def dedup(
         [
             duplicates,
             conflict_rows(frame[conflict], good),
-            pd.DataFrame(
-                [
-                    {
-                        "path": p,
-                        "source": s,
-                        "label": label,
-                        "subtype": t,
-                        "reason": "unreadable",
-                        "detail": unreadable[p].detail,
-                    }
-                    for p, s, label, t in manifest.loc[
-                        manifest.path.isin(unreadable), ["path", "source", "label", "subtype"]
-                    ].itertuples(index=False)
-                ],
-                columns=DUPLICATE_COLUMNS,
-            ),
+            unreadable_rows(manifest, unreadable),
         ],
         ignore_index=True,
     )
@@ -197,23 +182,25 @@ def with_members(
 def merged_groups(cluster_group: np.ndarray, own_group: np.ndarray) -> np.ndarray:
     """One group name per connected set of rows that share a cluster's group or an own (non-empty) group."""
     names, index = np.unique(np.concatenate([cluster_group, own_group[own_group != ""]]), return_inverse=True)
-    n = len(cluster_group)
+    rows = len(cluster_group)
     links = np.flatnonzero(own_group != "")
     graph = coo_matrix(
-        (np.ones(n + len(links), dtype=np.int8), (np.r_[np.arange(n), links], n + index)),
-        shape=(n + len(names), n + len(names)),
+        (np.ones(rows + len(links), dtype=np.int8), (np.r_[np.arange(rows), links], rows + index)),
+        shape=(rows + len(names), rows + len(names)),
     )
-    component = connected_components(graph, directed=False)[1]
-    first = {}
-    for row, comp in enumerate(component[:n]):  # each component is named after its first row's cluster group
-        first.setdefault(comp, cluster_group[row])
-    return np.array([first[c] for c in component[:n]], dtype=object)
+    component_of_row = connected_components(graph, directed=False)[1][:rows]
+    name_of = {}
+    for row, component in enumerate(component_of_row):  # each component is named after its first row's group
+        name_of.setdefault(component, cluster_group[row])
+    return np.array([name_of[component] for component in component_of_row], dtype=object)
 
 
 def pixel_keys(frame: pd.DataFrame, hashes: Hashes) -> pd.Series:
     """A key equal for images with identical decoded pixels: the file's sha256, or the pixel digest for the
     few images whose hashes equal another file's in their cluster (identical pixels need identical hashes)."""
-    words = pd.Series([h.tobytes() for h in np.hstack([hashes.phash, hashes.dhash])[frame._row]], index=frame.index)
+    words = pd.Series(
+        [both.tobytes() for both in np.hstack([hashes.phash, hashes.dhash])[frame._row]], index=frame.index
+    )
     same_hash = frame.groupby([frame.cluster, words])["sha256"].transform("nunique") > 1
     keys = frame.sha256.copy()
     keys[same_hash] = [pixel_digest(path) for path in frame.path[same_hash]]
@@ -270,10 +257,23 @@ def conflict_rows(members: pd.DataFrame, hashes: Hashes) -> pd.DataFrame:
             "dhash_distance": hamming(hashes.dhash[rows], hashes.dhash[ref]),
             "cluster": members.cluster.to_numpy(),
             "detail": [
-                f"cluster of {n} with labels {labels[c]}"
-                for n, c in zip(members.cluster_size, members.cluster, strict=True)
+                f"cluster of {size} with labels {labels[cluster]}"
+                for size, cluster in zip(members.cluster_size, members.cluster, strict=True)
             ],
         }
+    )
+
+
+def unreadable_rows(manifest: pd.DataFrame, unreadable: dict) -> pd.DataFrame:
+    """Rows for the images that could not be hashed, with the reader's reason (`unreadable`: path -> error)."""
+    rows = manifest.loc[manifest.path.isin(unreadable), ["path", "source", "label", "subtype"]]
+    return pd.DataFrame(
+        {
+            **{column: rows[column].to_numpy() for column in rows.columns},
+            "reason": "unreadable",
+            "detail": [unreadable[path].detail for path in rows.path],
+        },
+        columns=DUPLICATE_COLUMNS,
     )
 
 

@@ -13,7 +13,7 @@ import hashlib
 import logging
 import shutil
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import pandas as pd
@@ -126,6 +126,54 @@ def check_and_copy(candidate: Candidate, max_pixels: int) -> dict:
     }
 
 
+def ixi_candidates(name: str, source: dict, images_dir: Path, staging: Path) -> tuple[list[Candidate], list[dict]]:
+    """Healthy slices of the IXI volumes, streamed and sliced into the staging folder's scratch space."""
+    scratch = staging / "ixi-slices"
+    found, bad = ixi.fetch_slices(
+        source["urls"],
+        scratch,
+        source["max_subjects"],
+        source["slices_per_volume"],
+        source["planes"],
+        source["timeout_s"],
+        source["deadline_s"],
+    )
+    candidates = [
+        Candidate(
+            name,
+            str(scratch / sliced.name),
+            str(images_dir / name / sliced.name),
+            NO_TUMOR,
+            "none",
+            sliced.subject,
+            sliced.original,
+        )
+        for sliced in found
+    ]
+    return candidates, [_skip(name, original, reason, detail) for original, reason, detail in bad]
+
+
+def local_candidates(name: str, source: dict, images_dir: Path, staging: Path) -> tuple[list[Candidate], list[dict]]:
+    """The user's own images under `data/<class>/...`: every folder must name a class."""
+    root = Path(source["path"])
+    if not root.is_dir():
+        raise SourceError(
+            f"fetch.sources.{name}: folder {root} does not exist; create it (see README) "
+            f"or switch the source off with `fetch.sources.{name}.enabled: false`"
+        )
+    found, bad = find_candidates(name, root, images_dir, strict_folders=True)
+    log.info("source %s: %d files under %s", name, len(found), root)
+    return found, bad
+
+
+def kaggle_candidates(name: str, source: dict, images_dir: Path, staging: Path) -> tuple[list[Candidate], list[dict]]:
+    """A Kaggle dataset at its pinned version, through kagglehub (its cache, offline)."""
+    root = kaggle_root(name, source["handle"])
+    found, bad = find_candidates(name, root, images_dir, strict_folders=False)
+    log.info("source %s: %d files under %s", name, len(found), root)
+    return found, bad
+
+
 def fetch(
     params: dict, out_dir: str | Path = "artifacts/fetch", metrics_path: str | Path = "metrics/fetch.json"
 ) -> dict:
@@ -141,56 +189,14 @@ def fetch(
             if not source["enabled"]:
                 log.info("source %s: disabled in params", name)
                 continue
-            if name == "ixi":
-                scratch = staging / "ixi-slices"
-                found, bad = ixi.fetch_slices(
-                    source["urls"],
-                    scratch,
-                    source["max_subjects"],
-                    source["slices_per_volume"],
-                    source["planes"],
-                    source["timeout_s"],
-                    source["deadline_s"],
-                )
-                candidates += [
-                    Candidate(
-                        "ixi",
-                        str(scratch / s.name),
-                        str(images_dir / "ixi" / s.name),
-                        NO_TUMOR,
-                        "none",
-                        s.subject,
-                        s.original,
-                    )
-                    for s in found
-                ]
-                skipped += [_skip("ixi", original, reason, detail) for original, reason, detail in bad]
-                continue
-            if name == "local":
-                root = Path(source["path"])
-                if not root.is_dir():
-                    raise SourceError(
-                        f"fetch.sources.local: folder {root} does not exist; create it (see README) "
-                        f"or switch the source off with `fetch.sources.local.enabled: false`"
-                    )
-            else:
-                root = kaggle_root(name, source["handle"])
-            found, bad = find_candidates(name, root, images_dir, strict_folders=name == "local")
-            log.info("source %s: %d files under %s", name, len(found), root)
+            candidates_of = {"ixi": ixi_candidates, "local": local_candidates}.get(name, kaggle_candidates)
+            found, bad = candidates_of(name, source, images_dir, staging)
             candidates += found
             skipped += bad
         # Workers write straight into the staging folder; the recorded paths stay the final ones.
         staged = [
-            Candidate(
-                c.source,
-                c.src,
-                str(staged_images / Path(c.dest).relative_to(images_dir)),
-                c.label,
-                c.subtype,
-                c.group,
-                c.original,
-            )
-            for c in candidates
+            replace(candidate, dest=str(staged_images / Path(candidate.dest).relative_to(images_dir)))
+            for candidate in candidates
         ]
         results = parallel_map(
             functools.partial(check_and_copy, max_pixels=config["max_image_pixels"]),

@@ -19,7 +19,7 @@ from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import StratifiedGroupKFold
 
 from braintumor.atomic import atomic_path, write_csv, write_json
-from braintumor.data.datasets import load_splits
+from braintumor.data.datasets import SplitArrays, load_splits
 from braintumor.labels import BINARY_CLASSES, MULTICLASS_CLASSES, SUBTYPE_CLASS, class_names
 from braintumor.model.architectures import BACKBONES, build_model
 from braintumor.model.distribution import batches_per_epoch, data_parallel, full_batches, process_share
@@ -203,8 +203,16 @@ def fit_on_devices(
     batch_size: int,
     steps: tuple[int, int] | None = None,
 ) -> tuple[keras.Model, dict]:
-    """`fit` under the distribution in force: none, or data parallel with `batch_size` rows a process and
-    `steps` (train, validation) batches an epoch in every process."""
+    """`fit` under the distribution in force: none, or data parallel.
+
+    Args:
+        params: the whole params.yaml (its seed); config: its validated `train` section.
+        train, val: the fit and held-out (early stopping) images of this process.
+        callbacks: more Keras callbacks (dvclive's); verbose: Keras' verbosity.
+        name: the model's name (one per fold).
+        batch_size: rows a step in this process.
+        steps: (train, validation) batches an epoch that every process of a data-parallel job takes, or None.
+    """
     keras.utils.set_random_seed(params["seed"])
     keras.mixed_precision.set_global_policy("mixed_float16" if config["mixed_precision"] else "float32")
     names = output_names(config)
@@ -229,25 +237,9 @@ def fit_on_devices(
             monitor="val_loss", patience=config["early_stopping_patience"], restore_best_weights=True
         ),
     ]
-    if config["loader"] == "stream":  # a batch of float32 at a time, read from the split's files
-        train_steps, val_steps = steps or (None, None)
-        fit_data = {"x": Batches(train["x"], train["y"], weights, batch_size, params["seed"], train_steps)}
-        held_out = Batches(val["x"], val["y"], held_out_weights, batch_size, batches=val_steps)
-    else:
-        fit_data = {
-            "x": np.asarray(train["x"], dtype="float32"),
-            "y": train["y"],
-            "sample_weight": weights,
-            "batch_size": batch_size,
-            "shuffle": True,
-        }
-        held_out = (np.asarray(val["x"], dtype="float32"), val["y"]) + (
-            (held_out_weights,) if held_out_weights is not None else ()
-        )
-        if steps:  # every sharded batch, the last ones too, must divide evenly over the devices
-            x, y, w = full_batches(fit_data["x"], fit_data["y"], weights, batch_size, steps[0])
-            fit_data.update(x=x, y=y, sample_weight=w)
-            held_out = full_batches(*held_out[:2], held_out_weights, batch_size, steps[1])
+    fit_data, held_out = fit_inputs(
+        config["loader"], train, val, (weights, held_out_weights), batch_size, params["seed"], steps
+    )
     started = time.perf_counter()
     history = model.fit(
         **fit_data,
@@ -259,19 +251,9 @@ def fit_on_devices(
     losses = history.history["val_loss"]
     epochs_run = len(losses)
     if pretrained and config["transfer"]["fine_tune_epochs"]:  # phase 2: unfreeze the last N backbone layers
-        for layer in model.layers[-3 - config["transfer"]["fine_tune_layers"] : -3]:
-            if not isinstance(layer, keras.layers.BatchNormalization):
-                layer.trainable = True
-        compile_model(model, optimizer, config["transfer"]["fine_tune_learning_rate"], config)
-        more = model.fit(
-            **{key: value for key, value in fit_data.items() if key != "shuffle"},
-            epochs=epochs_run + config["transfer"]["fine_tune_epochs"],
-            initial_epoch=epochs_run,
-            validation_data=held_out,
-            callbacks=schedule + (callbacks or []),
-            verbose=verbose,
+        losses = losses + fine_tune(
+            model, optimizer, config, fit_data, held_out, schedule + (callbacks or []), epochs_run, verbose
         )
-        losses = losses + more.history["val_loss"]
         epochs_run = len(losses)
     seconds = time.perf_counter() - started
     summary = {
@@ -284,14 +266,81 @@ def fit_on_devices(
     return model, summary
 
 
-def cross_validation_pool(split_dir: str | Path, task: str, lazy: bool = False) -> dict[str, np.ndarray]:
+def fit_inputs(
+    loader: str,
+    train: dict,
+    val: dict,
+    weights: tuple[np.ndarray | None, np.ndarray | None],
+    batch_size: int,
+    seed: int,
+    steps: tuple[int, int] | None,
+) -> tuple[dict, object]:
+    """`model.fit`'s data arguments and its validation data, for `train.loader`.
+
+    Args:
+        loader: `arrays` (each split as one float32 array) or `stream` (a batch at a time from the split's files).
+        train, val: the fit and held-out images (`x`, `y`).
+        weights: per-image loss weights of train and of val, or None.
+        batch_size: rows a step in this process.
+        seed: the stream loader's shuffling seed (the arrays loader shuffles through Keras).
+        steps: (train, val) batches an epoch that every process of a data-parallel job takes, or None.
+    """
+    train_weights, val_weights = weights
+    if loader == "stream":  # a batch of float32 at a time, read from the split's files
+        train_steps, val_steps = steps or (None, None)
+        fit_data = {"x": Batches(train["x"], train["y"], train_weights, batch_size, seed, train_steps)}
+        return fit_data, Batches(val["x"], val["y"], val_weights, batch_size, batches=val_steps)
+    fit_data = {
+        "x": np.asarray(train["x"], dtype="float32"),
+        "y": train["y"],
+        "sample_weight": train_weights,
+        "batch_size": batch_size,
+        "shuffle": True,
+    }
+    held_out = (np.asarray(val["x"], dtype="float32"), val["y"]) + ((val_weights,) if val_weights is not None else ())
+    if steps:  # every sharded batch, the last ones too, must divide evenly over the devices
+        x, y, w = full_batches(fit_data["x"], fit_data["y"], train_weights, batch_size, steps[0])
+        fit_data.update(x=x, y=y, sample_weight=w)
+        held_out = full_batches(*held_out[:2], val_weights, batch_size, steps[1])
+    return fit_data, held_out
+
+
+def fine_tune(
+    model: keras.Model,
+    optimizer: str,
+    config: dict,
+    fit_data: dict,
+    held_out,
+    callbacks: list,
+    epochs_run: int,
+    verbose: int,
+) -> list[float]:
+    """Phase 2 of a pretrained backbone: the last `transfer.fine_tune_layers` layers (batch norm stays frozen)
+    learn at `transfer.fine_tune_learning_rate` for `transfer.fine_tune_epochs` more epochs. Returns their
+    validation losses."""
+    for layer in model.layers[-3 - config["transfer"]["fine_tune_layers"] : -3]:
+        if not isinstance(layer, keras.layers.BatchNormalization):
+            layer.trainable = True
+    compile_model(model, optimizer, config["transfer"]["fine_tune_learning_rate"], config)
+    more = model.fit(
+        **{key: value for key, value in fit_data.items() if key != "shuffle"},
+        epochs=epochs_run + config["transfer"]["fine_tune_epochs"],
+        initial_epoch=epochs_run,
+        validation_data=held_out,
+        callbacks=callbacks,
+        verbose=verbose,
+    )
+    return more.history["val_loss"]
+
+
+def cross_validation_pool(split_dir: str | Path, task: str, lazy: bool = False) -> SplitArrays:
     """train+val as one pool; each image keeps its dedup group, so near duplicates never straddle two folds,
     and its `representative` flag: only representatives are held out and scored (a cluster counts once).
     `lazy`: the images stay in the split's memory-mapped files (`train.loader: stream`)."""
     return load_splits(split_dir, ("train", "val"), task, lazy)
 
 
-def folds_of(pool: dict, folds: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+def folds_of(pool: SplitArrays, folds: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
     """(fit rows, held-out rows) per fold: stratified by label, grouped by dedup cluster, seeded.
 
     The folds are drawn over the representatives alone, so they are the same with and without the clusters'

@@ -57,7 +57,7 @@ class Limits:
 
 
 @dataclass
-class Served:
+class ServedModel:
     """A loaded model and what the answers say about it."""
 
     loaded: LoadedModel
@@ -77,13 +77,13 @@ class Served:
         }
 
 
-def resolve(reference: str) -> Served:
+def resolve(reference: str) -> ServedModel:
     """Load `reference`. A registry reference is pinned to the version it names now (an alias is looked up
     first), so that the version reported is the one loaded."""
     match = REGISTRY_REFERENCE.match(reference)
     if not match:
         loaded = load(reference)
-        return Served(loaded, metrics=dict(loaded.info.get("test_metrics", {})))
+        return ServedModel(loaded, metrics=dict(loaded.info.get("test_metrics", {})))
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
@@ -102,7 +102,7 @@ def resolve(reference: str) -> Served:
     except MlflowException as err:
         raise ModelLoadError(f"{reference}: {redact(err.message)}") from err
     loaded = load(f"models:/{name}/{version.version}")
-    return Served(
+    return ServedModel(
         loaded,
         name,
         str(version.version),
@@ -122,11 +122,11 @@ def alias_version(reference: str) -> str | None:
     return str(MlflowClient().get_model_version_by_alias(match["name"], match["alias"]).version)
 
 
-class Scorer:
+class ModelRunner:
     """Runs the model: P(tumor) for prepared images, and evidence maps. Model calls are serialised (two cores
     gain nothing from two at once, and a backend's model need not be re-entrant)."""
 
-    def __init__(self, served: Served):
+    def __init__(self, served: ServedModel):
         self.served = served
         self.lock = threading.Lock()
         self.names = served.loaded.info["class_names"]
@@ -157,8 +157,8 @@ class Scorer:
             self.probabilities(np.zeros((count, size, size, 3), dtype=np.uint8))
 
 
-class Holder:
-    """The model being served, swapped whole when the alias moves; readers take `current` once per request."""
+class FollowedAlias:
+    """The model a reference names, swapped whole when its alias moves; readers take `current` once per request."""
 
     def __init__(self, reference: str, poll_seconds: float):
         self.reference = reference
@@ -169,10 +169,10 @@ class Holder:
         self.last_error: str | None = None
 
     @staticmethod
-    def _ready(served: Served) -> Scorer:
-        scorer = Scorer(served)
-        scorer.warm_up()
-        return scorer
+    def _ready(served: ServedModel) -> ModelRunner:
+        runner = ModelRunner(served)
+        runner.warm_up()
+        return runner
 
     def reload(self) -> bool:
         """Load the version the alias names now, if it is not the one served; True when swapped."""
@@ -211,9 +211,9 @@ def read_scan(name: str, data: bytes, size: int, limits: Limits) -> np.ndarray:
     return prepare(to_grayscale(open_image(name, data=data, max_pixels=limits.max_pixels)), size)
 
 
-def classify(scorer: Scorer, uploads: list[tuple[str, bytes]], limits: Limits) -> list[dict]:
+def classify(runner: ModelRunner, uploads: list[tuple[str, bytes]], limits: Limits) -> list[dict]:
     """One result per upload, in order: {"filename", "probability", "label"} or {"filename", "error"}."""
-    size = int(scorer.served.loaded.info["image_size"])
+    size = int(runner.served.loaded.info["image_size"])
     results, images, rows = [], [], []
     for name, data in uploads:
         try:
@@ -225,8 +225,8 @@ def classify(scorer: Scorer, uploads: list[tuple[str, bytes]], limits: Limits) -
         except Exception as err:  # noqa: BLE001 - one bad file never fails the others
             results.append({"filename": name, "error": f"{type(err).__name__}: {err}"})
     if images:
-        for row, p in zip(rows, scorer.probabilities(np.stack(images)), strict=True):
-            results[row].update(probability=round(float(p), 6), label=int(p >= scorer.served.loaded.threshold))
+        for row, p in zip(rows, runner.probabilities(np.stack(images)), strict=True):
+            results[row].update(probability=round(float(p), 6), label=int(p >= runner.served.loaded.threshold))
     return results
 
 
@@ -279,13 +279,13 @@ class BodyLimit:
 
 def create_app(reference: str, limits: Limits = Limits(), poll_seconds: float = 30.0) -> FastAPI:
     """The app for one model reference, loaded and warmed up before this returns."""
-    holder = Holder(reference, poll_seconds)
+    followed = FollowedAlias(reference, poll_seconds)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
-        holder.start_polling()
+        followed.start_polling()
         yield
-        holder.stop.set()
+        followed.stop.set()
 
     app = FastAPI(
         title="Brain-tumor MRI triage",
@@ -293,7 +293,7 @@ def create_app(reference: str, limits: Limits = Limits(), poll_seconds: float = 
         lifespan=lifespan,
         description="P(tumor) for MRI scans from a registered Keras model. A research tool, not a diagnostic device.",
     )
-    app.state.holder = holder
+    app.state.followed = followed
 
     @app.get("/healthz")
     def healthz():
@@ -301,12 +301,12 @@ def create_app(reference: str, limits: Limits = Limits(), poll_seconds: float = 
 
     @app.get("/readyz")
     def readyz():
-        scorer = holder.current
-        return {"status": "ready", "model": scorer.served.describe(), "last_poll_error": holder.last_error}
+        runner = followed.current
+        return {"status": "ready", "model": runner.served.describe(), "last_poll_error": followed.last_error}
 
     @app.get("/v1/model")
     def model_info():
-        served = holder.current.served
+        served = followed.current.served
         return {
             "model": served.describe(),
             "class_names": served.loaded.info["class_names"],
@@ -323,10 +323,10 @@ def create_app(reference: str, limits: Limits = Limits(), poll_seconds: float = 
     @app.post("/v1/reload")
     def reload():
         try:
-            swapped = holder.reload()
+            swapped = followed.reload()
         except Exception as err:  # noqa: BLE001 - the current model stays; say why
             raise HTTPException(502, f"could not load the model the alias names now: {err}") from err
-        return {"reloaded": swapped, "model": holder.current.served.describe()}
+        return {"reloaded": swapped, "model": followed.current.served.describe()}
 
     @app.post("/v1/predict")
     async def predict(files: list[UploadFile] | None = File(None, description="one or more scans")):
@@ -334,10 +334,10 @@ def create_app(reference: str, limits: Limits = Limits(), poll_seconds: float = 
             raise HTTPException(400, "no files: send one or more scans in the multipart field `files`")
         if len(files) > limits.max_files:
             raise HTTPException(413, f"{len(files)} files, over the limit of {limits.max_files} a request")
-        scorer = holder.current
+        runner = followed.current
         uploads = [(upload.filename or "upload", await upload.read(limits.max_file_bytes + 1)) for upload in files]
-        results = await run_in_threadpool(classify, scorer, uploads, limits)  # the event loop stays free
-        return {"model": scorer.served.describe(), "results": results}
+        results = await run_in_threadpool(classify, runner, uploads, limits)  # the event loop stays free
+        return {"model": runner.served.describe(), "results": results}
 
     @app.post(
         "/v1/explain",
@@ -345,15 +345,15 @@ def create_app(reference: str, limits: Limits = Limits(), poll_seconds: float = 
         responses={200: {"content": {"image/png": {}}, "description": "the scan and its evidence map"}},
     )
     async def explain(file: UploadFile = File(..., description="one scan")):
-        scorer = holder.current
-        size = int(scorer.served.loaded.info["image_size"])
+        runner = followed.current
+        size = int(runner.served.loaded.info["image_size"])
         data = await file.read(limits.max_file_bytes + 1)
         try:
             image = await run_in_threadpool(read_scan, file.filename or "upload", data, size, limits)
         except ImageReadError as err:
             raise HTTPException(422, f"{file.filename}: {err.reason}: {err.detail}") from err
-        png = await run_in_threadpool(lambda: side_by_side(image, scorer.evidence_map(image)))
-        return Response(png, media_type="image/png", headers={"X-Model-Version": str(scorer.served.version)})
+        png = await run_in_threadpool(lambda: side_by_side(image, runner.evidence_map(image)))
+        return Response(png, media_type="image/png", headers={"X-Model-Version": str(runner.served.version)})
 
     app.mount("/", StaticFiles(directory=WEB, html=True), name="page")
     app.add_middleware(BodyLimit, limit=limits.max_body_bytes)
@@ -365,7 +365,7 @@ def serve(reference: str, host: str, port: int, limits: Limits, poll_seconds: fl
 
     started = time.perf_counter()
     app = create_app(reference, limits, poll_seconds)
-    served = app.state.holder.current.served
+    served = app.state.followed.current.served
     log.info(
         "serve: %s (version %s) loaded and warmed up in %.1f s; http://%s:%d/",
         reference,
