@@ -54,9 +54,8 @@ def fetched(in_tmp, monkeypatch):
     return params
 
 
-def test_clusters_representatives_conflicts_and_metrics(in_tmp, fetched):
-    metrics = dedup(fetched)
-
+def test_each_cluster_keeps_its_largest_image_with_its_known_subtype(in_tmp, fetched):
+    dedup(fetched)
     kept = pd.read_csv("artifacts/dedup/manifest.csv", keep_default_na=False)
     names = dict(zip(kept.path.str.rsplit("/", n=1).str[-1], kept.subtype, strict=True))
     # s0: the 256 px 2020 scan beats its 128 px 2018 copies and passes on its subtype
@@ -70,6 +69,9 @@ def test_clusters_representatives_conflicts_and_metrics(in_tmp, fetched):
     assert kept.loc[kept.path.str.endswith("s0.png"), "source"].item() == "kaggle2020"
     assert kept.group.is_unique
 
+
+def test_copies_and_label_conflicts_are_listed_with_their_reason(in_tmp, fetched):
+    dedup(fetched)
     dropped = pd.read_csv("artifacts/dedup/duplicates.csv", keep_default_na=False)
     reasons = sorted(zip(dropped.path.str.split("/images/").str[-1], dropped.reason, strict=True))
     assert reasons == [
@@ -82,20 +84,22 @@ def test_clusters_representatives_conflicts_and_metrics(in_tmp, fetched):
     ]
     copies = dropped[dropped.source == "kaggle2018"]
     assert copies.representative.str.endswith("s0.png").all() and (copies.phash_distance > 0).all()
+
+
+def test_metrics_count_what_was_kept_and_dropped(in_tmp, fetched):
+    metrics = dedup(fetched)
     assert metrics == json.loads((in_tmp / "metrics/dedup.json").read_text())
-    assert {
-        k: metrics[k]
-        for k in (
-            "images_in",
-            "exact_duplicates",
-            "near_duplicates",
-            "cross_source_duplicates",
-            "label_conflicts",
-            "label_conflict_clusters",
-            "subtype_conflicts",
-            "images_out",
-        )
-    } == {
+    counts = (
+        "images_in",
+        "exact_duplicates",
+        "near_duplicates",
+        "cross_source_duplicates",
+        "label_conflicts",
+        "label_conflict_clusters",
+        "subtype_conflicts",
+        "images_out",
+    )
+    assert {key: metrics[key] for key in counts} == {
         "images_in": 10,
         "exact_duplicates": 1,
         "near_duplicates": 2,
@@ -113,6 +117,11 @@ def test_clusters_representatives_conflicts_and_metrics(in_tmp, fetched):
         "label_conflict": 0,
         "unreadable": 0,
     }
+
+
+def test_the_kept_images_hashes_and_the_review_plot_are_written(in_tmp, fetched):
+    dedup(fetched)
+    kept = pd.read_csv("artifacts/dedup/manifest.csv", keep_default_na=False)
     hashes = np.load("artifacts/dedup/hashes.npz")  # the kept images' own hashes, in the manifest's order
     again, _ = hash_images(kept.path.tolist(), int(hashes["hash_size"]), workers=1)
     assert np.array_equal(hashes["phash"], again.phash) and np.array_equal(hashes["dhash"], again.dhash)
