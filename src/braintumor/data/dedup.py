@@ -32,6 +32,7 @@ import pandas as pd
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
+from braintumor import paths
 from braintumor.atomic import atomic_path, write_csv, write_json
 from braintumor.data.datasets import read_manifest, representatives
 from braintumor.data.hashing import Hashes, Pairs, hamming, hash_images, near_pairs
@@ -82,10 +83,10 @@ def cluster_subtype(subtypes: pd.Series) -> str:
 
 def dedup(
     params: dict,
-    fetch_dir: str | Path = "artifacts/fetch",
-    out_dir: str | Path = "artifacts/dedup",
-    metrics_path: str | Path = "metrics/dedup.json",
-    review_path: str | Path = "plots/dedup_review.png",
+    fetch_dir: str | Path = paths.FETCH_DIR,
+    out_dir: str | Path = paths.DEDUP_DIR,
+    metrics_path: str | Path = paths.STAGE_METRICS["dedup"],
+    review_path: str | Path = paths.DEDUP_REVIEW,
 ) -> dict:
     """Run the dedup stage; writes the unique manifest, the duplicates table, hashes, metrics and a montage."""
     config = validate_dedup(params)

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from braintumor import paths
 from braintumor.atomic import atomic_path, write_csv, write_json
 from braintumor.data import ixi
 from braintumor.data.images import check_usable, open_image
@@ -175,7 +176,7 @@ def kaggle_candidates(name: str, source: dict, images_dir: Path, staging: Path) 
 
 
 def fetch(
-    params: dict, out_dir: str | Path = "artifacts/fetch", metrics_path: str | Path = "metrics/fetch.json"
+    params: dict, out_dir: str | Path = paths.FETCH_DIR, metrics_path: str | Path = paths.STAGE_METRICS["fetch"]
 ) -> dict:
     """Run the fetch stage: `out_dir/images/...`, `out_dir/manifest.csv`, `out_dir/skipped.csv` and metrics."""
     config = validate_fetch(params)

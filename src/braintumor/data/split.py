@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from braintumor import paths
 from braintumor.atomic import atomic_path, write_csv, write_json
 from braintumor.data.datasets import IMAGES_SUFFIX, read_manifest, representatives
 from braintumor.data.hashing import Hashes, near_pairs
@@ -87,9 +88,9 @@ def leakage(hashes: Hashes, split: pd.Series, max_p: int, max_d: int) -> dict[st
 
 def split(
     params: dict,
-    dedup_dir: str | Path = "artifacts/dedup",
-    out_dir: str | Path = "artifacts/split",
-    metrics_path: str | Path = "metrics/split.json",
+    dedup_dir: str | Path = paths.DEDUP_DIR,
+    out_dir: str | Path = paths.SPLIT_DIR,
+    metrics_path: str | Path = paths.STAGE_METRICS["split"],
 ) -> dict:
     """Run the split stage: `out_dir/manifest.csv`, `out_dir/{train,val,test}.npz` and `metrics_path`."""
     config = validate_split(params)

@@ -18,6 +18,7 @@ import pandas as pd
 from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import StratifiedGroupKFold
 
+from braintumor import paths
 from braintumor.atomic import atomic_path, write_csv, write_json
 from braintumor.data.datasets import SplitArrays, load_splits
 from braintumor.labels import BINARY_CLASSES, MULTICLASS_CLASSES, SUBTYPE_CLASS, class_names
@@ -435,10 +436,10 @@ def with_left_out_scored(
 
 def train(
     params: dict,
-    split_dir: str | Path = "artifacts/split",
-    model_dir: str | Path = "artifacts/train",
-    metrics_path: str | Path = "metrics/train.json",
-    live_dir: str | Path = "metrics/train",
+    split_dir: str | Path = paths.SPLIT_DIR,
+    model_dir: str | Path = paths.TRAIN_DIR,
+    metrics_path: str | Path = paths.STAGE_METRICS["train"],
+    live_dir: str | Path = paths.TRAIN_LIVE_DIR,
 ) -> dict:
     """Run the train stage: k fold models over train+val, each early-stopped on its held-out fold, shipped as
     one model that averages them. The held-out predictions (out of fold) go to `oof.npz`, where `evaluate`

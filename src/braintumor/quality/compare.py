@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import roc_auc_score
 
+from braintumor import paths
 from braintumor.errors import CompareError
 
 METRICS = ("recall", "specificity", "roc_auc")
@@ -39,9 +40,9 @@ def read(path: str, rev: str, mode: str = "r"):
 def predictions(rev: str) -> dict:
     """The per-image scores of revision `rev`: its test predictions and out-of-fold predictions (path, label,
     probability), and the threshold evaluate placed (unrounded, as the shipped model.json holds it)."""
-    shipped = json.loads(read("models/model.json", rev))
-    test = pd.read_csv(io.StringIO(read("artifacts/evaluate/test_predictions.csv", rev)))
-    with np.load(io.BytesIO(read("artifacts/train/oof.npz", rev, mode="rb"))) as oof:
+    shipped = json.loads(read(paths.MODEL_INFO, rev))
+    test = pd.read_csv(io.StringIO(read(paths.TEST_PREDICTIONS, rev)))
+    with np.load(io.BytesIO(read(paths.OUT_OF_FOLD, rev, mode="rb"))) as oof:
         out_of_fold = pd.DataFrame({"path": oof["path"], "label": oof["label"], "probability": oof["probability"]})
     return {"threshold": float(shipped["threshold"]), "test": test, "out_of_fold": out_of_fold}
 

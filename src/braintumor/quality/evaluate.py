@@ -25,6 +25,7 @@ import numpy as np
 import pandas as pd
 from sklearn import metrics as skm
 
+from braintumor import paths
 from braintumor.atomic import atomic_path, write_csv, write_json
 from braintumor.data.datasets import load_split
 from braintumor.model.inference import load_model, members_of, tumor_probability
@@ -93,12 +94,12 @@ def bootstrap_intervals(y: np.ndarray, p: np.ndarray, threshold: float, resample
 
 def evaluate(
     params: dict,
-    split_dir: str | Path = "artifacts/split",
-    train_dir: str | Path = "artifacts/train",
-    model_dir: str | Path = "models",
-    metrics_path: str | Path = "metrics/evaluate.json",
-    plots_dir: str | Path = "plots/evaluate",
-    predictions_path: str | Path = "artifacts/evaluate/test_predictions.csv",
+    split_dir: str | Path = paths.SPLIT_DIR,
+    train_dir: str | Path = paths.TRAIN_DIR,
+    model_dir: str | Path = paths.MODEL_DIR,
+    metrics_path: str | Path = paths.STAGE_METRICS["evaluate"],
+    plots_dir: str | Path = paths.EVALUATE_PLOTS,
+    predictions_path: str | Path = paths.TEST_PREDICTIONS,
 ) -> dict:
     """Run the evaluate stage (see the module docstring). The test predictions, one row an image, let
     `braintumor compare` set two experiments side by side on the same images."""

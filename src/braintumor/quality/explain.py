@@ -21,6 +21,7 @@ import numpy as np
 from lime import lime_image
 from skimage.segmentation import mark_boundaries
 
+from braintumor import paths
 from braintumor.atomic import atomic_path
 from braintumor.data.datasets import load_split
 from braintumor.model.inference import load_model, tumor_probability
@@ -63,9 +64,9 @@ def pick_examples(y: np.ndarray, p: np.ndarray, threshold: float, count: int) ->
 
 def explain(
     params: dict,
-    split_dir: str | Path = "artifacts/split",
-    model_dir: str | Path = "models",
-    plots_dir: str | Path = "plots/explain",
+    split_dir: str | Path = paths.SPLIT_DIR,
+    model_dir: str | Path = paths.MODEL_DIR,
+    plots_dir: str | Path = paths.EXPLAIN_PLOTS,
 ) -> dict:
     """Run the explain stage: one PNG panel per chosen test image, plus an index of what was shown."""
     config = validate_explain(params)

@@ -23,6 +23,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
+from braintumor import paths
 from braintumor.atomic import atomic_path, write_csv, write_json
 from braintumor.data.datasets import load_split, read_manifest
 from braintumor.labels import collection_of
@@ -70,12 +71,12 @@ def ranked(name: str, paths: np.ndarray, labels: np.ndarray, p: np.ndarray, mani
 
 def review(
     params: dict,
-    split_dir: str | Path = "artifacts/split",
-    train_dir: str | Path = "artifacts/train",
-    predictions_path: str | Path = "artifacts/evaluate/test_predictions.csv",
-    out_dir: str | Path = "artifacts/review",
-    metrics_path: str | Path = "metrics/review.json",
-    gallery_path: str | Path = "plots/review/label_issues.png",
+    split_dir: str | Path = paths.SPLIT_DIR,
+    train_dir: str | Path = paths.TRAIN_DIR,
+    predictions_path: str | Path = paths.TEST_PREDICTIONS,
+    out_dir: str | Path = paths.REVIEW_DIR,
+    metrics_path: str | Path = paths.STAGE_METRICS["review"],
+    gallery_path: str | Path = paths.REVIEW_GALLERY,
 ) -> dict:
     """Run the review stage; returns its metrics."""
     config, target = validate_review(params), validate_evaluate(params)["target_recall"]

@@ -5,12 +5,16 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from braintumor import paths
+
 
 def _read(path: Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def model_card(model_dir: Path = Path("models"), metrics_dir: Path = Path("metrics"), fingerprint: str = "") -> str:
+def model_card(
+    model_dir: Path = Path(paths.MODEL_DIR), metrics_dir: Path = Path(paths.METRICS_DIR), fingerprint: str = ""
+) -> str:
     """Markdown built from the pipeline's own outputs (models/model.json and metrics/*.json)."""
     info = _read(model_dir / "model.json")
     fetched, dedup, split = (_read(metrics_dir / f"{name}.json") for name in ("fetch", "dedup", "split"))

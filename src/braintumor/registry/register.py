@@ -27,6 +27,7 @@ from pathlib import Path
 
 from filelock import FileLock, Timeout
 
+from braintumor import paths
 from braintumor.atomic import write_json
 from braintumor.errors import RegistryError
 from braintumor.params import validate_register
@@ -170,11 +171,11 @@ def move_champion(client, name: str, candidate, version, champion_on_new_data: s
 
 def register(
     params: dict,
-    model_dir: str | Path = "models",
-    split_dir: str | Path = "artifacts/split",
-    metrics_dir: str | Path = "metrics",
-    plots_dir: str | Path = "plots",
-    decision_path: str | Path = "metrics/register.json",
+    model_dir: str | Path = paths.MODEL_DIR,
+    split_dir: str | Path = paths.SPLIT_DIR,
+    metrics_dir: str | Path = paths.METRICS_DIR,
+    plots_dir: str | Path = paths.PLOTS_DIR,
+    decision_path: str | Path = paths.STAGE_METRICS["register"],
 ) -> dict:
     """Run the register stage (see the module docstring); returns the decision written to `decision_path`."""
     config = validate_register(params)

@@ -23,6 +23,7 @@ from types import SimpleNamespace
 import numpy as np
 import pandas as pd
 
+from braintumor import paths
 from braintumor.data.datasets import representatives, split_images
 from braintumor.errors import RegistryError
 
@@ -222,10 +223,10 @@ def log_run(
     experiment: str,
     fingerprint: str,
     card: str,
-    model_dir: Path = Path("models"),
-    split_dir: Path = Path("artifacts/split"),
-    metrics_dir: Path = Path("metrics"),
-    plots_dir: Path = Path("plots"),
+    model_dir: Path = Path(paths.MODEL_DIR),
+    split_dir: Path = Path(paths.SPLIT_DIR),
+    metrics_dir: Path = Path(paths.METRICS_DIR),
+    plots_dir: Path = Path(paths.PLOTS_DIR),
 ) -> dict:
     """Record the current pipeline state, trained and tested on the data `fingerprint` names, as an MLflow
     run (or find the run that already did).
