@@ -220,7 +220,7 @@ def test_a_slower_registration_cannot_put_back_a_worse_champion(mlflow_server, t
     the better one first. The barrier forces that overlap; the worse one must then decide again and keep out."""
     import threading
 
-    from braintumor.registry.register import register as registry
+    from braintumor.registry import register as registry
 
     run = registering(mlflow_server, monkeypatch, "race")
     best_name = better(trained_states)
@@ -291,7 +291,7 @@ def test_a_held_lock_ends_with_a_message_not_a_hang(mlflow_server, trained_state
     from filelock import FileLock
 
     from braintumor.errors import RegistryError
-    from braintumor.registry.register import register as registry
+    from braintumor.registry import register as registry
 
     monkeypatch.setattr(registry, "LOCK_TIMEOUT_S", 1)
     run = registering(mlflow_server, monkeypatch, "locked")
