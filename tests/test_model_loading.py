@@ -33,7 +33,7 @@ def keras_folder(folder, model, info=INFO):
 
 def mlflow_folder(folder, model, **flavor_changes):
     """An MLflow model folder as `braintumor register` logs it, then with `flavor_changes` made to its MLmodel."""
-    mlflow.keras.save_model(model, str(folder), metadata=INFO)
+    mlflow.keras.save_model(model, str(folder), metadata=INFO, pip_requirements=["keras"])  # no 8-s inference
     description = yaml.safe_load((folder / "MLmodel").read_text())
     description["flavors"]["keras"].update(flavor_changes)
     (folder / "MLmodel").write_text(yaml.safe_dump(description))

@@ -310,6 +310,7 @@ def test_members_are_fitted_with_their_group_but_never_held_out_or_scored(in_tmp
     assert sum(m["images"] for m in metrics["members"]) == len(pool["x"]) * (params["train"]["folds"] - 1)
 
 
+@pytest.mark.slow  # two k-fold fits of a learning model: 35 s
 def test_clean_learning_fits_again_without_the_images_cleanlab_flags(in_tmp):
     split = make_split(in_tmp / "artifacts/split", size=32, members=10)
     with np.load(split / "train.npz") as data:

@@ -88,7 +88,15 @@ def dedup(
     metrics_path: str | Path = paths.STAGE_METRICS["dedup"],
     review_path: str | Path = paths.DEDUP_REVIEW,
 ) -> dict:
-    """Run the dedup stage; writes the unique manifest, the duplicates table, hashes, metrics and a montage."""
+    """Run the dedup stage; writes the unique manifest, the duplicates table, hashes, metrics and a montage.
+
+    Args:
+        params: the whole params.yaml (its dedup and fetch.sources sections are used).
+        fetch_dir: the fetch stage's output (manifest and images).
+        out_dir: where the unique manifest, the duplicates table and the hashes go.
+        metrics_path: the stage's metrics JSON.
+        review_path: the montage of the pairs closest to the thresholds.
+    """
     config = validate_dedup(params)
     max_p, max_d = config["phash_max_distance"], config["dhash_max_distance"]
     manifest = read_manifest(Path(fetch_dir) / "manifest.csv")
@@ -321,6 +329,15 @@ def review_montage(
     """Plot the merged pairs closest to the thresholds (top) and the nearest pairs kept apart (bottom).
 
     Identical pairs are left out: they need no review. Closeness is max(pHash/limit, dHash/limit).
+
+    Args:
+        frame: the readable rows of the fetched manifest, in hash order.
+        loose: every pair within REVIEW_MARGIN times the limits, with its pHash and dHash distances.
+        linked: for each loose pair, whether dedup merged it.
+        max_p: the pHash limit.
+        max_d: the dHash limit.
+        count: pairs per row.
+        path: the PNG to write.
     """
     closeness = np.maximum(loose.phash / max(max_p, 1), loose.dhash / max(max_d, 1))
     merged = np.flatnonzero(linked & (closeness > 0))

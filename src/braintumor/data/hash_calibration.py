@@ -80,7 +80,16 @@ def hash_calibration_set(
 def rates(
     base: Hashes, copies: Hashes, altered: pd.DataFrame, classes: list[str], max_phash: int, max_dhash: int
 ) -> dict:
-    """Detection rate on altered copies and false-merge rates between images of different classes."""
+    """Detection rate on altered copies and false-merge rates between images of different classes.
+
+    Args:
+        base: hashes of the original images.
+        copies: hashes of their altered copies, row for row.
+        altered: one row per copy, naming its original and its alteration.
+        classes: the class of each original.
+        max_phash: the pHash limit tried.
+        max_dhash: the dHash limit tried.
+    """
     index = altered["original"].to_numpy()
     dp = hamming(copies.phash, base.phash[index])
     dd = hamming(copies.dhash, base.dhash[index])

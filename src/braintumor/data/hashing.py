@@ -112,7 +112,16 @@ def _popcount(typingctx, word):
 
 @numba.njit(nogil=True, cache=True)
 def _append(found, n, i, j, p, d):
-    """`found` with row n set to the pair (i, j) and its distances, its capacity doubled first when full."""
+    """`found` with row n set to the pair (i, j) and its distances, its capacity doubled first when full.
+
+    Args:
+        found: the pair array being filled.
+        n: the row to write.
+        i: the query index.
+        j: the base index.
+        p: their pHash distance.
+        d: their dHash distance.
+    """
     if n == found.shape[0]:
         grown = np.empty((2 * n, 4), dtype=np.int64)
         grown[:n] = found
@@ -186,7 +195,24 @@ def _block_pairs(
 ):
     """Pairs (i in start..stop of the query, j of the base) within both limits; compiled, GIL released.
     Groups of the leader index that cannot hold a match are skipped; the rest are checked pair by pair,
-    the dHash only for pairs within the pHash limit."""
+    the dHash only for pairs within the pHash limit.
+
+    Args:
+        qp: pHash bits of the query, packed into uint64 words.
+        qd: dHash bits of the query, packed likewise.
+        bp: pHash bits of the base.
+        bd: dHash bits of the base.
+        leaders: the base row of each group's leader.
+        radii: each group's largest member distance to its leader.
+        starts: where each group's members begin in `members`.
+        members: base rows grouped by leader.
+        member_distance: each member's pHash distance to its leader.
+        start: first query row of this block.
+        stop: one past its last query row.
+        self_join: query and base are one set: keep i < j only.
+        max_p: the pHash limit.
+        max_d: the dHash limit.
+    """
     found = np.empty((1024, 4), dtype=np.int64)
     n = 0
     for i in range(start, stop):
@@ -225,6 +251,13 @@ def near_pairs(
     scan share a group, so the work grows with N x groups rather than N^2. (Measured on 100k grown hashes:
     radius max_phash // 2 was the fastest; half of that splits the copies into 11x more groups, and a radius
     of max_phash loosens every bound.) Blocks of query rows run in threads (the compiled code releases the GIL).
+
+    Args:
+        query: the hashes to match.
+        max_phash: the pHash limit (Hamming distance, inclusive).
+        max_dhash: the dHash limit.
+        base: the hashes to match against; None matches `query` with itself.
+        workers: threads; None = all cores.
     """
     self_join = base is None
     base = query if base is None else base

@@ -58,6 +58,15 @@ def fetch_slices(
     (bad gzip, bad NIfTI header, not 3D) or over the size caps. A failed download, or one that outlasts
     `deadline_s` (per tar; `timeout_s` bounds each read), raises `SourceError` naming the URL; the caller
     discards everything written.
+
+    Args:
+        urls: IXI tar files to stream.
+        dest: folder for the slice PNGs.
+        max_subjects: volumes to use per tar.
+        slices_per_volume: slices per plane, from the part of the volume that holds brain.
+        planes: any of axial, coronal, sagittal.
+        timeout_s: bound on each read of a download.
+        deadline_s: bound on each tar as a whole.
     """
     dest.mkdir(parents=True, exist_ok=True)
     slices: list[Slice] = []
@@ -136,7 +145,16 @@ def volume_slices(
     raw: bytes, member: str, original: str, dest: Path, slices_per_volume: int, planes: list[str]
 ) -> list[Slice]:
     """Decode one (optionally gzipped) NIfTI volume and write its chosen slices as PNG, under a folder per
-    subject and named after the volume and a digest of where it came from, so that no two volumes collide."""
+    subject and named after the volume and a digest of where it came from, so that no two volumes collide.
+
+    Args:
+        raw: the volume's bytes, gzipped or not.
+        member: its name inside the tar.
+        original: the URL of the tar, for the file names' digest.
+        dest: folder for the PNGs.
+        slices_per_volume: slices per plane.
+        planes: any of axial, coronal, sagittal.
+    """
     volume = nib.as_closest_canonical(nib.Nifti1Image.from_bytes(gunzip(raw)))
     data = np.asarray(volume.dataobj, dtype=np.float32)
     if data.ndim == 4:

@@ -53,7 +53,15 @@ def assign_splits(frame: pd.DataFrame, fractions: dict[str, float], seed: int) -
 def write_images(path: Path, files: list[str], size: int, workers: int | None, name: str) -> None:
     """Prepare `files` into one (n, size, size) uint8 .npy at `path`, a chunk at a time: the stage holds one
     chunk of images, never the split, so its memory does not grow with the number of images. (Plain file
-    writes, not a memory map: the written pages then stay in the page cache, not in the stage's memory.)"""
+    writes, not a memory map: the written pages then stay in the page cache, not in the stage's memory.)
+
+    Args:
+        path: the .npy to write.
+        files: image files, in the split's order.
+        size: side of the square arrays.
+        workers: preparing processes; None = all cores.
+        name: the split's name, for the progress bar.
+    """
     prepare = functools.partial(model_channel, size=size)
     with open(path, "wb") as out:
         np.lib.format.write_array_header_1_0(

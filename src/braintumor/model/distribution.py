@@ -66,7 +66,15 @@ def full_batches(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """`x`, `y` and per-sample weights padded with zero-weight repeats of their first rows to `batches` whole
     batches: a sharded batch must divide evenly over the devices, the last partial one too, and every process
-    must feed as many batches as the others. The padding adds nothing to the gradients or the weighted metrics."""
+    must feed as many batches as the others. The padding adds nothing to the gradients or the weighted metrics.
+
+    Args:
+        x: images.
+        y: targets.
+        weights: per-sample weights; None = all 1.
+        batch_size: global batch size.
+        batches: whole batches to fill.
+    """
     weights = np.ones(len(x), dtype="float32") if weights is None else weights.astype("float32")
     extra = batches * batch_size - len(x)
     if not extra:

@@ -101,7 +101,16 @@ class Batches(keras.utils.PyDataset):
     Given a `seed`, the order is shuffled before every epoch (seeded, so a rerun sees the same batches).
     Given `batches` (data-parallel training), the rows are first padded to exactly that many full batches with
     zero-weight repeats (`distribution.full_batches`, as the arrays loader pads): every batch then divides over
-    the devices and every process takes as many steps as the others."""
+    the devices and every process takes as many steps as the others.
+
+    Args:
+        images: the images, an array or `datasets.SplitImages`.
+        targets: what the loss compares the output with, row for row.
+        weights: per-sample loss weights; None = all 1.
+        batch_size: images per batch (per process in data-parallel training).
+        seed: shuffles the order before every epoch; None keeps it.
+        batches: pad to exactly this many full batches (data-parallel training); None: no padding.
+    """
 
     def __init__(
         self,
@@ -174,7 +183,16 @@ def fit(
 ) -> tuple[keras.Model, dict]:
     """Build and fit the model of `params["train"]` (called `name`) on one device, or on all of them with
     `train.distribution: data_parallel`; early stopping on `val` restores the best epoch. Returns the model (which
-    predicts on one device, whatever it was trained on) and a summary."""
+    predicts on one device, whatever it was trained on) and a summary.
+
+    Args:
+        params: the whole params.yaml (`train`, `split.image_size`, `seed`).
+        train: the fitting set (x, y, label, source, ... as `load_splits` gives).
+        val: the early-stopping set.
+        callbacks: extra Keras callbacks (the stage's dvclive logger).
+        verbose: Keras' fit verbosity.
+        name: the model's name.
+    """
     config = validate_train(params)
     distribution = data_parallel(config["distribution"], config["batch_size"])
     if distribution is None:
@@ -318,7 +336,18 @@ def fine_tune(
 ) -> list[float]:
     """Phase 2 of a pretrained backbone: the last `transfer.fine_tune_layers` layers (batch norm stays frozen)
     learn at `transfer.fine_tune_learning_rate` for `transfer.fine_tune_epochs` more epochs. Returns their
-    validation losses."""
+    validation losses.
+
+    Args:
+        model: the fitted model, backbone frozen.
+        optimizer: its optimizer's name.
+        config: the `train` section.
+        fit_data: what `fit_inputs` made of the fitting set.
+        held_out: the validation data (arrays or a PyDataset).
+        callbacks: the phase-1 callbacks (early stopping, learning rate, logging).
+        epochs_run: epochs of phase 1: phase 2 counts on from there.
+        verbose: Keras' fit verbosity.
+    """
     for layer in model.layers[-3 - config["transfer"]["fine_tune_layers"] : -3]:
         if not isinstance(layer, keras.layers.BatchNormalization):
             layer.trainable = True
@@ -424,7 +453,16 @@ def with_left_out_scored(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Out-of-fold P(tumor) and fold for every representative of `pool`, as without clean learning, so that two
     experiments compare on the same images. Those clean learning left out were seen by no model of the second
-    fit, so the shipped ensemble scores them; their fold is -1, and evaluate places the threshold without them."""
+    fit, so the shipped ensemble scores them; their fold is -1, and evaluate places the threshold without them.
+
+    Args:
+        pool: train+val as `cross_validation_pool` gives it.
+        kept: the pool without clean learning's left-out clusters.
+        oof: out-of-fold P(tumor) of `kept`'s representatives.
+        fold_of: their folds.
+        ensemble: the shipped model.
+        names: its class names.
+    """
     reps, kept_reps = pool["path"][pool["representative"]], kept["path"][kept["representative"]]
     scores = pd.Series(oof, index=kept_reps).reindex(reps)
     folds = pd.Series(fold_of, index=kept_reps).reindex(reps).fillna(-1).astype(np.int8)
@@ -446,7 +484,15 @@ def train(
     places the threshold: they come from the very models that ship, so the threshold fits the shipped model.
 
     Writes `model.keras`, `model.json` (what inference needs but the threshold, which `evaluate` adds when it
-    writes the deployable copy to `models/`) and `oof.npz`."""
+    writes the deployable copy to `models/`) and `oof.npz`.
+
+    Args:
+        params: the whole params.yaml.
+        split_dir: the split stage's output.
+        model_dir: where model.keras, model.json and oof.npz go.
+        metrics_path: the stage's metrics JSON.
+        live_dir: dvclive's folder (per-epoch metrics and plots).
+    """
     from dvclive import Live
 
     config = validate_train(params)

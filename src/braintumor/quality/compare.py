@@ -60,7 +60,17 @@ def scores(y: np.ndarray, p: np.ndarray, threshold: float) -> np.ndarray:
 def paired_difference(
     a: pd.DataFrame, b: pd.DataFrame, threshold_a: float, threshold_b: float, resamples: int, seed: int, where: str
 ) -> dict:
-    """Each metric of A and B on the same images, B − A, and the paired bootstrap 95 % interval of B − A."""
+    """Each metric of A and B on the same images, B − A, and the paired bootstrap 95 % interval of B − A.
+
+    Args:
+        a: experiment A's test predictions (path, label, p_tumor).
+        b: experiment B's, on the same images.
+        threshold_a: A's operating threshold.
+        threshold_b: B's.
+        resamples: bootstrap resamples.
+        seed: the bootstrap's seed.
+        where: names the compared set in errors.
+    """
     joined = a.merge(b, on="path", suffixes=("_a", "_b"), validate="one_to_one")
     if len(joined) != len(a) or len(joined) != len(b) or (joined.label_a != joined.label_b).any():
         raise CompareError(

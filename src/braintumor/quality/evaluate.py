@@ -71,7 +71,15 @@ def binary_metrics(y: np.ndarray, p: np.ndarray, threshold: float) -> dict[str, 
 def bootstrap_intervals(y: np.ndarray, p: np.ndarray, threshold: float, resamples: int, seed: int) -> dict:
     """95 % percentile intervals of recall, specificity, accuracy and ROC AUC over `resamples` bootstrap resamples
     of the test set. With 30-odd healthy test scans, one scan moves specificity by about 3 points: the interval
-    says how far apart two models must be before a difference means anything."""
+    says how far apart two models must be before a difference means anything.
+
+    Args:
+        y: true labels (1 = tumor).
+        p: P(tumor).
+        threshold: the operating threshold.
+        resamples: bootstrap resamples.
+        seed: the bootstrap's seed.
+    """
     rng = np.random.default_rng(seed)
     predicted = p >= threshold
     values = {"recall": [], "specificity": [], "accuracy": [], "roc_auc": []}
@@ -102,7 +110,17 @@ def evaluate(
     predictions_path: str | Path = paths.TEST_PREDICTIONS,
 ) -> dict:
     """Run the evaluate stage (see the module docstring). The test predictions, one row an image, let
-    `braintumor compare` set two experiments side by side on the same images."""
+    `braintumor compare` set two experiments side by side on the same images.
+
+    Args:
+        params: the whole params.yaml.
+        split_dir: the split stage's output (the test split).
+        train_dir: the train stage's output (model and out-of-fold predictions).
+        model_dir: where the deployable model and model.json go.
+        metrics_path: the stage's metrics JSON.
+        plots_dir: DVC plot data and the gallery.
+        predictions_path: one row per test image.
+    """
     config = validate_evaluate(params)
     train_dir, plots_dir = Path(train_dir), Path(plots_dir)
     info = json.loads((train_dir / "model.json").read_text())
@@ -204,7 +222,17 @@ def image_grid(count: int, width: float, height: float) -> tuple[plt.Figure, np.
 
 
 def write_plots(plots_dir: Path, y, p, threshold, images, paths, gallery: int) -> None:
-    """DVC plot data (confusion, ROC, PR) and a gallery PNG of misclassified test images."""
+    """DVC plot data (confusion, ROC, PR) and a gallery PNG of misclassified test images.
+
+    Args:
+        plots_dir: folder for the plot files.
+        y: true labels of the test split.
+        p: its P(tumor).
+        threshold: the operating threshold.
+        images: the test images.
+        paths: their files.
+        gallery: misclassified images to show.
+    """
     label = np.array(["no_tumor", "tumor"])
     fpr, tpr, _ = skm.roc_curve(y, p)
     precision, recall, _ = skm.precision_recall_curve(y, p)

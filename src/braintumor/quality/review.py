@@ -49,7 +49,15 @@ COLUMNS = [
 
 
 def ranked(name: str, paths: np.ndarray, labels: np.ndarray, p: np.ndarray, manifest: pd.DataFrame) -> pd.DataFrame:
-    """One set's images, flagged ones first, each group from the least likely label up."""
+    """One set's images, flagged ones first, each group from the least likely label up.
+
+    Args:
+        name: the set's name (train+val or test).
+        paths: its image files.
+        labels: their labels.
+        p: their out-of-sample P(tumor).
+        manifest: the split manifest (source and collection of each file).
+    """
     flagged, quality = label_issues(labels, p)
     rows = manifest.loc[paths.astype(object)]
     frame = pd.DataFrame(
@@ -78,7 +86,17 @@ def review(
     metrics_path: str | Path = paths.STAGE_METRICS["review"],
     gallery_path: str | Path = paths.REVIEW_GALLERY,
 ) -> dict:
-    """Run the review stage; returns its metrics."""
+    """Run the review stage; returns its metrics.
+
+    Args:
+        params: the whole params.yaml.
+        split_dir: the split stage's output.
+        train_dir: the train stage's output (out-of-fold predictions).
+        predictions_path: evaluate's test predictions.
+        out_dir: where the flagged-image tables go.
+        metrics_path: the stage's metrics JSON.
+        gallery_path: the gallery PNG.
+    """
     config, target = validate_review(params), validate_evaluate(params)["target_recall"]
     manifest = read_manifest(Path(split_dir) / "manifest.csv").set_index("path")
     with np.load(Path(train_dir) / "oof.npz") as oof:

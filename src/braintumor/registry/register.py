@@ -152,7 +152,15 @@ def move_champion(client, name: str, candidate, version, champion_on_new_data: s
     Registrations from other clones or hosts share the tracking server but not the file lock, so the alias can
     move between our read and our write. It is read again right before the write, and after it: whenever it
     moved meanwhile, the decision is taken again against the new champion. Each registration thus ends having
-    compared itself with the champion it leaves, and a slower one cannot put back a worse model."""
+    compared itself with the champion it leaves, and a slower one cannot put back a worse model.
+
+    Args:
+        client: an MlflowClient on the tracking server.
+        name: the registered model's name.
+        candidate: the best eligible run (the one just ranked first).
+        version: its model version.
+        champion_on_new_data: keep | replace (see params.yaml).
+    """
     for _ in range(MOVE_ATTEMPTS):
         seen_version, seen_run = current_champion(client, name)
         promote, why = decide(candidate, seen_run, champion_on_new_data)
@@ -177,7 +185,16 @@ def register(
     plots_dir: str | Path = paths.PLOTS_DIR,
     decision_path: str | Path = paths.STAGE_METRICS["register"],
 ) -> dict:
-    """Run the register stage (see the module docstring); returns the decision written to `decision_path`."""
+    """Run the register stage (see the module docstring); returns the decision written to `decision_path`.
+
+    Args:
+        params: the whole params.yaml.
+        model_dir: the deployable model (evaluate's output).
+        split_dir: the split stage's output (its data fingerprint).
+        metrics_dir: the stages' metrics, logged with the run.
+        plots_dir: the stages' plots, logged with the run.
+        decision_path: where the decision JSON goes.
+    """
     config = validate_register(params)
     model_dir, split_dir, metrics_dir = Path(model_dir), Path(split_dir), Path(metrics_dir)
     uri = configure(config["experiment"])
@@ -201,7 +218,17 @@ def register(
 def record_and_decide(
     params: dict, config: dict, uri: str, model_dir: Path, split_dir: Path, metrics_dir: Path, plots_dir: Path
 ) -> dict:
-    """Log this state as a run, register the best eligible run and move the champion to it if it ranks higher."""
+    """Log this state as a run, register the best eligible run and move the champion to it if it ranks higher.
+
+    Args:
+        params: the whole params.yaml.
+        config: its register section.
+        uri: the tracking URI.
+        model_dir: the deployable model.
+        split_dir: the split stage's output.
+        metrics_dir: the stages' metrics.
+        plots_dir: the stages' plots.
+    """
     from mlflow import MlflowClient
 
     name, target_recall = config["model_name"], params["evaluate"]["target_recall"]

@@ -231,7 +231,18 @@ def log_run(
     """Record the current pipeline state, trained and tested on the data `fingerprint` names, as an MLflow
     run (or find the run that already did).
 
-    Returns {"run_id", "model_uri", "data_fingerprint", "metrics", "new"}."""
+    Returns {"run_id", "model_uri", "data_fingerprint", "metrics", "new"}.
+
+    Args:
+        params: the whole params.yaml, logged flat.
+        experiment: the MLflow experiment's name.
+        fingerprint: digest of the split's data: runs on other data do not compare.
+        card: the model card's markdown.
+        model_dir: the deployable model.
+        split_dir: the split stage's output.
+        metrics_dir: the stages' metrics.
+        plots_dir: the stages' plots.
+    """
     import keras
     import mlflow
     from mlflow.models import Model, ModelSignature

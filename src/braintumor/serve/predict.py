@@ -206,7 +206,15 @@ def write_evidence_maps(
     loaded: LoadedModel, results: list[dict], images: np.ndarray, folder: Path, first: int = 0
 ) -> list[Path]:
     """An evidence-map overlay PNG (`model/saliency.py`) per predicted image (`predict`'s two outputs), named
-    after its position (counted from `first`) and file."""
+    after its position (counted from `first`) and file.
+
+    Args:
+        loaded: the model and its description.
+        results: `predict`'s rows, one per image.
+        images: the model inputs, row for row.
+        folder: where the PNGs go.
+        first: position of the first image in the whole run (names stay unique across chunks).
+    """
     import matplotlib
 
     matplotlib.use("Agg")

@@ -361,6 +361,15 @@ def create_app(reference: str, limits: Limits = Limits(), poll_seconds: float = 
 
 
 def serve(reference: str, host: str, port: int, limits: Limits, poll_seconds: float) -> None:
+    """Load and warm the model, then answer HTTP until stopped (`braintumor serve`).
+
+    Args:
+        reference: the model: a .keras path or a models:/ URI.
+        host: address to listen on.
+        port: port to listen on.
+        limits: upload and batch limits.
+        poll_seconds: how often a registry alias is checked for a new version.
+    """
     import uvicorn
 
     started = time.perf_counter()
