@@ -13,6 +13,7 @@ import keras
 from keras import layers
 
 from braintumor.model.inference import jit_ready
+from braintumor.model.intensity import HeadStandardization, RandomBiasField, RandomGamma, RandomRicianNoise
 
 # keras.applications backbones by model name.
 BACKBONES = {"efficientnetb0": "EfficientNetB0", "resnet50": "ResNet50", "vgg16": "VGG16"}
@@ -23,7 +24,8 @@ CAFFE_MEAN_BGR = [103.939, 116.779, 123.68]
 
 
 def augmentation(config: dict, seed: int) -> list[layers.Layer]:
-    """Preprocessing layers from `train.augment`; an amount of 0 (or false) leaves a layer out."""
+    """Preprocessing layers from `train.augment`, geometry first, then intensity; an amount of 0 (or false)
+    leaves a layer out."""
     steps = []
     if config["horizontal_flip"]:
         steps.append(layers.RandomFlip("horizontal", seed=seed))
@@ -39,6 +41,14 @@ def augmentation(config: dict, seed: int) -> list[layers.Layer]:
         steps.append(layers.RandomBrightness(config["brightness"], value_range=(0, 255), seed=seed))
     if config["contrast"]:
         steps.append(layers.RandomContrast(config["contrast"], value_range=(0, 255), seed=seed))
+    if config["bias_field"]:
+        steps.append(RandomBiasField(config["bias_field"], seed=seed))
+    if config["gamma"]:
+        steps.append(RandomGamma(config["gamma"], seed=seed))
+    if config["blur"]:
+        steps.append(layers.RandomGaussianBlur(config["blur"], kernel_size=5, value_range=(0, 255), seed=seed))
+    if config["noise"]:
+        steps.append(RandomRicianNoise(config["noise"], seed=seed))
     return steps
 
 
@@ -139,11 +149,22 @@ def build_model(
     name: str, image_size: int, classes: int, config: dict, seed: int, model_name: str | None = None
 ) -> tuple[keras.Model, str]:
     """The Keras model `name` (called `model_name`, default `name`) with augmentation in front; returns it
-    with its optimizer's name."""
+    with its optimizer's name.
+
+    Args:
+        name: a key of BUILDERS (`train.model`).
+        image_size: side of the square input.
+        classes: outputs of the head: 1 (binary) or the number of classes.
+        config: the `train` section of params.
+        seed: seeds the augmentation layers.
+        model_name: the Keras model's name (fold models are told apart by it).
+    """
     inputs = keras.Input((image_size, image_size, 3), name="image")
     x = inputs
     for layer in augmentation(config["augment"], seed):
         x = layer(x)
+    if config["standardize"]:
+        x = HeadStandardization(name="head_standardization")(x)
     builder_config = {**config.get(name, {}), **config.get("transfer", {}), "dropout": config["dropout"]}
     outputs, optimizer = BUILDERS[name](x, classes, builder_config)
     return jit_ready(keras.Model(inputs, outputs, name=model_name or name)), optimizer

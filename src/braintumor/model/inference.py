@@ -18,6 +18,7 @@ from keras import layers
 
 from braintumor.errors import ModelLoadError
 from braintumor.labels import BINARY_CLASSES, MULTICLASS_CLASSES
+from braintumor.model import intensity  # noqa: F401 - registers the intensity layers a saved model may hold
 
 
 def jit_ready(model: keras.Model) -> keras.Model:
