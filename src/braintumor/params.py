@@ -69,15 +69,30 @@ KNOWN: dict = {
                 "mixed_precision",
                 "mirror_average",
                 "distribution",
+                "standardize",
             ]
         ),
-        "augment": dict.fromkeys(["horizontal_flip", "rotation", "zoom", "translation", "brightness", "contrast"]),
+        "augment": dict.fromkeys(
+            [
+                "horizontal_flip",
+                "rotation",
+                "zoom",
+                "translation",
+                "brightness",
+                "contrast",
+                "bias_field",
+                "gamma",
+                "blur",
+                "noise",
+            ]
+        ),
         "small_xception": {"widths": None},
         "transfer": dict.fromkeys(["weights", "fine_tune_layers", "fine_tune_epochs", "fine_tune_learning_rate"]),
     },
     "evaluate": dict.fromkeys(["target_recall", "bootstrap", "gallery"]),
     "review": {"gallery": None},
     "explain": dict.fromkeys(["images", "lime_samples", "lime_superpixels"]),
+    "generalize": dict.fromkeys(["hold_outs", "folds", "gallery"]),
     "register": dict.fromkeys(
         ["experiment", "model_name", "min_recall", "min_accuracy", "min_specificity", "champion_on_new_data"]
     ),
@@ -290,8 +305,11 @@ def validate_train(params: dict) -> dict:
             "params.yaml: `train.mirror_average` needs `train.augment.horizontal_flip: true` (the "
             "models must have learnt mirrored images); set one of them to false"
         )
-    for name in ("rotation", "zoom", "translation", "brightness", "contrast"):
+    for name in ("rotation", "zoom", "translation", "brightness", "contrast", "noise"):
         _number(params, f"train.augment.{name}", 0.0, 0.5)
+    for name in ("bias_field", "gamma", "blur"):
+        _number(params, f"train.augment.{name}", 0.0, 1.0)
+    _bool(params, "train.standardize")
     widths = _get(params, "train.small_xception.widths")
     if (
         not isinstance(widths, list)

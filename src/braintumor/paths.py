@@ -19,6 +19,10 @@ DEDUP_REVIEW = f"{PLOTS_DIR}/dedup_review.png"
 EVALUATE_PLOTS = f"{PLOTS_DIR}/evaluate"
 REVIEW_GALLERY = f"{PLOTS_DIR}/review/label_issues.png"
 EXPLAIN_PLOTS = f"{PLOTS_DIR}/explain"
+# the optional generalize stage (benchmarks/dvc.yaml)
+GENERALIZE_DIR = "artifacts/generalize"
+GENERALIZE_METRICS = f"{METRICS_DIR}/generalize.json"
+GENERALIZE_GALLERY = f"{PLOTS_DIR}/generalize/worst_errors.png"
 
 # metrics/<stage>.json of every stage but explain (which writes only plots)
 STAGE_METRICS = {

@@ -1,0 +1,14 @@
+"""DVC stage `generalize` (benchmarks/dvc.yaml, outside `dvc repro`): see braintumor.quality.generalize."""
+
+import sys
+from pathlib import Path
+
+# This checkout's code, not whichever copy of the package is installed: `dvc exp run --queue` runs a stage in a
+# temporary copy of the repository, and DVC's deps are the files of that copy.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from braintumor.quality.generalize import generalize  # noqa: E402
+from braintumor.stage import run  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(run("generalize", generalize))
