@@ -10,6 +10,7 @@ import pytest
 from braintumor.data.datasets import load_split
 from braintumor.model.architectures import BUILDERS
 from braintumor.model.inference import average_of, tumor_probability
+from braintumor.model.intensity import HeadStandardization
 from braintumor.model.saliency import evidence_map, occlusion, peak
 from braintumor.model.train import fit
 
@@ -19,27 +20,31 @@ from fixtures.split import LESION_RADIUS, make_split, tiny_params
 NAMES = ["no_tumor", "tumor"]
 
 
-def lesion_detector(size: int) -> keras.Model:
+def lesion_detector(size: int, standardized: bool = False) -> keras.Model:
     """A network that looks at nothing but the synthetic lesion: a 5x5 mean brightness above 0.8 (the heads
-    stay below 0.6, the lesion is 1.0), pooled into the tumor score. Its true evidence is the lesion alone."""
+    stay below 0.6, the lesion is 1.0), pooled into the tumor score. Its true evidence is the lesion alone.
+    `standardized`: the same on the head-standardised image (`train.standardize`), where a tumor scan's lesion
+    stays above 0.9 and the rest of its head below 0.6."""
     inputs = keras.Input((size, size, 3), name="image")
     bright = keras.layers.Conv2D(1, 5, padding="same", activation="relu")
-    score = keras.layers.Dense(1, activation="sigmoid")
-    x = bright(keras.layers.Rescaling(1 / 255)(inputs))
+    score = keras.layers.Dense(1, activation="sigmoid", name="prediction")
+    x = HeadStandardization(name="head_standardization")(inputs) if standardized else inputs
+    x = bright(keras.layers.Rescaling(1 / 255)(x))
     model = keras.Model(inputs, score(keras.layers.GlobalAveragePooling2D()(x)))
     bright.set_weights([np.full((5, 5, 3, 1), 1 / 75, dtype="float32"), np.array([-0.8], dtype="float32")])
     score.set_weights([np.array([[500.0]], dtype="float32"), np.array([-1.0], dtype="float32")])
     return model
 
 
-def test_the_shipped_form_explains_the_lesion_and_nothing_else(tmp_path):
+@pytest.mark.parametrize("standardized", [False, True])
+def test_the_shipped_form_explains_the_lesion_and_nothing_else(tmp_path, standardized):
     """The shipped form (an average of members, each also on the mirrored image): the evidence map and occlusion
     both peak on each synthetic tumor's lesion, whose position is known, and the evidence map is dark away
-    from it."""
+    from it; for a standardised model too, which is explained from its standardised image."""
     split = make_split(tmp_path / "split", counts=(("train", 2), ("val", 2), ("test", 24)))
     test = load_split(split, "test", "binary")
     manifest = pd.read_csv(split / "manifest.csv").set_index("path")
-    shipped = average_of([lesion_detector(48), lesion_detector(48)], mirrored=True)
+    shipped = average_of([lesion_detector(48, standardized), lesion_detector(48, standardized)], mirrored=True)
     tumors = np.flatnonzero(test["label"] == 1)
     assert (tumor_probability(shipped, test["x"][tumors], NAMES) > 0.5).all()
     maps = evidence_map(shipped, test["x"][tumors], NAMES)

@@ -22,6 +22,7 @@ import numpy as np
 from scipy import ndimage
 
 from braintumor.model.inference import members_of, tumor_probability
+from braintumor.model.intensity import HeadStandardization
 
 # Steps of the integrated-gradients path from a black image to the scan (midpoint rule). Measured on the shipped
 # ensemble, 18 discs pasted into healthy test scans (benchmarks/explanation_localisation.py): 8 steps put all 18
@@ -58,16 +59,32 @@ def gradient(fn, x: np.ndarray) -> np.ndarray:
     raise ValueError(f"saliency: unsupported Keras backend {backend!r}")
 
 
+def standardization(model: keras.Model) -> HeadStandardization | None:
+    """The model's `HeadStandardization` layer (`train.standardize`; weightless, the same in every member), or None.
+
+    A standardised model gives a scan and the scan at any brightness the same answer, so along the path from
+    black to the scan its score barely moves: integrated gradients of the raw pixels would sum to about zero.
+    Such a model is explained in the space it computes in: the standardised image, from its black background."""
+    for member in members_of(model)[0] or [model]:
+        for layer in member.layers:
+            if isinstance(layer, HeadStandardization):
+                return layer
+    return None
+
+
 @functools.lru_cache(maxsize=8)
 def log_odds_model(model: keras.Model, class_names: tuple[str, ...]) -> keras.Model:
     """image -> log-odds of a tumor, averaged over the ensemble's members and views: the score the maps explain.
     A probability saturates: a confident model's P(tumor) is exactly 1.0 in float32 over most of the path from
     black, its gradient exactly 0, and the map empty; its log-odds (the head's pre-activation) keep their
-    gradient. Models without the `prediction` head of `architectures.head` are explained by their probability."""
+    gradient. Models without the `prediction` head of `architectures.head` are explained by their probability.
+    For a standardised model (`standardization`), the input is the standardised image: the left-right mirror
+    commutes with standardising, so every member and view starts from it."""
     members, mirrored = members_of(model)
     members = members or [model]
     if not all(any(layer.name == "prediction" for layer in member.layers) for member in members):
         return model
+    standardized = standardization(model) is not None
     inputs = keras.Input(model.inputs[0].shape[1:])
     views = [inputs]
     if mirrored:
@@ -75,7 +92,8 @@ def log_odds_model(model: keras.Model, class_names: tuple[str, ...]) -> keras.Mo
     scores = []
     for member in members:
         head = member.get_layer("prediction")
-        features = keras.Model(member.inputs, head.input)
+        start = [layer.output for layer in member.layers if isinstance(layer, HeadStandardization)]
+        features = keras.Model(start if standardized else member.inputs, head.input)
         for view in views:
             logits = keras.ops.matmul(features(view), head.kernel) + head.bias
             if logits.shape[-1] == 1:
@@ -125,8 +143,12 @@ def evidence_map(model: keras.Model, images: np.ndarray, class_names: list[str],
     """Integrated gradients of the tumor log-odds from a black image (no signal) to each image, the evidence for a
     tumor only (negative attributions dropped), smoothed to about a small lesion's size (σ = side / 24, 4 px at
     96) and scaled to 0..1 per image: (images, side, side). The shipped ensemble is differentiated as one
-    model, its members and mirrored views included (`log_odds_model`)."""
+    model, its members and mirrored views included (`log_odds_model`); a standardised one in the space of its
+    standardised image (`standardization`)."""
     x = np.asarray(images, dtype="float32")
+    standardize = standardization(model)
+    if standardize is not None and len(x):
+        x = keras.ops.convert_to_numpy(standardize(x))
     alphas = (np.arange(steps, dtype="float32") + 0.5) / steps  # midpoints of the path
     maps = []
     for image in x:
@@ -142,7 +164,15 @@ def occlusion(
 ) -> np.ndarray:
     """The drop in P(tumor) when a `patch`-pixel square is filled with the image's median, moved by `stride`;
     each pixel gets the mean drop of the squares that cover it (negative: covering it raises P(tumor)).
-    One model call per image over all its occluded copies: (side / stride)² copies an image."""
+    One model call per image over all its occluded copies: (side / stride)² copies an image.
+
+    Args:
+        model: the shipped model (any that takes 0..255 images).
+        images: (n, side, side, 3) images.
+        class_names: the model's classes (for P(tumor)).
+        patch: side of the occluding square, in pixels.
+        stride: its step.
+    """
     x = np.asarray(images)
     side = x.shape[1]
     corners = range(0, max(side - patch, 0) + 1, stride)
