@@ -12,6 +12,7 @@ import pandas as pd
 import pytest
 
 from braintumor.data.datasets import load_split
+from braintumor.data.styles import style_clusters
 from braintumor.labels import MULTICLASS_CLASSES, collection_of
 from braintumor.model.inference import load_model, members_of, mirror, tumor_probability
 from braintumor.model.train import (
@@ -71,6 +72,32 @@ def test_sample_weights_by_collection_balance_each_folder_of_a_source():
     totals = [weights[keys == key].sum() for key in np.unique(keys)]
     assert totals == pytest.approx([len(y) / 6] * 6)
     assert strata["a/Testing/no_tumor"] == pytest.approx(60 / 30, abs=1e-4)
+
+
+def views(count: int, tall: bool, seed: int) -> np.ndarray:
+    """Heads of one look: a round one (an axial slice) or a tall narrow one (a sagittal slice's outline)."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:48, :48] / 48
+    shape = ((yy - 0.5) / 0.45) ** 2 + ((xx - 0.5) / (0.2 if tall else 0.4)) ** 2 < 1
+    images = shape[None] * rng.uniform(90, 200, (count, 48, 48))
+    return np.repeat(images[..., None], 3, axis=3).astype(np.uint8)
+
+
+def test_styles_separate_looks_and_balancing_by_style_evens_each_look_s_classes():
+    # 40 round heads (30 healthy, 10 tumor) and 40 tall ones (5 healthy, 35 tumor): the look predicts the class
+    x = np.concatenate([views(40, False, 0), views(40, True, 1)])
+    y = np.array([0] * 30 + [1] * 10 + [0] * 5 + [1] * 35)
+    look = np.array([0] * 40 + [1] * 40)
+    two = style_clusters(x, seed=0, styles=2)
+    assert all(len(set(two[look == k])) == 1 for k in (0, 1)) and two[0] != two[-1]
+    styles = style_clusters(x, seed=0)  # the default count splits the looks further, never mixes them
+    assert not set(styles[look == 0]) & set(styles[look == 1])
+    data = {"x": x, "y": y, "source": np.array(["a"] * 80)}
+    weights, strata = sample_weights(data, ["no_tumor", "tumor"], "balanced_by_style")
+    totals = {(k, c): weights[(styles == k) & (y == c)].sum() for k in set(styles) for c in (0, 1)}
+    present = [total for total in totals.values() if total > 0]
+    assert present == pytest.approx([len(y) / len(strata)] * len(strata))  # every (style, class) alike
+    assert len(strata) == len(present) and weights.sum() == pytest.approx(len(y))
 
 
 @pytest.mark.parametrize(

@@ -291,7 +291,11 @@ def validate_train(params: dict) -> dict:
     _number(params, "train.learning_rate", 1e-7, 1.0)
     _number(params, "train.weight_decay", 0.0, 1.0)
     _number(params, "train.dropout", 0.0, 0.9)
-    _choice(params, "train.class_weight", ("balanced", "balanced_by_source", "balanced_by_collection", "none"))
+    _choice(
+        params,
+        "train.class_weight",
+        ("balanced", "balanced_by_source", "balanced_by_collection", "balanced_by_style", "none"),
+    )
     _choice(params, "train.member_weight", ("cluster", "image"))
     _bool(params, "train.clean_learning")
     _int(params, "train.early_stopping_patience", 1, 1000)

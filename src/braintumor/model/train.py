@@ -21,6 +21,7 @@ from sklearn.model_selection import StratifiedGroupKFold
 from braintumor import paths
 from braintumor.atomic import atomic_path, write_csv, write_json
 from braintumor.data.datasets import SplitArrays, load_splits
+from braintumor.data.styles import style_clusters
 from braintumor.labels import BINARY_CLASSES, MULTICLASS_CLASSES, SUBTYPE_CLASS, class_names
 from braintumor.model.architectures import BACKBONES, build_model
 from braintumor.model.distribution import batches_per_epoch, data_parallel, full_batches, process_share
@@ -71,7 +72,9 @@ def sample_weights(
     (source, class) stratum does, so that the scans of a small source (Kaggle 2018: 8 % of the images, and
     the tumors the models miss most) are not drowned by those of a large one. `balanced_by_collection`: every
     (source, sub-collection, class) stratum does, the sub-collections being a source's folders above its class
-    folders (Kaggle 2020's Training and Testing). `none`: no class weights.
+    folders (Kaggle 2020's Training and Testing). `balanced_by_style`: every (source, style, class) stratum
+    does, the styles being clusters of the images' look (`data/styles.py`: view, sequence, framing), so that no
+    style on its own predicts the class. `none`: no class weights.
 
     `member_weight: cluster` (for `dedup.keep: clusters`): the images of one dedup cluster share the weight of
     one image, so that 18 slices of one patient do not outweigh a single scan 18 to 1; `image`: each its own."""
@@ -85,6 +88,9 @@ def sample_weights(
     strata = classes
     if mode == "balanced_by_source":
         strata = data["source"].astype(object) + "/" + classes
+    elif mode == "balanced_by_style":
+        styles = style_clusters(data["x"], seed=0).astype(str).astype(object)
+        strata = data["source"].astype(object) + "/style" + styles + "/" + classes
     elif mode == "balanced_by_collection":  # a source without sub-collections keeps its (source, class) strata
         strata = np.array(
             ["/".join(filter(None, key)) for key in zip(data["source"], data["collection"], classes, strict=True)],
