@@ -42,6 +42,7 @@ ARMS = {
     "intensity_aug": {"augment": INTENSITY},
     "robust": {"standardize": True, "augment": INTENSITY},
     "style_balanced": {"class_weight": "balanced_by_style"},
+    "contrast_map": {"augment": {"contrast_map": 0.5}},
     "robust_style": {"standardize": True, "augment": INTENSITY, "class_weight": "balanced_by_style"},
 }
 

@@ -36,7 +36,7 @@ def test_every_variant_builds_and_predicts_probabilities(built, name, outputs):
 
 def test_augmentation_amounts_of_zero_leave_layers_out_and_inference_is_untouched():
     config = {"horizontal_flip": False, "rotation": 0.1, "zoom": 0, "translation": 0, "brightness": 0.2, "contrast": 0}
-    config |= {"bias_field": 0, "gamma": 0.3, "blur": 0, "noise": 0}
+    config |= {"bias_field": 0, "gamma": 0.3, "blur": 0, "noise": 0, "contrast_map": 0}
     names = [type(layer).__name__ for layer in augmentation(config, 0)]
     assert names == ["RandomRotation", "RandomBrightness", "RandomGamma"]
     params = tiny_params("small_xception")

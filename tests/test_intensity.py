@@ -7,12 +7,18 @@ import pytest
 
 from braintumor.model.architectures import build_model
 from braintumor.model.inference import load_model
-from braintumor.model.intensity import HeadStandardization, RandomBiasField, RandomGamma, RandomRicianNoise
+from braintumor.model.intensity import (
+    HeadStandardization,
+    RandomBiasField,
+    RandomContrastMap,
+    RandomGamma,
+    RandomRicianNoise,
+)
 
 from conftest import brain_image
 from fixtures.split import tiny_params
 
-AUGMENTATIONS = [(RandomGamma, 0.3), (RandomBiasField, 0.5), (RandomRicianNoise, 0.05)]
+AUGMENTATIONS = [(RandomGamma, 0.3), (RandomBiasField, 0.5), (RandomRicianNoise, 0.05), (RandomContrastMap, 1.0)]
 
 
 def heads(n: int = 4, size: int = 48) -> np.ndarray:
@@ -88,3 +94,13 @@ def test_a_standardised_model_gives_the_same_answer_under_another_scanners_gain(
     model.save(tmp_path / "model.keras")
     reloaded = load_model(tmp_path / "model.keras")  # safe mode: the registered layers, no code from the file
     np.testing.assert_allclose(numpy_of(reloaded(x, training=False)), p, atol=1e-6)
+
+
+def test_a_random_contrast_is_one_curve_per_image_that_keeps_black():
+    x = heads(3)
+    out = numpy_of(RandomContrastMap(1.0, seed=0)(x, training=True))
+    assert (out[x == 0] == 0).all()
+    for before, after in zip(x[..., 0], out[..., 0], strict=True):
+        for level in np.unique(before)[:20]:  # one input level, one output level: a curve, not noise
+            assert np.ptp(after[before == level]) < 1e-3
+    assert np.abs(out - x).mean() > 5.0

@@ -84,6 +84,7 @@ KNOWN: dict = {
                 "gamma",
                 "blur",
                 "noise",
+                "contrast_map",
             ]
         ),
         "small_xception": {"widths": None},
@@ -311,7 +312,7 @@ def validate_train(params: dict) -> dict:
         )
     for name in ("rotation", "zoom", "translation", "brightness", "contrast", "noise"):
         _number(params, f"train.augment.{name}", 0.0, 0.5)
-    for name in ("bias_field", "gamma", "blur"):
+    for name in ("bias_field", "gamma", "blur", "contrast_map"):
         _number(params, f"train.augment.{name}", 0.0, 1.0)
     _bool(params, "train.standardize")
     widths = _get(params, "train.small_xception.widths")

@@ -13,7 +13,13 @@ import keras
 from keras import layers
 
 from braintumor.model.inference import jit_ready
-from braintumor.model.intensity import HeadStandardization, RandomBiasField, RandomGamma, RandomRicianNoise
+from braintumor.model.intensity import (
+    HeadStandardization,
+    RandomBiasField,
+    RandomContrastMap,
+    RandomGamma,
+    RandomRicianNoise,
+)
 
 # keras.applications backbones by model name.
 BACKBONES = {"efficientnetb0": "EfficientNetB0", "resnet50": "ResNet50", "vgg16": "VGG16"}
@@ -41,6 +47,8 @@ def augmentation(config: dict, seed: int) -> list[layers.Layer]:
         steps.append(layers.RandomBrightness(config["brightness"], value_range=(0, 255), seed=seed))
     if config["contrast"]:
         steps.append(layers.RandomContrast(config["contrast"], value_range=(0, 255), seed=seed))
+    if config["contrast_map"]:
+        steps.append(RandomContrastMap(config["contrast_map"], seed=seed))
     if config["bias_field"]:
         steps.append(RandomBiasField(config["bias_field"], seed=seed))
     if config["gamma"]:

@@ -4,7 +4,7 @@ augmentation (training only), as Keras layers inside the model.
 In the public collections the classes come from different scanners and sequences, so an image's brightness
 histogram alone tells tumor from healthy (benchmarks/histogram_probe.py): a model can learn the collection
 instead of the lesion. `HeadStandardization` puts every head on one intensity scale, and the augmentations
-(gamma, a smooth multiplicative bias field, Rician noise; blur and sharpening are Keras' own) show the model
+(gamma, a smooth multiplicative bias field, Rician noise, random contrast curves; blur is Keras' own) show the model
 the same anatomy under many scanner-like intensity changes, in the spirit of BigAug (Zhang et al., IEEE TMI
 2020) and with TorchIO's defaults as the reference. They live in the saved model, so `braintumor predict` and
 the web service standardise exactly as training did; every layer is registered with Keras, so safe-mode
@@ -109,3 +109,31 @@ class RandomRicianNoise(_RandomIntensity):
         real = images + sigma * keras.random.normal(shape, seed=self.generator)
         imaginary = sigma * keras.random.normal(shape, seed=self.generator)
         return ops.clip(ops.sqrt(ops.square(real) + ops.square(imaginary)), 0.0, 255.0)
+
+
+@keras.saving.register_keras_serializable(package="braintumor")
+class RandomContrastMap(_RandomIntensity):
+    """With probability `amount`, a random contrast: intensities through a random piecewise-linear curve of
+    CURVE_POINTS levels (black stays black), not necessarily monotone, so tissue that is bright in one
+    sequence may be dark in the next, as between T1 and T2. The classes in these collections differ by sequence
+    (contrast T1 tumors, T2 and FLAIR healthy scans: benchmarks/RESULTS.md); under random contrasts the
+    sequence stops telling them apart and the lesion's shape and mass effect remain (SynthSeg's domain
+    randomisation, Billot et al., Medical Image Analysis 2023, in a simple form)."""
+
+    CURVE_POINTS = 6
+
+    def augment(self, images):
+        batch = ops.shape(images)[0]
+        levels = keras.random.uniform((batch, self.CURVE_POINTS - 1), 0.0, 1.0, seed=self.generator)
+        curve = ops.concatenate([ops.zeros((batch, 1)), levels], axis=1)  # (batch, points): black stays black
+        position = ops.clip(images[..., :1] / 255.0, 0.0, 1.0) * (self.CURVE_POINTS - 1)
+        low = ops.clip(ops.floor(position), 0, self.CURVE_POINTS - 2)
+        fraction = position - low
+        flat = ops.reshape(ops.cast(low, "int32"), (batch, -1))
+        below = ops.take_along_axis(curve, flat, axis=1)
+        above = ops.take_along_axis(curve, flat + 1, axis=1)
+        mapped = ops.reshape(below, ops.shape(fraction)) * (1.0 - fraction)
+        mapped = mapped + ops.reshape(above, ops.shape(fraction)) * fraction
+        chosen = ops.cast(self.per_image(images, 0.0, 1.0) < self.amount, images.dtype)
+        remapped = ops.repeat(255.0 * mapped, ops.shape(images)[-1], axis=-1)
+        return chosen * remapped + (1.0 - chosen) * images

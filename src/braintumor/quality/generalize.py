@@ -120,7 +120,7 @@ def worst_errors(frame: pd.DataFrame, images: dict[str, np.ndarray], count: int,
     """A gallery of the held-out images the recipe got most confidently wrong, over all hold-outs."""
     wrong = frame[(frame.p_tumor >= frame.threshold).astype(int) != frame.label]
     wrong = wrong.assign(margin=(wrong.p_tumor - wrong.threshold).abs()).nlargest(count, "margin")
-    fig, axes = image_grid(len(wrong), 1.8, 2.1)
+    fig, axes = image_grid(len(wrong), 1.9, 2.5)  # three title lines above each image
     for ax, row in zip(axes, wrong.itertuples(), strict=False):
         ax.imshow(images[row.hold_out][row.image][..., 0], cmap="gray")
         truth = "tumor" if row.label else "no_tumor"
