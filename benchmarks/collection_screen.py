@@ -43,6 +43,7 @@ ARMS = {
     "robust": {"standardize": True, "augment": INTENSITY},
     "style_balanced": {"class_weight": "balanced_by_style"},
     "contrast_map": {"augment": {"contrast_map": 0.5}},
+    "subtypes": {"subtypes": True},  # the binary task through the four-way head
     "robust_style": {"standardize": True, "augment": INTENSITY, "class_weight": "balanced_by_style"},
 }
 
