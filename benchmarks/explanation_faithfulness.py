@@ -25,7 +25,6 @@ import json
 import time
 
 import numpy as np
-from lime import lime_image
 from scipy import ndimage
 
 from braintumor.atomic import write_json
@@ -38,26 +37,15 @@ from braintumor.quality.explain import lime_explanation, lime_map
 FRACTIONS = np.linspace(0, 1, 21)
 
 
-def lime_default(model, image, names, samples, seed):
-    """LIME as it comes (quickshift segments): the map the explain stage drew before SLIC."""
-
-    def classifier(batch):
-        p = tumor_probability(model, np.asarray(batch), names)
-        return np.stack([1 - p, p], axis=1)
-
-    explanation = lime_image.LimeImageExplainer(random_state=seed).explain_instance(
-        image.astype("double"), classifier, top_labels=2, hide_color=0, num_samples=samples, random_seed=seed
-    )
-    return lime_map(explanation)
-
-
 def saliency_maps(model, images, names, samples, seed) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
     return {
         "evidence_map": evidence_map(model, images, names),
         "occlusion": occlusion(model, images, names, patch=16, stride=8),
         "lime_slic": np.stack([lime_map(lime_explanation(model, im, names, samples, seed)) for im in images]),
-        "lime_quickshift": np.stack([lime_default(model, im, names, samples, seed) for im in images]),
+        "lime_quickshift": np.stack(
+            [lime_map(lime_explanation(model, im, names, samples, seed, segmentation=None)) for im in images]
+        ),
         "random": rng.random(images.shape[:3]),
     }
 

@@ -20,10 +20,11 @@ import json
 
 import numpy as np
 import pandas as pd
-from sklearn.metrics import roc_auc_score, roc_curve
+from sklearn.metrics import roc_auc_score
 from tqdm import tqdm
 
 from braintumor.atomic import write_json
+from braintumor.quality.evaluate import binary_metrics, threshold_for_recall
 
 
 def peer_scores(paths: list[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -40,15 +41,10 @@ def peer_scores(paths: list[str]) -> tuple[np.ndarray, np.ndarray]:
 
 
 def at_recall(y: np.ndarray, p: np.ndarray, recall: float) -> dict:
-    """The best specificity among thresholds that keep recall >= `recall`."""
-    fpr, tpr, thresholds = roc_curve(y, p)
-    ok = tpr >= recall
-    k = np.flatnonzero(ok)[np.argmin(fpr[ok])]
-    return {
-        "threshold": round(float(min(thresholds[k], 1.0)), 6),
-        "recall": round(float(tpr[k]), 4),
-        "specificity": round(float(1 - fpr[k]), 4),
-    }
+    """The operating point evaluate would place for `recall` (its best specificity there)."""
+    threshold = threshold_for_recall(y, p, recall)
+    scores = binary_metrics(y, p, threshold)
+    return {"threshold": round(threshold, 6), "recall": scores["recall"], "specificity": scores["specificity"]}
 
 
 def main() -> None:

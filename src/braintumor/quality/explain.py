@@ -48,8 +48,16 @@ def head_superpixels(image: np.ndarray) -> np.ndarray:
     )
 
 
-def lime_explanation(model: keras.Model, image: np.ndarray, class_names: list[str], samples: int, seed: int):
-    """LIME's explanation of one image over `head_superpixels`, for both classes (0 no tumor, 1 tumor)."""
+def lime_explanation(
+    model: keras.Model,
+    image: np.ndarray,
+    class_names: list[str],
+    samples: int,
+    seed: int,
+    segmentation=head_superpixels,
+):
+    """LIME's explanation of one image over `segmentation` (None: LIME's own quickshift), for both classes (0 no
+    tumor, 1 tumor)."""
 
     def classifier(batch):
         p = tumor_probability(model, np.asarray(batch), class_names)
@@ -63,7 +71,7 @@ def lime_explanation(model: keras.Model, image: np.ndarray, class_names: list[st
         hide_color=0,
         num_samples=samples,
         random_seed=seed,
-        segmentation_fn=head_superpixels,
+        segmentation_fn=segmentation,
     )
 
 
