@@ -17,6 +17,7 @@ import requests
 from braintumor import cli
 from braintumor.data.images import model_input
 from braintumor.errors import ModelLoadError
+from braintumor.model.calibration import calibrated
 from braintumor.registry.register import register
 from braintumor.serve.predict import image_files, load, predict
 
@@ -53,11 +54,14 @@ def registered(mlflow_server, trained_states, tmp_path_factory):
     return workspace
 
 
-def expected(workspace: Path, files: list[Path]) -> np.ndarray:
-    """P(tumor) straight from the workspace's Keras model on the shared preprocessing."""
+def expected(workspace: Path, files: list[Path]) -> tuple[np.ndarray, np.ndarray]:
+    """(raw score, calibrated P(tumor)) straight from the workspace's Keras model and the calibration in its
+    model.json, on the shared preprocessing."""
     model = keras.saving.load_model(workspace / "models/model.keras")
-    size = json.loads((workspace / "models/model.json").read_text())["image_size"]
-    return model.predict(np.stack([model_input(f, size) for f in files]).astype("float32"), verbose=0)[:, 0]
+    info = json.loads((workspace / "models/model.json").read_text())
+    size = info["image_size"]
+    raw = model.predict(np.stack([model_input(f, size) for f in files]).astype("float32"), verbose=0)[:, 0]
+    return raw, calibrated(raw, info["calibration"])
 
 
 def test_folders_expand_to_their_images(scans):
@@ -84,9 +88,14 @@ def test_local_model_predicts_every_readable_image_and_reports_the_rest(trained_
     assert set(bad) == {"corrupt.jpg", "empty.png", "notes.txt"} and "empty_file" in bad["empty.png"]
     assert bad["notes.txt"].startswith("not_an_image")
     good = [r for r in results if "error" not in r]
-    want = expected(workspace, [Path(r["path"]) for r in good])
-    assert [r["probability"] for r in good] == pytest.approx(want, abs=1e-5)
-    assert [r["label"] for r in good] == [int(p >= loaded.threshold) for p in want]
+    raw, want = expected(workspace, [Path(r["path"]) for r in good])
+    assert all(r["status"] in ("read", "uncertain", "out_of_distribution") for r in good)
+    assert all(("probability" in r) == (r["status"] != "out_of_distribution") for r in good)
+    assert [r.get("probability", p) for r, p in zip(good, want, strict=True)] == pytest.approx(want, abs=1e-5)
+    threshold = json.loads((workspace / "models/model.json").read_text())["threshold"]
+    assert [r["label"] for r in good] == [
+        int(s >= threshold) if r["status"] == "read" else None for r, s in zip(good, raw, strict=True)
+    ]
 
 
 def test_predict_command_works_a_chunk_at_a_time_with_the_same_results(
@@ -140,9 +149,10 @@ def test_predict_command_pulls_the_champion_in_a_fresh_process(mlflow_server, re
     errors = {Path(line["path"]).name for line in lines if "error" in line}
     assert errors == {"corrupt.jpg", "empty.png", "notes.txt"}
     good = [line for line in lines if "error" not in line]
-    assert all(set(line) == {"path", "probability", "label"} for line in good)
-    want = expected(registered, [Path(line["path"]) for line in good])
-    assert [line["probability"] for line in good] == pytest.approx(want, abs=1e-5)
+    # the gate and the calibration came with the registered model
+    assert all({"path", "status", "label", "member_spread", "gate_distance"} <= set(line) for line in good)
+    _, want = expected(registered, [Path(line["path"]) for line in good])
+    assert [line.get("probability", p) for line, p in zip(good, want, strict=True)] == pytest.approx(want, abs=1e-5)
     assert len(list((tmp_path / "cams").glob("*.png"))) == len(good)
     assert "4 images" in result.stderr
 
@@ -183,4 +193,4 @@ def test_mlflow_models_serve_answers_with_the_same_probabilities(mlflow_server, 
         answer = requests.post(f"http://127.0.0.1:{port}/invocations", json={"inputs": images.tolist()}, timeout=60)
     assert answer.status_code == 200, answer.text
     served = np.array(answer.json()["predictions"])[:, 0]
-    assert served == pytest.approx(expected(registered, files), abs=1e-5)
+    assert served == pytest.approx(expected(registered, files)[0], abs=1e-5)  # MLflow serves the raw score

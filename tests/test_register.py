@@ -17,7 +17,7 @@ import yaml
 from mlflow import MlflowClient
 
 from braintumor.registry.register import CHAMPION, register
-from braintumor.registry.tracking import data_fingerprint
+from braintumor.registry.tracking import TRUST_TAG, data_fingerprint
 
 from fixtures.servers import postgres, tool_env, tracking_server
 
@@ -74,6 +74,26 @@ def test_champion_is_the_better_variant_and_registering_again_changes_nothing(
     assert champion_model(client, "champion-model") == better(trained_states)
     workspace = trained_states["seed_cnn"][0]
     assert json.loads((workspace / "metrics/register.json").read_text()) == again[-1]
+
+
+def test_a_champion_without_the_gate_yields_to_the_same_model_with_it(
+    mlflow_server, trained_states, monkeypatch, in_tmp, tmp_path
+):
+    workspace, params = trained_states["seed_cnn"]
+    older = tmp_path / "older"
+    shutil.copytree(workspace, older)
+    info = json.loads((older / "models/model.json").read_text())
+    for key in ("calibration", "probability_threshold", "uncertain_band", "gate"):
+        del info[key]  # as `evaluate` wrote it before it fitted them
+    (older / "models/model.json").write_text(json.dumps(info))
+    (older / "models/gate.npz").unlink()
+    run = registering(mlflow_server, monkeypatch, "trust")
+    assert run((older, params))["champion_version"] == 1
+    decision = run((workspace, params))
+    assert decision["champion_version"] == 2 and "adds calibration and the gate" in decision["outcome"]
+    client = MlflowClient()
+    assert TRUST_TAG in client.get_run(client.get_model_version_by_alias("trust-model", CHAMPION).run_id).data.tags
+    assert run((older, params))["champion_version"] == 2  # and the older one does not take it back
 
 
 def test_run_holds_params_epoch_metrics_tags_model_and_card(mlflow_server, trained_states, monkeypatch, in_tmp):

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
 import io
+import json
 from pathlib import Path
 
 import pytest
@@ -12,9 +14,22 @@ from fastapi.testclient import TestClient
 from mlflow import MlflowClient
 from PIL import Image
 
+from braintumor import cli
+from braintumor.errors import AccessError
 from braintumor.registry.register import CHAMPION, register
+from braintumor.serve.access import (
+    ApiKey,
+    AuditLog,
+    RateLimit,
+    add_key,
+    check_exposure,
+    digest,
+    find_key,
+    read_keys,
+    revoke_key,
+)
 from braintumor.serve.predict import load, predict
-from braintumor.serve.service import Limits, create_app
+from braintumor.serve.service import Access, Limits, create_app
 
 from conftest import EPS, bomb_png, brain_image, save
 
@@ -54,7 +69,10 @@ def test_several_files_keep_their_order_and_match_the_command_line(local_client,
     expected, _ = predict(loaded, files)  # what `braintumor predict` says for the same files
     got = [r for r in body["results"] if "error" not in r]
     assert [r["label"] for r in got] == [e["label"] for e in expected]
-    assert [r["probability"] for r in got] == pytest.approx([e["probability"] for e in expected], abs=1e-5)
+    assert [r["status"] for r in got] == [e["status"] for e in expected]
+    assert [r.get("probability", -1) for r in got] == pytest.approx(
+        [e.get("probability", -1) for e in expected], abs=1e-5
+    )
     assert body["model"]["threshold"] == loaded.threshold and body["model"]["image_size"] == 48
 
 
@@ -81,7 +99,8 @@ def test_a_bomb_and_foreign_formats_are_refused_per_file(local_client):
     results = {r["filename"]: r for r in answer.json()["results"]}
     assert results["bomb.png"]["error"].startswith("too_large")
     assert results["poster.jpg"]["error"].startswith("unsupported_format")
-    assert 0 <= results["fine.png"]["probability"] <= 1
+    assert "error" not in results["fine.png"]  # answered: read, uncertain, or refused by the gate with its distance
+    assert results["fine.png"]["status"] == "out_of_distribution" or 0 <= results["fine.png"]["probability"] <= 1
 
 
 def test_explain_answers_the_scan_beside_its_overlay(local_client):
@@ -155,3 +174,94 @@ def test_a_bad_reference_stops_at_start_up(tmp_path):
 
     with pytest.raises(ModelLoadError):
         create_app(str(Path(tmp_path) / "missing.keras"))
+
+
+@pytest.fixture(scope="module")
+def keyed(trained_states, tmp_path_factory):
+    """The app with two keys (a reader: predict and explain; an operator: reload), a rate limit these tests do
+    not reach, and an audit log."""
+    root = tmp_path_factory.mktemp("keyed")
+    reader = add_key(root / "keys.json", "reader", ["predict", "explain"])
+    operator = add_key(root / "keys.json", "operator", ["reload"])
+    access = Access(read_keys(root / "keys.json"), RateLimit(6000, 100), AuditLog(root / "audit.jsonl"))
+    workspace = trained_states["seed_cnn"][0]
+    with TestClient(create_app(str(workspace / "models/model.keras"), access=access)) as client:
+        yield client, {"reader": reader, "operator": operator}, root / "audit.jsonl"
+
+
+def test_keys_are_asked_for_checked_and_scoped(keyed):
+    client, keys, _ = keyed
+    scan = ("files", ("a.png", png_bytes(brain_image(1))))
+    missing = client.post("/v1/predict", files=[scan])
+    assert missing.status_code == 401 and "X-API-Key" in missing.json()["detail"]
+    wrong = client.post("/v1/predict", files=[scan], headers={"X-API-Key": keys["reader"] + "x"})
+    assert wrong.status_code == 401
+    assert client.post("/v1/reload", headers={"X-API-Key": keys["reader"]}).status_code == 403
+    assert client.post("/v1/predict", files=[scan], headers={"X-API-Key": keys["operator"]}).status_code == 403
+    assert client.post("/v1/reload", headers={"X-API-Key": keys["operator"]}).status_code == 200
+    assert client.get("/healthz").status_code == 200  # open, for the orchestrator
+    answer = client.post("/v1/predict", files=[scan], headers={"X-API-Key": keys["reader"]})
+    assert answer.status_code == 200
+    body = answer.json()
+    assert body["not_for_diagnosis"] is True and len(body["request_id"]) == 32
+    assert {"name", "version", "run_id", "model_sha256", "threshold", "calibration", "gate"} <= set(body["model"])
+
+
+def test_a_key_past_its_rate_waits_and_the_others_do_not(keyed, trained_states, tmp_path):
+    client, keys, _ = keyed
+    workspace = trained_states["seed_cnn"][0]
+    other = add_key(tmp_path / "keys.json", "other", ["predict"])
+    access = Access(read_keys(tmp_path / "keys.json") + keyed_keys(keys), RateLimit(60, 3))
+    with TestClient(create_app(str(workspace / "models/model.keras"), access=access)) as limited:
+        scans = [("files", (f"{k}.png", png_bytes(brain_image(k)))) for k in range(3)]
+        assert limited.post("/v1/predict", files=scans, headers={"X-API-Key": keys["reader"]}).status_code == 200
+        refused = limited.post("/v1/predict", files=scans[:1], headers={"X-API-Key": keys["reader"]})
+        assert refused.status_code == 429 and 1 <= int(refused.headers["Retry-After"]) <= 2
+        assert limited.post("/v1/predict", files=scans[:1], headers={"X-API-Key": other}).status_code == 200
+
+
+def keyed_keys(keys: dict) -> list:
+    return [ApiKey(name, digest(token), ("predict", "explain")) for name, token in keys.items()]
+
+
+def test_the_audit_log_keeps_numbers_and_digests_never_names(keyed):
+    client, keys, audit = keyed
+    name, data = "DOE_JOHN_1970-01-01.png", png_bytes(brain_image(7))
+    answer = client.post(
+        "/v1/predict",
+        files=[("files", (name, data)), ("files", ("SMITH_ANN.jpg", b"\xff\xd8 cut short"))],
+        headers={"X-API-Key": keys["reader"]},
+    )
+    assert answer.status_code == 200
+    text = audit.read_text()
+    lines = [json.loads(line) for line in text.splitlines()]
+    record = next(line for line in lines if line["request_id"] == answer.json()["request_id"])
+    assert record["key_id"] == "reader" and record["endpoint"] == "predict"
+    assert record["scans"][0]["input_sha256"] == hashlib.sha256(data).hexdigest()
+    assert record["scans"][0]["status"] == answer.json()["results"][0]["status"]
+    assert record["scans"][1]["status"] == "error" and ":" not in record["scans"][1]["error"]
+    for secret in ("DOE", "SMITH", keys["reader"], keys["operator"], "testclient", "127.0.0.1"):
+        assert secret not in text
+
+
+def test_a_keys_file_is_checked_and_keys_are_stored_as_digests(tmp_path):
+    token = add_key(tmp_path / "keys.json", "a", ["predict"])
+    stored = (tmp_path / "keys.json").read_text()
+    assert token not in stored and digest(token) in stored
+    assert find_key(read_keys(tmp_path / "keys.json"), token).id == "a"
+    assert find_key(read_keys(tmp_path / "keys.json"), None) is None
+    with pytest.raises(AccessError, match="exists"):
+        add_key(tmp_path / "keys.json", "a", ["predict"])
+    (tmp_path / "bad.json").write_text(json.dumps({"keys": [{"id": "x", "sha256": "abc", "scopes": ["predict"]}]}))
+    with pytest.raises(AccessError, match="no SHA-256"):
+        read_keys(tmp_path / "bad.json")
+    revoke_key(tmp_path / "keys.json", "a")
+    assert read_keys(tmp_path / "keys.json") == []
+
+
+def test_serve_will_not_listen_beyond_loopback_without_keys(capsys):
+    assert cli.main(["serve", "--model", "models/model.keras", "--host", "0.0.0.0"]) == 2
+    assert "--keys" in capsys.readouterr().err
+    check_exposure("127.0.0.1", None)
+    check_exposure("::1", None)
+    check_exposure("0.0.0.0", [])  # a keys file, even an empty one, means every call needs a key

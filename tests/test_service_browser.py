@@ -1,48 +1,95 @@
-"""`braintumor serve` as a user meets it: a real process on loopback, the page in a real headless Chromium
-(Debian's package, driven by Playwright), and a bounded load test."""
+"""`braintumor serve` as a user meets it: a real process on loopback with API keys and an audit log, the page in
+a real headless Chromium (Debian's package, driven by Playwright), and a bounded load test."""
 
 from __future__ import annotations
 
+import json
 import shutil
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import requests
 
-from conftest import brain_image, save
+from braintumor.data.datasets import load_split
+from braintumor.serve.access import add_key
+from braintumor.serve.predict import load, predict
+
+from conftest import save
 from fixtures.servers import BIN, free_port, serving
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 
 
 @pytest.fixture(scope="module")
-def server(trained_states, tmp_path_factory):
-    """`braintumor serve` on the seed_cnn state's shipped model; yields its base URL."""
+def scans(trained_states, tmp_path_factory) -> list[Path]:
+    """Three scans of the served model's test split that its gate reads, a broken file and a page of noise (not
+    a brain MR slice)."""
+    root = tmp_path_factory.mktemp("page-scans")
     workspace = trained_states["seed_cnn"][0]
+    test = load_split(workspace / "artifacts/split", "test", "binary")
+    candidates = [save(root / f"scan-{k}.png", test["x"][k][..., 0]) for k in range(12)]
+    answers, _ = predict(load(str(workspace / "models/model.keras")), candidates)
+    files = [path for path, a in zip(candidates, answers, strict=True) if a["status"] != "out_of_distribution"][:3]
+    assert len(files) == 3, answers
+    broken = root / "broken.jpg"
+    broken.write_bytes(b"\xff\xd8\xff\xe0 cut short")
+    noise = save(root / "noise.png", np.random.default_rng(0).integers(0, 256, (200, 200)).astype(np.uint8))
+    return files + [broken, noise]
+
+
+@pytest.fixture(scope="module")
+def server(trained_states, scans, tmp_path_factory):
+    """`braintumor serve` with a keys file and an audit log, on a copy of the seed_cnn state's shipped model whose
+    uncertain band holds the middle one of the three scans, so that the page must show it as uncertain (a model
+    trained for seconds calibrates every tumor to 1.0, so the copy shows raw scores). Yields its URL, the key,
+    the audit and server logs, and the scans read and uncertain as `predict` answers them."""
+    root = tmp_path_factory.mktemp("serve")
+    models = root / "models"
+    shutil.copytree(trained_states["seed_cnn"][0] / "models", models)
+    info = json.loads((models / "model.json").read_text())
+    del info["calibration"]
+    (models / "model.json").write_text(json.dumps(info))
+    answers, _ = predict(load(str(models / "model.keras")), scans[:3])
+    low, middle, high = sorted(a["probability"] for a in answers)
+    assert low < middle < high
+    info["uncertain_band"] = [(low + middle) / 2, (middle + high) / 2]
+    (models / "model.json").write_text(json.dumps(info))
+    answers, _ = predict(load(str(models / "model.keras")), scans[:3])  # as the server will answer
+    uncertain = {scans[k].name for k, a in enumerate(answers) if a["status"] == "uncertain"}
+    read = sum(a["status"] != "out_of_distribution" for a in answers)
+    assert any(a["probability"] == middle and a["status"] == "uncertain" for a in answers)
+    key = add_key(root / "keys.json", "reader", ["predict", "explain"])
     port = free_port()
-    log = tmp_path_factory.mktemp("serve") / "serve.log"
     args = [
         str(BIN / "braintumor"),
         "serve",
         "--model",
-        str(workspace / "models/model.keras"),
+        str(models / "model.keras"),
         "--port",
         str(port),
         "--max-file-mb",
         "1",
+        "--keys",
+        str(root / "keys.json"),
+        "--rate-limit",
+        "100000",
+        "--burst",
+        "1000",
+        "--audit-log",
+        str(root / "audit.jsonl"),
     ]
-    with serving(args, f"http://127.0.0.1:{port}/readyz", log):
-        yield f"http://127.0.0.1:{port}"
-
-
-@pytest.fixture(scope="module")
-def scans(tmp_path_factory) -> list[Path]:
-    root = tmp_path_factory.mktemp("page-scans")
-    files = [save(root / f"scan-{k}.png", brain_image(k, 96 + 8 * k)) for k in range(3)]
-    broken = root / "broken.jpg"
-    broken.write_bytes(b"\xff\xd8\xff\xe0 cut short")
-    return files + [broken]
+    with serving(args, f"http://127.0.0.1:{port}/readyz", root / "serve.log"):
+        yield SimpleNamespace(
+            url=f"http://127.0.0.1:{port}",
+            key=key,
+            audit=root / "audit.jsonl",
+            log=root / "serve.log",
+            read=read,
+            uncertain=uncertain,
+        )
 
 
 def test_the_page_ranks_scans_lists_bad_files_and_shows_the_overlay(server, scans, tmp_path):
@@ -63,18 +110,27 @@ def test_the_page_ranks_scans_lists_bad_files_and_shows_the_overlay(server, scan
             ],
         )
         page = browser.new_page(viewport={"width": 1280, "height": 900})
-        page.goto(server + "/")
+        page.goto(server.url + "/")
+        page.wait_for_selector("#model:has-text('API key')")  # the server asks for a key first
+        page.fill("#key-input", server.key)
+        page.click("#key button")
         page.wait_for_selector("#model:has-text('threshold')")
         page.set_input_files("#files", [str(path) for path in scans])
         page.wait_for_selector("#status:has-text('scans read')", timeout=60_000)
 
         rows = page.locator("#queue tbody tr[data-filename]")
-        assert rows.count() == 3
-        probabilities = [float(rows.nth(k).get_attribute("data-probability")) for k in range(3)]
+        assert rows.count() == server.read
+        first = len(server.uncertain)
+        assert {rows.nth(k).get_attribute("data-filename") for k in range(first)} == server.uncertain  # at the top
+        assert all("Uncertain: read first" in rows.nth(k).inner_text() for k in range(first))
+        assert "uncertain band" in page.locator("#queue tbody").inner_text()
+        probabilities = [float(rows.nth(k).get_attribute("data-probability")) for k in range(first, server.read)]
         assert probabilities == sorted(probabilities, reverse=True)
         assert page.locator("#errors").is_visible()
-        assert "broken.jpg" in page.locator("#errors li").first.inner_text()
-        assert "not a diagnostic device" in page.locator("footer").inner_text()
+        not_read = page.locator("#errors").inner_text()
+        assert "broken.jpg" in not_read
+        assert "noise.png: not read: does not look like a brain MR slice" in not_read
+        assert "Not for diagnosis" in page.locator("footer").inner_text()
 
         rows.first.click()
         page.wait_for_function("document.querySelector('#overlay').naturalWidth > 0", timeout=60_000)
@@ -86,13 +142,36 @@ def test_the_page_ranks_scans_lists_bad_files_and_shows_the_overlay(server, scan
 
 def test_a_bounded_load_gets_no_server_error(server, scans):
     """300 uploads from 8 concurrent clients on loopback, one in ten a broken file."""
-    good, broken = scans[0].read_bytes(), scans[-1].read_bytes()
+    good, broken = scans[0].read_bytes(), scans[3].read_bytes()
 
     def one(k: int) -> int:
         body = broken if k % 10 == 0 else good
-        return requests.post(f"{server}/v1/predict", files=[("files", (f"{k}.png", body))], timeout=120).status_code
+        return requests.post(
+            f"{server.url}/v1/predict",
+            files=[("files", (f"{k}.png", body))],
+            headers={"X-API-Key": server.key},
+            timeout=120,
+        ).status_code
 
     with ThreadPoolExecutor(8) as pool:
         codes = list(pool.map(one, range(300)))
     assert codes.count(200) == 300, {code: codes.count(code) for code in set(codes)}
-    assert requests.get(f"{server}/healthz", timeout=10).status_code == 200
+    assert requests.get(f"{server.url}/healthz", timeout=10).status_code == 200
+
+
+def test_no_key_no_answer_and_nothing_identifying_is_kept(server, scans):
+    name = "DOE_JOHN_1970-01-01.png"
+    refused = requests.post(f"{server.url}/v1/predict", files=[("files", (name, scans[0].read_bytes()))], timeout=60)
+    assert refused.status_code == 401
+    answer = requests.post(
+        f"{server.url}/v1/predict",
+        files=[("files", (name, scans[0].read_bytes()))],
+        headers={"X-API-Key": server.key},
+        timeout=60,
+    )
+    assert answer.status_code == 200 and answer.json()["not_for_diagnosis"] is True
+    records = [json.loads(line) for line in server.audit.read_text().splitlines()]
+    assert any(r["request_id"] == answer.json()["request_id"] and r["key_id"] == "reader" for r in records)
+    for kept in (server.audit.read_text(), server.log.read_text()):
+        for secret in ("DOE_JOHN", "scan-0", "noise.png", server.key, '"POST /v1/predict'):  # nor access lines
+            assert secret not in kept

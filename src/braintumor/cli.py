@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import collections
 import importlib
 import json
 import logging
@@ -89,6 +90,60 @@ def add_serve(sub) -> None:
     serve.add_argument("--max-body-mb", type=positive_int, default=100, help="request body limit (default 100)")
     serve.add_argument("--max-file-mb", type=positive_int, default=20, help="limit per uploaded file (default 20)")
     serve.add_argument("--max-files", type=positive_int, default=64, help="files per request (default 64)")
+    serve.add_argument(
+        "--keys",
+        metavar="FILE",
+        help="API keys (from `braintumor keys add`); required to bind beyond loopback; without it, no key is asked",
+    )
+    serve.add_argument(
+        "--rate-limit", type=positive_int, default=600, help="scans a minute per key, on average (default 600)"
+    )
+    serve.add_argument("--burst", type=positive_int, default=64, help="scans a key may send at once (default 64)")
+    serve.add_argument(
+        "--audit-log",
+        metavar="PATH",
+        default="audit.jsonl",
+        help="append-only JSON lines, one per request, nothing identifying (default: %(default)s)",
+    )
+
+
+def add_keys(sub) -> None:
+    keys = sub.add_parser(
+        "keys",
+        help="create, revoke and list the API keys of `braintumor serve`",
+        description="Keys are stored as SHA-256 digests; a new key is printed once and kept nowhere else.",
+    )
+    keys.add_argument("action", choices=["add", "revoke", "list"])
+    keys.add_argument("id", nargs="?", help="the key's id (add, revoke): names it in the audit log")
+    keys.add_argument("--keys", metavar="FILE", default="keys.json", help="the keys file (default: %(default)s)")
+    keys.add_argument(
+        "--scope",
+        action="append",
+        choices=["predict", "explain", "reload"],
+        help="what the key may do (repeat; default: predict and explain)",
+    )
+
+
+def run_keys(args) -> int:
+    from braintumor.errors import AccessError
+    from braintumor.serve.access import add_key, read_keys, revoke_key
+
+    try:
+        if args.action == "list":
+            for key in read_keys(Path(args.keys)):
+                print(f"{key.id}\t{','.join(key.scopes)}")
+        elif not args.id:
+            print(f"braintumor keys {args.action}: error: give the key's id", file=sys.stderr)
+            return 2
+        elif args.action == "add":
+            print(add_key(Path(args.keys), args.id, args.scope or ["predict", "explain"]))
+            print(f"key {args.id!r} added to {args.keys}; it is shown once, keep it", file=sys.stderr)
+        else:
+            revoke_key(Path(args.keys), args.id)
+    except AccessError as err:
+        print(f"braintumor keys: error: {err}", file=sys.stderr)
+        return 2
+    return 0
 
 
 def add_compare(sub) -> None:
@@ -120,8 +175,9 @@ def run_compare(args) -> int:
 
 def run_serve(args) -> int:
     quiet_libraries()
-    from braintumor.errors import ModelLoadError
-    from braintumor.serve.service import Limits, serve
+    from braintumor.errors import AccessError, ModelLoadError
+    from braintumor.serve.access import AuditLog, RateLimit, check_exposure, read_keys
+    from braintumor.serve.service import Access, Limits, serve
 
     limits = Limits(
         max_body_bytes=args.max_body_mb << 20,
@@ -130,11 +186,25 @@ def run_serve(args) -> int:
         max_pixels=args.max_pixels,
     )
     try:
-        serve(args.model, args.host, args.port, limits, args.poll_seconds)
-    except ModelLoadError as err:
+        keys = read_keys(Path(args.keys)) if args.keys else None
+        check_exposure(args.host, keys)
+        access = Access(keys, RateLimit(args.rate_limit, args.burst), AuditLog(Path(args.audit_log)))
+        serve(args.model, args.host, args.port, limits, args.poll_seconds, access)
+    except (ModelLoadError, AccessError) as err:
         print(f"braintumor serve: error: {err}", file=sys.stderr)
         return 2
     return 0
+
+
+def result_line(result: dict) -> str:
+    """A result of `braintumor predict` as one tab-separated line: path, P(tumor) (or -), verdict[, reason]."""
+    if "error" in result:
+        return f"{result['path']}\terror: {result['error']}"
+    probability = f"{result['probability']:.4f}" if "probability" in result else "-"
+    if result["status"] == "read":
+        return f"{result['path']}\t{probability}\t{'tumor' if result['label'] else 'no_tumor'}"
+    verdict = "uncertain" if result["status"] == "uncertain" else "not_read"
+    return f"{result['path']}\t{probability}\t{verdict}\t{result['reason']}"
 
 
 def run_predict(args) -> int:
@@ -152,25 +222,28 @@ def run_predict(args) -> int:
     except ModelLoadError as err:
         print(f"braintumor predict: error: {err}", file=sys.stderr)
         return 2
-    failed = tumors = written = 0
+    failed = written = 0
+    statuses = collections.Counter()
     for results, images in predict_in_chunks(loaded, files, args.batch_size, args.max_pixels):
         for result in results:
             if args.json:
                 print(json.dumps(result), flush=True)
-            elif "error" in result:
-                print(f"{result['path']}\terror: {result['error']}")
             else:
-                print(f"{result['path']}\t{result['probability']:.4f}\t{'tumor' if result['label'] else 'no_tumor'}")
+                print(result_line(result))
+            statuses[result.get("status", "unreadable")] += 1
+            statuses["tumor"] += result.get("label") == 1
         if args.explain:
             written += len(write_evidence_maps(loaded, results, images, Path(args.explain), first=written))
         failed += sum("error" in r for r in results)
-        tumors += sum(r.get("label", 0) for r in results)
     if args.explain:
         log.info("predict: %d evidence maps in %s", written, args.explain)
     log.info(
-        "predict: %d images, %d tumor, %d unreadable (threshold %.4f)",
+        "predict: %d images: %d tumor suspected, %d uncertain (read first), %d not brain MR slices (not read), "
+        "%d unreadable (threshold: P(tumor) %.4f)",
         len(files) - failed,
-        tumors,
+        statuses["tumor"],
+        statuses["uncertain"],
+        statuses["out_of_distribution"],
         failed,
         loaded.threshold,
     )
@@ -184,6 +257,7 @@ def main(argv: list[str] | None = None) -> int:
         add_arguments(sub.add_parser(name, help=f"run the `{name}` stage ({module})"))
     add_predict(sub)
     add_serve(sub)
+    add_keys(sub)
     add_compare(sub)
     args = parser.parse_args(argv)
     configure_logging()
@@ -191,6 +265,8 @@ def main(argv: list[str] | None = None) -> int:
         return run_predict(args)
     if args.command == "serve":
         return run_serve(args)
+    if args.command == "keys":
+        return run_keys(args)
     if args.command == "compare":
         return run_compare(args)
     module, function = STAGES[args.command]

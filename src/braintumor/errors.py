@@ -13,6 +13,10 @@ class ModelLoadError(RuntimeError):
     """A model reference or file that does not resolve to a usable, safe model; the message says why."""
 
 
+class AccessError(RuntimeError):
+    """A keys file that cannot be used, or a server that would be open to the network without keys."""
+
+
 class RegistryError(RuntimeError):
     """A registration that cannot go ahead (inconsistent outputs, a lock held too long); the message says why."""
 

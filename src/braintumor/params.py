@@ -90,7 +90,7 @@ KNOWN: dict = {
         "small_xception": {"widths": None},
         "transfer": dict.fromkeys(["weights", "fine_tune_layers", "fine_tune_epochs", "fine_tune_learning_rate"]),
     },
-    "evaluate": dict.fromkeys(["target_recall", "bootstrap", "gallery"]),
+    "evaluate": dict.fromkeys(["target_recall", "uncertain_errors", "bootstrap", "gallery"]),
     "review": {"gallery": None},
     "explain": dict.fromkeys(["images", "lime_samples", "lime_superpixels"]),
     "generalize": dict.fromkeys(["hold_outs", "folds", "gallery"]),
@@ -346,6 +346,7 @@ def validate_train(params: dict) -> dict:
 def validate_evaluate(params: dict) -> dict:
     check_known(params, "evaluate")
     _number(params, "evaluate.target_recall", 0.5, 1.0)
+    _number(params, "evaluate.uncertain_errors", 0.0, 0.95)
     _int(params, "evaluate.bootstrap", 100, 100_000)  # 100k resamples of the test split take seconds
     _int(params, "evaluate.gallery", 0, 64)
     return params["evaluate"]

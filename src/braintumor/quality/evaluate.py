@@ -4,8 +4,12 @@ The decision threshold aims at `evaluate.target_recall` (a missed tumor is the c
 specificity. The validation split alone holds too few healthy scans to place it, so the threshold comes
 from the out-of-fold predictions the train stage saved: every train+val image scored by the fold model
 that did not see it, i.e. by the members of the very ensemble that ships. The spread of the per-fold
-thresholds is reported. Test metrics are given at the chosen threshold and at 0.5. The deployable copy of
-the model, with the threshold in its `model.json`, is written to `models/`.
+thresholds is reported. Test metrics are given at the chosen threshold and at 0.5.
+
+The same out-of-fold scores fit what makes an answer trustworthy (model/assessment.py): Platt calibration of
+the score, the "uncertain" band around the threshold, and the out-of-distribution gate on the fold models'
+features of train+val. The deployable copy of the model, with all of them in its `model.json` and `gate.npz`,
+is written to `models/`.
 """
 
 from __future__ import annotations
@@ -27,8 +31,20 @@ from sklearn import metrics as skm
 
 from braintumor import paths
 from braintumor.atomic import atomic_path, write_csv, write_json
-from braintumor.data.datasets import load_split
-from braintumor.model.inference import load_model, members_of, tumor_probability
+from braintumor.data.datasets import load_split, load_splits
+from braintumor.model import calibration as cal
+from braintumor.model.assessment import (
+    OUT_OF_DISTRIBUTION,
+    READ,
+    SPLIT_REASON,
+    UNCERTAIN,
+    Assessor,
+    Scores,
+    score,
+    scoring_model,
+)
+from braintumor.model.gate import GATE_FILE, METHOD, FeatureGate
+from braintumor.model.inference import load_model, members_of
 from braintumor.params import validate_evaluate
 
 log = logging.getLogger(__name__)
@@ -138,7 +154,9 @@ def evaluate(
     ]
 
     test = load_split(split_dir, "test", info["task"])
-    p = tumor_probability(model, test["x"], names)
+    scorer = scoring_model(model, with_features=True)
+    test_scores = score(scorer, test["x"], names)
+    p = test_scores.raw
     y = test["label"]
     chosen = binary_metrics(y, p, threshold)
     manifest = pd.read_csv(Path(split_dir) / "manifest.csv", keep_default_na=False)
@@ -175,9 +193,31 @@ def evaluate(
         probs = model.predict(test["x"].astype("float32"), verbose=0)
         result["multiclass_accuracy"] = round(float((probs.argmax(1) == test["y"]).mean()), 4)
 
+    oof_placed = {key: value[placing] for key, value in oof.items()}
+    calibration = cal.fit_platt(oof_placed["label"], oof_placed["probability"])
+    calibrated_threshold = float(cal.calibrated(np.array([threshold]), calibration)[0])
+    band = cal.uncertain_band(
+        oof_placed["label"],
+        cal.calibrated(oof_placed["probability"], calibration),
+        calibrated_threshold,
+        config["uncertain_errors"],
+    )
+    gate = fit_gate(scorer, split_dir, oof_placed, info["task"], names, len(members_of(model)[0]) or 1)
+    trust = {
+        "calibration": calibration,
+        "probability_threshold": round(calibrated_threshold, 6),
+        "uncertain_band": [round(band[0], 6), round(band[1], 6)],
+    }
+    assessor = Assessor({"threshold": threshold, **trust}, gate)
+    oof_cross = cal.cross_fitted(oof_placed["label"], oof_placed["probability"], oof_placed["fold"])
+    result.update(
+        trust_metrics(y, p, test_scores, assessor, oof_placed, oof_cross, config["bootstrap"], params["seed"])
+    )
+
     with atomic_path(model_dir) as staging:
         staging.mkdir()
         shutil.copy(train_dir / "model.keras", staging / "model.keras")
+        gate_sha256 = gate.save(staging / GATE_FILE)
         (staging / "model.json").write_text(
             json.dumps(
                 {
@@ -186,6 +226,14 @@ def evaluate(
                     "mirror_average": members_of(model)[1],
                     "threshold": threshold,
                     "target_recall": target,
+                    **trust,
+                    "gate": {
+                        "file": GATE_FILE,
+                        "sha256": gate_sha256,
+                        "method": METHOD,
+                        "refuse_above": 1.0,
+                        "out_of_fold_refused": result["gate"]["out_of_fold_refused"],
+                    },
                     "test_metrics": {k: result[k] for k in ("recall", "accuracy", "specificity", "roc_auc")},
                 },
                 indent=2,
@@ -194,7 +242,16 @@ def evaluate(
         )
     write_csv(predictions_path, pd.DataFrame({"path": test["path"], "label": y, "probability": p}))
     write_json(metrics_path, result)
-    write_plots(plots_dir, y, p, threshold, test["x"], test["path"], config["gallery"])
+    write_plots(
+        plots_dir,
+        y,
+        p,
+        threshold,
+        test["x"],
+        test["path"],
+        config["gallery"],
+        trust_figures(y, p, assessor, oof_placed, oof_cross, band),
+    )
     log.info(
         "evaluate: threshold %.4f (folds %s); test recall %.4f, specificity %.4f, accuracy %.4f "
         "(at 0.5: %.4f / %.4f / %.4f)",
@@ -221,8 +278,132 @@ def image_grid(count: int, width: float, height: float) -> tuple[plt.Figure, np.
     return fig, axes.ravel()
 
 
-def write_plots(plots_dir: Path, y, p, threshold, images, paths, gallery: int) -> None:
-    """DVC plot data (confusion, ROC, PR) and a gallery PNG of misclassified test images.
+def fit_gate(scorer, split_dir: Path, oof: dict, task: str, names: list[str], members: int) -> FeatureGate:
+    """The out-of-distribution gate, fitted on the features of the train+val images `oof` lists (each member on
+    the images it trained on, scaled on its held-out fold: see `model/gate.py`).
+
+    Args:
+        scorer: the scoring model of the shipped ensemble.
+        split_dir: the split stage's output.
+        oof: out-of-fold rows (path, label, fold) that took part in placing the threshold.
+        task: binary or multiclass.
+        names: the model's class names.
+        members: fold models in the ensemble (fold k is member k's held-out fold).
+    """
+    pool = load_splits(split_dir, ("train", "val"), task, lazy=True)
+    index = {path: row for row, path in enumerate(pool["path"])}
+    rows = np.array([index[path] for path in oof["path"]])
+    features = score(scorer, pool["x"][rows], names).features
+    gate = FeatureGate.fit(features, oof["label"], oof["fold"], members)
+    log.info("evaluate: out-of-distribution gate fitted on %d train+val images, %d fold models", len(rows), members)
+    return gate
+
+
+def trust_metrics(y, p, test_scores: Scores, assessor: Assessor, oof: dict, oof_cross, resamples: int, seed: int):
+    """evaluate.json's calibration, uncertain-band and gate figures (test split, and out of fold).
+
+    Args:
+        y: test labels.
+        p: the test split's raw ensemble scores.
+        test_scores: the scoring model's outputs on the test split.
+        assessor: the answers' rules, as the model ships them.
+        oof: out-of-fold rows that placed the threshold.
+        oof_cross: their cross-fitted calibrated probabilities.
+        resamples: bootstrap resamples.
+        seed: the bootstrap's seed.
+    """
+    calibration = assessor.calibration
+    test_calibrated = cal.calibrated(p, calibration)
+    answers = assessor.answers(test_scores)
+    status = np.array([a["status"] for a in answers])
+    wrong = (p >= assessor.threshold).astype(int) != y
+    read = status == READ
+    oof_wrong = (oof["probability"] >= assessor.threshold).astype(int) != oof["label"]
+    oof_calibrated = cal.calibrated(oof["probability"], calibration)
+    in_band = (oof_calibrated >= assessor.band[0]) & (oof_calibrated < assessor.band[1])
+    return {
+        "calibration": {
+            "method": calibration["method"],
+            "slope": round(calibration["slope"], 4),
+            "intercept": round(calibration["intercept"], 4),
+            "test_raw": cal.calibration_scores(y, p),
+            "test_calibrated": cal.calibration_scores(y, test_calibrated),
+            "test_ci95": cal.paired_intervals(y, p, test_calibrated, resamples, seed),
+            "out_of_fold_raw": cal.calibration_scores(oof["label"], oof["probability"]),
+            "out_of_fold_cross_fitted": cal.calibration_scores(oof["label"], oof_cross),
+            "out_of_fold_ci95": cal.paired_intervals(oof["label"], oof["probability"], oof_cross, resamples, seed),
+        },
+        "uncertain": {
+            "band": assessor.band,
+            "out_of_fold_share": round(float(in_band.mean()), 4),
+            "out_of_fold_errors_held": round(float(in_band[oof_wrong].mean()), 4) if oof_wrong.any() else None,
+            "test_share": round(float((status == UNCERTAIN).mean()), 4),
+            "test_split_vote_share": round(float(np.mean([SPLIT_REASON in a.get("reason", "") for a in answers])), 4),
+            "test_errors_held": round(float((status[wrong] == UNCERTAIN).mean()), 4) if wrong.any() else None,
+            "test_read_accuracy": round(float((~wrong[read]).mean()), 4) if read.any() else None,
+        },
+        "gate": {
+            "method": METHOD,
+            "out_of_fold_refused": round(assessor.gate.out_of_fold_refused, 4),
+            "test_refused": round(float((status == OUT_OF_DISTRIBUTION).mean()), 4),
+        },
+    }
+
+
+def trust_figures(y, p, assessor: Assessor, oof: dict, oof_cross, band) -> dict[str, plt.Figure]:
+    """reliability.png (observed tumor rate against P(tumor), before and after calibration, test and out of
+    fold) and risk_coverage.png (error rate of the scans answered against the share answered, as the uncertain
+    band widens; the chosen band marked)."""
+    reliability, axes = plt.subplots(1, 2, figsize=(8, 4))
+    for ax, (title, labels, before, after) in zip(
+        axes,
+        [
+            ("test split", y, p, cal.calibrated(p, assessor.calibration)),
+            ("out of fold (calibration cross-fitted)", oof["label"], oof["probability"], oof_cross),
+        ],
+        strict=True,
+    ):
+        ax.plot([0, 1], [0, 1], color="grey", lw=0.8, ls="--")
+        for name, scores, colour in (("raw score", before, "tab:red"), ("calibrated", after, "tab:blue")):
+            points = cal.reliability(labels, scores)
+            ax.plot(
+                [q["predicted"] for q in points],
+                [q["observed"] for q in points],
+                "o-",
+                color=colour,
+                ms=3,
+                label=f"{name} (ECE {cal.expected_calibration_error(labels, scores):.3f})",
+            )
+        ax.set(title=title, xlabel="P(tumor) shown", ylabel="observed tumor rate", xlim=(0, 1), ylim=(0, 1))
+        ax.legend(fontsize=7)
+    reliability.tight_layout()
+    coverage, ax = plt.subplots(figsize=(4.5, 4))
+    calibrated_oof = cal.calibrated(oof["probability"], assessor.calibration)
+    threshold = assessor.probability_threshold
+    curve = cal.risk_coverage(oof["label"], calibrated_oof, threshold)
+    ax.plot([q["coverage"] for q in curve], [q["risk"] for q in curve], "-", color="tab:blue")
+    answered = (calibrated_oof < band[0]) | (calibrated_oof >= band[1])
+    wrong = (calibrated_oof >= threshold).astype(int) != oof["label"]
+    ax.plot(
+        [answered.mean()],
+        [wrong[answered].mean()],
+        "o",
+        color="tab:red",
+        label=f"chosen band {band[0]:.2f}-{band[1]:.2f}",
+    )
+    ax.set(
+        title="out of fold: answered vs error rate",
+        xlabel="share answered (not uncertain)",
+        ylabel="error rate of the answered scans",
+    )
+    ax.legend(fontsize=7)
+    coverage.tight_layout()
+    return {"reliability.png": reliability, "risk_coverage.png": coverage}
+
+
+def write_plots(plots_dir: Path, y, p, threshold, images, paths, gallery: int, figures: dict) -> None:
+    """DVC plot data (confusion, ROC, PR), a gallery PNG of misclassified test images, and `figures` (name: a
+    matplotlib figure, closed once saved).
 
     Args:
         plots_dir: folder for the plot files.
@@ -232,6 +413,7 @@ def write_plots(plots_dir: Path, y, p, threshold, images, paths, gallery: int) -
         images: the test images.
         paths: their files.
         gallery: misclassified images to show.
+        figures: further figures to save beside them.
     """
     label = np.array(["no_tumor", "tumor"])
     fpr, tpr, _ = skm.roc_curve(y, p)
@@ -274,3 +456,6 @@ def write_plots(plots_dir: Path, y, p, threshold, images, paths, gallery: int) -
         fig.tight_layout()
         fig.savefig(staging / "misclassified.png", dpi=110)
         plt.close(fig)
+        for name, figure in figures.items():
+            figure.savefig(staging / name, dpi=110)
+            plt.close(figure)

@@ -36,6 +36,7 @@ from braintumor.registry.tracking import (
     CARD_FILE,
     DATA_TAG,
     MODEL_URI_TAG,
+    TRUST_TAG,
     configure,
     data_fingerprint,
     log_run,
@@ -74,7 +75,10 @@ def eligible_runs(experiment: str, fingerprint: str, target_recall: float, floor
         f"and {clears}",
     )
     runs = [run for run in runs if MODEL_URI_TAG in run.data.tags]
-    return sorted(runs, key=lambda run: (*(-value for value in ranking(run)), run.info.start_time))
+    # level runs: one whose model carries calibration and the gate first, then the earliest
+    return sorted(
+        runs, key=lambda run: (*(-value for value in ranking(run)), TRUST_TAG not in run.data.tags, run.info.start_time)
+    )
 
 
 def summary(run, version=None) -> dict:
@@ -139,6 +143,12 @@ def decide(candidate, champion, champion_on_new_data: str) -> tuple[bool, str]:
     ours, theirs = (dict(zip(COMPARED.values(), ranking(run), strict=True)) for run in (candidate, champion))
     if ranking(candidate) > ranking(champion):
         return True, f"candidate {ours} beats champion {theirs}"
+    if (
+        ranking(candidate) == ranking(champion)
+        and TRUST_TAG in candidate.data.tags
+        and TRUST_TAG not in champion.data.tags
+    ):
+        return True, f"candidate {ours} ranks level with the champion and adds calibration and the gate"
     return False, f"champion {theirs} is at least as good as {ours}"
 
 

@@ -16,6 +16,7 @@ import logging
 import os
 import platform
 import re
+import shutil
 import subprocess
 from pathlib import Path
 from types import SimpleNamespace
@@ -33,6 +34,7 @@ log = logging.getLogger(__name__)
 MODEL_DIGEST_TAG = "braintumor.model_sha256"
 DATA_TAG = "braintumor.data_fingerprint"
 MODEL_URI_TAG = "braintumor.model_uri"
+TRUST_TAG = "braintumor.trust"  # "calibration+gate" when the model carries them (model/assessment.py)
 CARD_FILE = "model_card.md"
 
 
@@ -158,15 +160,18 @@ def epoch_metrics(live_dir: Path) -> dict[str, list[tuple[int, float]]]:
     return series
 
 
-def keras_flavor():
+def keras_flavor(beside_archive: list[Path] = ()):
     """`mlflow.keras` as the flavor `Model.log` saves with, except that the model folder exists before the input
     example is written into it: mlflow.keras.log_model with an input example fails on a missing folder
-    (mlflow/mlflow#16183, open in MLflow 3.17)."""
+    (mlflow/mlflow#16183, open in MLflow 3.17); `beside_archive` files (the gate) are copied next to the Keras
+    archive, where `braintumor predict` looks for them."""
     import mlflow.keras
 
     def save_model(path, **kwargs):
         os.makedirs(path, exist_ok=True)
         mlflow.keras.save_model(path=path, **kwargs)
+        for extra in beside_archive:
+            shutil.copy(extra, Path(path) / "data" / Path(extra).name)
 
     return SimpleNamespace(__name__=mlflow.keras.__name__, save_model=save_model)
 
@@ -248,6 +253,7 @@ def log_run(
     from mlflow.models import Model, ModelSignature
     from mlflow.types import Schema, TensorSpec
 
+    from braintumor.model.gate import GATE_FILE
     from braintumor.model.inference import load_model
 
     info, evaluation = check_consistent(model_dir, metrics_dir)
@@ -280,6 +286,7 @@ def log_run(
         "device": device(),
         "model": info["model"],
         "task": info["task"],
+        **({TRUST_TAG: "calibration+gate"} if "gate" in info and "calibration" in info else {}),
     }
     metrics = {
         **numeric({k: v for k, v in evaluation.items() if k not in ("per_source",)}),
@@ -295,7 +302,7 @@ def log_run(
         logged = Model.log(
             artifact_path=None,
             name="model",
-            flavor=keras_flavor(),
+            flavor=keras_flavor([model_dir / GATE_FILE] if "gate" in info else []),
             model=model,
             signature=signature,
             input_example=example,

@@ -30,18 +30,28 @@ SCHEMES = ("models", "runs")  # the URI schemes resolved through MLflow; anythin
 @dataclass
 class LoadedModel:
     model: object  # keras.Model
-    info: dict  # model.json: image_size, class_names, threshold, ...
+    info: dict  # model.json: image_size, class_names, threshold, calibration, gate, ...
+    scorer: object  # keras.Model: model/assessment.py's scoring model
+    assessor: object  # model/assessment.py's Assessor
 
     @property
     def threshold(self) -> float:
-        return float(self.info["threshold"])
+        """In the units of the probabilities answers show (calibrated when the model has a calibration)."""
+        return self.assessor.probability_threshold
 
 
 def _from_keras_file(path: Path, info: dict, where: str) -> LoadedModel:
+    """The Keras archive at `path`, its description `info`, and the gate file beside the archive when the
+    description names one (its SHA-256 is checked)."""
+    from braintumor.model.assessment import Assessor, scoring_model
+    from braintumor.model.gate import GATE_FILE, FeatureGate
     from braintumor.model.inference import check_model_info, load_model
 
     model = load_model(path)
-    return LoadedModel(model, check_model_info(info, model, where))
+    info = check_model_info(info, model, where)
+    scorer = scoring_model(model, with_features="gate" in info)
+    gate = FeatureGate.load(path.with_name(GATE_FILE), scorer, info["gate"]["sha256"]) if "gate" in info else None
+    return LoadedModel(model, info, scorer, Assessor(info, gate, where))
 
 
 def _from_mlflow_folder(folder: Path) -> LoadedModel:
@@ -161,10 +171,10 @@ def read_error(path: Path, err: Exception) -> str:
 def predict(
     loaded: LoadedModel, files: list[Path | str], batch_size: int = 32, max_pixels: int = DEFAULT_MAX_PIXELS
 ) -> tuple[list[dict], np.ndarray]:
-    """One result per file, in order: {"path", "probability", "label"}, or {"path", "error"} for a file that
-    cannot be read as an image (the others are still predicted); and the prepared images of the predicted
-    files, in the same order, for their evidence maps."""
-    from braintumor.model.inference import tumor_probability
+    """One result per file, in order: {"path", "status", "probability", "label", ...} (`Assessor.answers`), or
+    {"path", "error"} for a file that cannot be read as an image (the others are still predicted); and the
+    prepared images of the predicted files, in the same order, for their evidence maps."""
+    from braintumor.model.assessment import score
 
     size = int(loaded.info["image_size"])
     results, arrays, rows = [], [], []
@@ -182,9 +192,9 @@ def predict(
     if not arrays:
         return results, np.zeros((0, size, size, 3), dtype=np.uint8)
     images = np.stack(arrays)
-    probabilities = tumor_probability(loaded.model, images, loaded.info["class_names"], batch_size=batch_size)
-    for row, p in zip(rows, probabilities, strict=True):
-        results[row].update(probability=round(float(p), 6), label=int(p >= loaded.threshold))
+    answers = loaded.assessor.answers(score(loaded.scorer, images, loaded.info["class_names"], batch_size=batch_size))
+    for row, answer in zip(rows, answers, strict=True):
+        results[row].update(answer)
     return results, images
 
 
@@ -200,6 +210,14 @@ def predict_in_chunks(
     chunk = -(-FILES_AT_A_TIME // batch_size) * batch_size
     for start in range(0, len(files), chunk):
         yield predict(loaded, files[start : start + chunk], batch_size, max_pixels)
+
+
+def verdict_text(result: dict) -> str:
+    """A short reading of one answer: P(tumor) and the verdict, or why there is none."""
+    if result["status"] == "out_of_distribution":
+        return "not read: not a brain MR slice"
+    verdict = {1: "tumor", 0: "no tumor", None: "uncertain, read first"}[result["label"]]
+    return f"P(tumor)={result['probability']:.3f} ({verdict})"
 
 
 def write_evidence_maps(
@@ -233,8 +251,7 @@ def write_evidence_maps(
         ax.imshow(image)
         ax.imshow(evidence, cmap="jet", alpha=0.4)
         ax.set_title(
-            f"{Path(result['path']).name[:28]}\nP(tumor)={result['probability']:.3f} "
-            f"({'tumor' if result['label'] else 'no tumor'})",
+            f"{Path(result['path']).name[:28]}\n{verdict_text(result)}",
             fontsize=7,
         )
         ax.axis("off")

@@ -19,23 +19,28 @@ chooses what is loaded.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import io
 import logging
+import math
 import re
 import threading
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from fastapi import FastAPI, File, HTTPException, UploadFile
+from fastapi import Depends, FastAPI, File, HTTPException, Security, UploadFile
 from fastapi.responses import JSONResponse, Response
+from fastapi.security import APIKeyHeader
 from fastapi.staticfiles import StaticFiles
 from PIL import Image
 from starlette.concurrency import run_in_threadpool
 
 from braintumor.data.images import DEFAULT_MAX_PIXELS, open_image, prepare, to_grayscale
 from braintumor.errors import ImageReadError, ModelLoadError
+from braintumor.serve.access import KEY_HEADER, ApiKey, AuditLog, RateLimit, find_key, scan_record
 from braintumor.serve.predict import LoadedModel, connect_tracking, load
 
 log = logging.getLogger(__name__)
@@ -66,14 +71,23 @@ class ServedModel:
     alias: str | None = None
     metrics: dict = field(default_factory=dict)
     card: str = ""
+    run_id: str | None = None
 
     def describe(self) -> dict:
+        """The model's provenance, as every answer carries it."""
+        info = self.loaded.info
         return {
             "name": self.name,
             "version": self.version,
             "alias": self.alias,
+            "run_id": self.run_id,
+            "model_sha256": info.get("model_sha256"),
             "threshold": self.loaded.threshold,
-            "image_size": int(self.loaded.info["image_size"]),
+            "score_threshold": float(info["threshold"]),
+            "calibration": info.get("calibration"),
+            "uncertain_band": info.get("uncertain_band"),
+            "gate": {k: info["gate"][k] for k in ("method", "refuse_above")} if "gate" in info else None,
+            "image_size": int(info["image_size"]),
         }
 
 
@@ -109,6 +123,7 @@ def resolve(reference: str) -> ServedModel:
         alias,
         {key: run.data.metrics.get(key) for key in TEST_METRICS},
         version.description or "",
+        version.run_id,
     )
 
 
@@ -131,19 +146,18 @@ class ModelRunner:
         self.lock = threading.Lock()
         self.names = served.loaded.info["class_names"]
 
-    def probabilities(self, images: np.ndarray) -> np.ndarray:
-        from braintumor.model.inference import tumor_probability_of
+    def answers(self, images: np.ndarray) -> list[dict]:
+        """`Assessor.answers` for prepared images: status, calibrated P(tumor), label, gate distance."""
+        from braintumor.model.assessment import scores_of
 
-        model = self.served.loaded.model
-        out = []
+        loaded = self.served.loaded
+        parts = []
         with self.lock:
             for start in range(0, len(images), BATCH):
-                out.append(
-                    np.asarray(
-                        model.predict_on_batch(images[start : start + BATCH].astype("float32")), dtype=np.float64
-                    )
-                )
-        return tumor_probability_of(np.concatenate(out), self.names)
+                batch = images[start : start + BATCH].astype("float32")
+                parts.append([np.asarray(output) for output in loaded.scorer.predict_on_batch(batch)])
+        outputs = [np.concatenate([part[k] for part in parts]) for k in range(len(parts[0]))]
+        return loaded.assessor.answers(scores_of(outputs, self.names))
 
     def evidence_map(self, image: np.ndarray) -> np.ndarray:
         from braintumor.model.saliency import evidence_map
@@ -154,7 +168,7 @@ class ModelRunner:
     def warm_up(self) -> None:
         size = int(self.served.loaded.info["image_size"])
         for count in (1, 2):
-            self.probabilities(np.zeros((count, size, size, 3), dtype=np.uint8))
+            self.answers(np.zeros((count, size, size, 3), dtype=np.uint8))
 
 
 class FollowedAlias:
@@ -212,7 +226,7 @@ def read_scan(name: str, data: bytes, size: int, limits: Limits) -> np.ndarray:
 
 
 def classify(runner: ModelRunner, uploads: list[tuple[str, bytes]], limits: Limits) -> list[dict]:
-    """One result per upload, in order: {"filename", "probability", "label"} or {"filename", "error"}."""
+    """One result per upload, in order: {"filename", "status", "probability", "label", ...} or {"filename", "error"}."""
     size = int(runner.served.loaded.info["image_size"])
     results, images, rows = [], [], []
     for name, data in uploads:
@@ -225,8 +239,8 @@ def classify(runner: ModelRunner, uploads: list[tuple[str, bytes]], limits: Limi
         except Exception as err:  # noqa: BLE001 - one bad file never fails the others
             results.append({"filename": name, "error": f"{type(err).__name__}: {err}"})
     if images:
-        for row, p in zip(rows, runner.probabilities(np.stack(images)), strict=True):
-            results[row].update(probability=round(float(p), 6), label=int(p >= runner.served.loaded.threshold))
+        for row, answer in zip(rows, runner.answers(np.stack(images)), strict=True):
+            results[row].update(answer)
     return results
 
 
@@ -277,8 +291,69 @@ class BodyLimit:
         await JSONResponse({"detail": f"request body over the limit of {self.limit} bytes"}, 413)(scope, None, send)
 
 
-def create_app(reference: str, limits: Limits = Limits(), poll_seconds: float = 30.0) -> FastAPI:
-    """The app for one model reference, loaded and warmed up before this returns."""
+@dataclass
+class Access:
+    """Who may call what, how often, and where each call is recorded (see `serve/access.py`). No keys: every
+    caller is "anonymous" (the loopback default); no rate limit or audit log: none is applied or kept."""
+
+    keys: list[ApiKey] | None = None
+    rate: RateLimit | None = None
+    audit: AuditLog | None = None
+
+    def caller(self, scope: str):
+        """A FastAPI dependency: the id of the key the request carries, 401 without a known key, 403 when the
+        key lacks `scope`."""
+        header = APIKeyHeader(name=KEY_HEADER, auto_error=False, description="an API key from `braintumor keys add`")
+
+        def check(presented: str | None = Security(header)) -> str:
+            if self.keys is None:
+                return "anonymous"
+            key = find_key(self.keys, presented)
+            if key is None:
+                raise HTTPException(
+                    401,
+                    f"missing or unknown API key: send yours in the {KEY_HEADER} header",
+                    headers={"WWW-Authenticate": "APIKey"},
+                )
+            if scope not in key.scopes:
+                raise HTTPException(403, f"key {key.id!r} may not {scope} (its scopes: {', '.join(key.scopes)})")
+            return key.id
+
+        return check
+
+    def spend(self, key_id: str, scans: int) -> None:
+        """Count `scans` against the key's rate; 429 with Retry-After when it is spent."""
+        wait = self.rate.wait(key_id, scans) if self.rate else 0.0
+        if wait:
+            raise HTTPException(
+                429,
+                f"rate limit of {self.rate.per_minute:g} scans a minute for key {key_id!r}: retry in {wait:.1f} s",
+                headers={"Retry-After": str(math.ceil(wait))},
+            )
+
+    def record(self, request_id: str, key_id: str, endpoint: str, served: ServedModel, started: float, scans):
+        """One audit line (no file names, no client address); `scans`: [(bytes, result)]."""
+        if self.audit is None:
+            return
+        self.audit.write(
+            {
+                "request_id": request_id,
+                "time": datetime.datetime.now(datetime.UTC).isoformat(timespec="milliseconds"),
+                "key_id": key_id,
+                "endpoint": endpoint,
+                "model": {k: served.describe()[k] for k in ("name", "version", "model_sha256")},
+                "latency_ms": round(1000 * (time.perf_counter() - started), 2),
+                "scans": [scan_record(data, result) for data, result in scans],
+            }
+        )
+
+
+def create_app(
+    reference: str, limits: Limits = Limits(), poll_seconds: float = 30.0, access: Access | None = None
+) -> FastAPI:
+    """The app for one model reference, loaded and warmed up before this returns; `access` None: no keys, no
+    rate limit, no audit log (a loopback server for one user)."""
+    access = access or Access()
     followed = FollowedAlias(reference, poll_seconds)
 
     @contextlib.asynccontextmanager
@@ -286,6 +361,8 @@ def create_app(reference: str, limits: Limits = Limits(), poll_seconds: float = 
         followed.start_polling()
         yield
         followed.stop.set()
+        if access.audit is not None:
+            access.audit.close()
 
     app = FastAPI(
         title="Brain-tumor MRI triage",
@@ -305,7 +382,7 @@ def create_app(reference: str, limits: Limits = Limits(), poll_seconds: float = 
         return {"status": "ready", "model": runner.served.describe(), "last_poll_error": followed.last_error}
 
     @app.get("/v1/model")
-    def model_info():
+    def model_info(key_id: str = Depends(access.caller("predict"))):
         served = followed.current.served
         return {
             "model": served.describe(),
@@ -321,46 +398,80 @@ def create_app(reference: str, limits: Limits = Limits(), poll_seconds: float = 
         }
 
     @app.post("/v1/reload")
-    def reload():
+    def reload(key_id: str = Depends(access.caller("reload"))):
+        started, request_id = time.perf_counter(), uuid.uuid4().hex
         try:
             swapped = followed.reload()
         except Exception as err:  # noqa: BLE001 - the current model stays; say why
             raise HTTPException(502, f"could not load the model the alias names now: {err}") from err
-        return {"reloaded": swapped, "model": followed.current.served.describe()}
+        access.record(request_id, key_id, "reload", followed.current.served, started, [])
+        return {"request_id": request_id, "reloaded": swapped, "model": followed.current.served.describe()}
 
     @app.post("/v1/predict")
-    async def predict(files: list[UploadFile] | None = File(None, description="one or more scans")):
+    async def predict(
+        files: list[UploadFile] | None = File(None, description="one or more scans"),
+        key_id: str = Depends(access.caller("predict")),
+    ):
+        started, request_id = time.perf_counter(), uuid.uuid4().hex
         if not files:
             raise HTTPException(400, "no files: send one or more scans in the multipart field `files`")
         if len(files) > limits.max_files:
             raise HTTPException(413, f"{len(files)} files, over the limit of {limits.max_files} a request")
+        access.spend(key_id, len(files))
         runner = followed.current
         uploads = [(upload.filename or "upload", await upload.read(limits.max_file_bytes + 1)) for upload in files]
         results = await run_in_threadpool(classify, runner, uploads, limits)  # the event loop stays free
-        return {"model": runner.served.describe(), "results": results}
+        access.record(
+            request_id,
+            key_id,
+            "predict",
+            runner.served,
+            started,
+            [(data, result) for (_, data), result in zip(uploads, results, strict=True)],
+        )
+        return {
+            "request_id": request_id,
+            "not_for_diagnosis": True,
+            "model": runner.served.describe(),
+            "results": results,
+        }
 
     @app.post(
         "/v1/explain",
         response_class=Response,
         responses={200: {"content": {"image/png": {}}, "description": "the scan and its evidence map"}},
     )
-    async def explain(file: UploadFile = File(..., description="one scan")):
+    async def explain(
+        file: UploadFile = File(..., description="one scan"), key_id: str = Depends(access.caller("explain"))
+    ):
+        started, request_id = time.perf_counter(), uuid.uuid4().hex
+        access.spend(key_id, 1)
         runner = followed.current
         size = int(runner.served.loaded.info["image_size"])
         data = await file.read(limits.max_file_bytes + 1)
         try:
             image = await run_in_threadpool(read_scan, file.filename or "upload", data, size, limits)
         except ImageReadError as err:
+            access.record(request_id, key_id, "explain", runner.served, started, [(data, {"error": err.reason})])
             raise HTTPException(422, f"{file.filename}: {err.reason}: {err.detail}") from err
         png = await run_in_threadpool(lambda: side_by_side(image, runner.evidence_map(image)))
-        return Response(png, media_type="image/png", headers={"X-Model-Version": str(runner.served.version)})
+        access.record(request_id, key_id, "explain", runner.served, started, [(data, {"status": "explained"})])
+        return Response(
+            png,
+            media_type="image/png",
+            headers={
+                "X-Model-Version": str(runner.served.version),
+                "X-Request-Id": request_id,
+                "X-Not-For-Diagnosis": "true",
+            },
+        )
 
     app.mount("/", StaticFiles(directory=WEB, html=True), name="page")
     app.add_middleware(BodyLimit, limit=limits.max_body_bytes)
     return app
 
 
-def serve(reference: str, host: str, port: int, limits: Limits, poll_seconds: float) -> None:
+def serve(reference: str, host: str, port: int, limits: Limits, poll_seconds: float, access: Access) -> None:
     """Load and warm the model, then answer HTTP until stopped (`braintumor serve`).
 
     Args:
@@ -369,11 +480,12 @@ def serve(reference: str, host: str, port: int, limits: Limits, poll_seconds: fl
         port: port to listen on.
         limits: upload and batch limits.
         poll_seconds: how often a registry alias is checked for a new version.
+        access: keys, rate limit and audit log.
     """
     import uvicorn
 
     started = time.perf_counter()
-    app = create_app(reference, limits, poll_seconds)
+    app = create_app(reference, limits, poll_seconds, access)
     served = app.state.followed.current.served
     log.info(
         "serve: %s (version %s) loaded and warmed up in %.1f s; http://%s:%d/",
@@ -383,4 +495,4 @@ def serve(reference: str, host: str, port: int, limits: Limits, poll_seconds: fl
         host,
         port,
     )
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+    uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)  # no client addresses

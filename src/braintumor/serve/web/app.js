@@ -1,8 +1,9 @@
-// The triage page: upload scans to /v1/predict, keep a queue sorted by P(tumor), show the evidence map on click.
+// The triage page: upload scans to /v1/predict, keep a queue (uncertain scans first, then by P(tumor)), list
+// what was not read apart, and show the evidence map on click.
 "use strict";
 
-const queue = [];       // {file, filename, probability, label, version}
-const failures = [];    // {filename, error}
+const queue = [];       // {file, filename, status, probability, label, reason, version}
+const failures = [];    // {filename, error}: unreadable, refused, or not a brain MR slice
 let batchSize = 16;
 let threshold = null;   // the model's, drawn as a line between suspected and cleared scans
 
@@ -10,8 +11,18 @@ const $ = (selector) => document.querySelector(selector);
 
 function percent(p) { return (100 * p).toFixed(1) + " %"; }
 
+function headers() {
+  const key = sessionStorage.getItem("apiKey");
+  return key ? { "X-API-Key": key } : {};
+}
+
 async function describeModel() {
-  const answer = await fetch("/v1/model");
+  const answer = await fetch("/v1/model", { headers: headers() });
+  if (answer.status === 401 || answer.status === 403) {
+    $("#key").hidden = false;
+    $("#model").textContent = `This server asks for an API key: ${(await answer.json()).detail}`;
+    return;
+  }
   if (!answer.ok) { $("#model").textContent = "The model could not be described."; return; }
   const info = await answer.json();
   const m = info.model, t = info.test_metrics || {};
@@ -20,16 +31,35 @@ async function describeModel() {
   const name = m.name ? `${m.name} version ${m.version}${m.alias ? ` (@${m.alias})` : ""}` : "local model";
   const figures = ["recall", "specificity"].filter((k) => t[k] != null)
     .map((k) => `test ${k} ${percent(t[k])}`).join(", ");
-  $("#model").textContent = `Model: ${name}; threshold ${m.threshold.toFixed(3)}` + (figures ? `; ${figures}.` : ".");
+  const calibration = m.calibration ? "calibrated P(tumor)" : "uncalibrated score";
+  $("#model").textContent = `Model: ${name}${m.run_id ? `, run ${m.run_id.slice(0, 8)}` : ""}; ` +
+    `threshold ${percent(m.threshold)} (${calibration})` + (figures ? `; ${figures}.` : ".") +
+    (m.gate ? " Scans that do not look like brain MR slices are not read." : "");
   $("#limits").textContent = `JPEG, PNG, BMP, GIF, TIFF or WebP; up to ${Math.round(info.limits.max_file_bytes / 1048576)} MB a file.`;
 }
+
+const rank = (item) => (item.status === "uncertain" ? 0 : 1);
 
 function render() {
   const body = $("#queue tbody");
   body.replaceChildren();
-  queue.sort((a, b) => b.probability - a.probability);
+  queue.sort((a, b) => rank(a) - rank(b) || b.probability - a.probability);
   queue.forEach((item, index) => {
-    if (threshold !== null && !item.label && (index === 0 || queue[index - 1].label)) {
+    if (item.status === "uncertain") {
+      const row = document.createElement("tr");
+      row.className = "uncertain";
+      row.dataset.filename = item.filename;
+      row.dataset.probability = item.probability;
+      row.innerHTML = `<td>${index + 1}</td><td class="name"></td><td>${percent(item.probability)}</td>` +
+        `<td>Uncertain: read first<div class="reason"></div></td>`;
+      row.querySelector(".name").textContent = item.filename;
+      row.querySelector(".reason").textContent = item.reason;
+      row.addEventListener("click", () => select(item, row));
+      body.appendChild(row);
+      return;
+    }
+    const previous = queue[index - 1];
+    if (threshold !== null && !item.label && (index === 0 || previous.label || previous.status === "uncertain")) {
       const line = document.createElement("tr");
       line.className = "threshold";
       line.innerHTML = `<td colspan="4">threshold ${percent(threshold)}: above it, a tumor is suspected</td>`;
@@ -60,13 +90,15 @@ async function select(item, row) {
   row.classList.add("selected");
   $("#detail").hidden = false;
   $("#detail-title").textContent = item.filename;
-  $("#detail-reading").textContent = `P(tumor) ${percent(item.probability)}: ` +
-    (item.label ? "tumor suspected" : "no tumor found") + ` (model version ${item.version ?? "local"})`;
+  const verdict = item.status === "uncertain" ? `uncertain, read first (${item.reason})`
+    : item.label ? "tumor suspected" : "no tumor found";
+  $("#detail-reading").textContent = `P(tumor) ${percent(item.probability)}: ${verdict} ` +
+    `(model version ${item.version ?? "local"}; not for diagnosis)`;
   const image = $("#overlay");
   image.removeAttribute("src");
   const form = new FormData();
   form.append("file", item.file, item.filename);
-  const answer = await fetch("/v1/explain", { method: "POST", body: form });
+  const answer = await fetch("/v1/explain", { method: "POST", body: form, headers: headers() });
   if (answer.ok) {
     image.src = URL.createObjectURL(await answer.blob());
   } else {
@@ -81,7 +113,7 @@ async function upload(files) {
     $("#status").textContent = `Reading ${start + part.length} of ${files.length} scans…`;
     const form = new FormData();
     part.forEach((file) => form.append("files", file, file.name));
-    const answer = await fetch("/v1/predict", { method: "POST", body: form });
+    const answer = await fetch("/v1/predict", { method: "POST", body: form, headers: headers() });
     if (!answer.ok) {
       const detail = (await answer.json().catch(() => ({}))).detail || answer.statusText;
       part.forEach((file) => failures.push({ filename: file.name, error: detail }));
@@ -91,15 +123,27 @@ async function upload(files) {
     const data = await answer.json();
     data.results.forEach((result, k) => {
       if ("error" in result) failures.push({ filename: result.filename, error: result.error });
-      else queue.push({ file: part[k], filename: result.filename, probability: result.probability,
-                        label: result.label, version: data.model.version });
+      else if (result.status === "out_of_distribution") {
+        failures.push({ filename: result.filename, error: `not read: ${result.reason}` });
+      } else queue.push({ file: part[k], filename: result.filename, status: result.status,
+                          probability: result.probability, label: result.label, reason: result.reason,
+                          version: data.model.version });
     });
     render();
   }
   const suspected = queue.filter((item) => item.label).length;
-  $("#status").textContent = `${queue.length} scans read, ${suspected} with a suspected tumor` +
-    (failures.length ? `, ${failures.length} not read (listed below).` : ".");
+  const uncertain = queue.filter((item) => item.status === "uncertain").length;
+  $("#status").textContent = `${queue.length} scans read, ${suspected} with a suspected tumor, ` +
+    `${uncertain} uncertain (at the top)` + (failures.length ? `, ${failures.length} not read (listed below).` : ".");
 }
+
+$("#key").addEventListener("submit", (event) => {
+  event.preventDefault();
+  sessionStorage.setItem("apiKey", $("#key-input").value.trim());
+  $("#key-input").value = "";
+  $("#key").hidden = true;
+  describeModel();
+});
 
 const drop = $("#drop");
 drop.addEventListener("dragover", (event) => { event.preventDefault(); drop.classList.add("over"); });

@@ -1,0 +1,169 @@
+"""Who may ask `braintumor serve`, how often, and what is kept of each answer: API keys, a rate limit per key,
+and an append-only audit log that holds nothing identifying.
+
+Keys are random tokens (`braintumor keys add`), shown once and stored as SHA-256 digests in a JSON file, each with
+an id and its scopes (predict, explain, reload). A plain digest suffices because a key is 256 random bits, not a
+password: nothing can be guessed from it. A request carries its key in the `X-API-Key` header; the digest is
+compared with every stored one in constant time. A key never reaches a log: the audit log names the key's id.
+
+The audit log is JSON lines, one per request: request id, time, key id, endpoint, model name/version/digest,
+latency, and per scan its SHA-256, status, calibrated P(tumor) and gate distance. No file names, no image
+bytes, no client address: a file name is where a hand export puts a patient's name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import json
+import secrets
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from braintumor.atomic import atomic_path
+from braintumor.errors import AccessError
+
+SCOPES = ("predict", "explain", "reload")
+KEY_HEADER = "X-API-Key"
+
+
+def digest(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class ApiKey:
+    id: str
+    sha256: str
+    scopes: tuple[str, ...]
+
+
+def read_keys(path: Path) -> list[ApiKey]:
+    """The keys in `path` ({"keys": [{"id", "sha256", "scopes"}]}); an `AccessError` names what is wrong."""
+    path = Path(path)
+    try:
+        entries = json.loads(path.read_text())["keys"]
+        keys = [ApiKey(str(e["id"]), str(e["sha256"]), tuple(e["scopes"])) for e in entries]
+    except FileNotFoundError as err:
+        raise AccessError(
+            f"{path}: no such keys file (create one with `braintumor keys add ID --keys {path}`)"
+        ) from err
+    except (ValueError, KeyError, TypeError) as err:
+        raise AccessError(f"{path}: not a keys file written by `braintumor keys add` ({err})") from err
+    for key in keys:
+        if len(key.sha256) != 64 or not set(key.sha256) <= set("0123456789abcdef"):
+            raise AccessError(f"{path}: key {key.id!r} has no SHA-256 digest")
+        if not key.scopes or not set(key.scopes) <= set(SCOPES):
+            raise AccessError(f"{path}: key {key.id!r} has scopes {list(key.scopes)}; allowed: {', '.join(SCOPES)}")
+    if len({key.id for key in keys}) != len(keys):
+        raise AccessError(f"{path}: two keys share an id")
+    return keys
+
+
+def add_key(path: Path, key_id: str, scopes: list[str]) -> str:
+    """Create a key with `scopes`, store its digest in `path` (created if missing) and return the key itself,
+    which is not stored anywhere."""
+    if not set(scopes) <= set(SCOPES) or not scopes:
+        raise AccessError(f"scopes must be some of {', '.join(SCOPES)} (got {scopes})")
+    keys = read_keys(path) if Path(path).exists() else []
+    if any(key.id == key_id for key in keys):
+        raise AccessError(f"{path}: a key with id {key_id!r} exists; revoke it first or choose another id")
+    token = secrets.token_urlsafe(32)
+    keys.append(ApiKey(key_id, digest(token), tuple(scopes)))
+    with atomic_path(path) as staging:
+        staging.write_text(json.dumps({"keys": [vars(k) | {"scopes": list(k.scopes)} for k in keys]}, indent=2))
+        staging.chmod(0o600)
+    return token
+
+
+def revoke_key(path: Path, key_id: str) -> None:
+    keys = read_keys(path)
+    if not any(key.id == key_id for key in keys):
+        raise AccessError(f"{path}: no key with id {key_id!r}")
+    with atomic_path(path) as staging:
+        kept = [vars(k) | {"scopes": list(k.scopes)} for k in keys if k.id != key_id]
+        staging.write_text(json.dumps({"keys": kept}, indent=2))
+        staging.chmod(0o600)
+
+
+def find_key(keys: list[ApiKey], presented: str | None) -> ApiKey | None:
+    """The key whose digest matches `presented`, compared with every stored digest in constant time."""
+    if not presented:
+        return None
+    wanted, found = digest(presented), None
+    for key in keys:
+        if secrets.compare_digest(wanted, key.sha256):
+            found = key  # no early exit: the time taken does not say which key matched
+    return found
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_exposure(host: str, keys: list[ApiKey] | None) -> None:
+    """Refuse to listen beyond this machine without keys."""
+    if keys is None and not is_loopback(host):
+        raise AccessError(
+            f"--host {host} opens the service to the network; give --keys FILE (create keys with "
+            "`braintumor keys add`), or bind 127.0.0.1"
+        )
+
+
+@dataclass
+class RateLimit:
+    """A token bucket per key: `per_minute` scans a minute on average, up to `burst` at once."""
+
+    per_minute: float
+    burst: int
+    buckets: dict[str, tuple[float, float]] = field(default_factory=dict)  # key id: (tokens, time)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def wait(self, key_id: str, cost: int) -> float:
+        """0 when `cost` scans may go now (and they are counted), else the seconds until they may."""
+        with self.lock:
+            now = time.monotonic()
+            tokens, then = self.buckets.get(key_id, (float(self.burst), now))
+            tokens = min(float(self.burst), tokens + (now - then) * self.per_minute / 60)
+            if cost <= tokens:
+                self.buckets[key_id] = (tokens - cost, now)
+                return 0.0
+            self.buckets[key_id] = (tokens, now)
+            return (min(cost, self.burst) - tokens) * 60 / self.per_minute
+
+
+class AuditLog:
+    """Append-only JSON lines; one writer lock, one line a request, flushed as it is written."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - open for the server's life
+        self.lock = threading.Lock()
+
+    def write(self, record: dict) -> None:
+        line = json.dumps(record, separators=(",", ":")) + "\n"
+        with self.lock:
+            self.file.write(line)
+            self.file.flush()
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def scan_record(data: bytes, result: dict) -> dict:
+    """What the audit log keeps of one scan: its digest and the answer's numbers, never its name."""
+    record = {"input_sha256": hashlib.sha256(data).hexdigest()}
+    if "error" in result:
+        record["status"] = "error"
+        record["error"] = result["error"].split(":", 1)[0]  # the reason code; the detail may echo the name
+    else:
+        record.update({k: result[k] for k in ("status", "probability", "gate_distance") if k in result})
+    return record
