@@ -7,8 +7,11 @@ from pathlib import Path
 # temporary copy of the repository, and DVC's deps are the files of that copy.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+from braintumor.stage import quiet_native_output, run  # noqa: E402
+
+if __name__ == "__main__":
+    quiet_native_output()  # before the stage's imports load TensorFlow
 from braintumor.quality.evaluate import evaluate  # noqa: E402
-from braintumor.stage import run  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(run("evaluate", evaluate))

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from braintumor.data.images import DEFAULT_MAX_PIXELS
-from braintumor.stage import add_arguments, configure_logging, execute
+from braintumor.stage import VERBOSE, add_arguments, configure_logging, execute, quiet_native_output
 
 log = logging.getLogger("braintumor")
 
@@ -252,6 +252,9 @@ def run_predict(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="braintumor", description=__doc__)
+    parser.add_argument(
+        "--verbose", action="store_true", help="let TensorFlow and other native libraries write to the terminal"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (module, _) in STAGES.items():
         add_arguments(sub.add_parser(name, help=f"run the `{name}` stage ({module})"))
@@ -260,6 +263,10 @@ def main(argv: list[str] | None = None) -> int:
     add_keys(sub)
     add_compare(sub)
     args = parser.parse_args(argv)
+    if args.verbose:
+        os.environ[VERBOSE] = "1"
+    if argv is None:  # a process of its own (tests call main with arguments, under pytest's capture)
+        quiet_native_output()
     configure_logging()
     if args.command == "predict":
         return run_predict(args)

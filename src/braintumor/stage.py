@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -16,6 +17,24 @@ from braintumor.errors import ModelLoadError, ParamError, RegistryError, SourceE
 from braintumor.params import load_params
 
 log = logging.getLogger("braintumor")
+
+
+VERBOSE = "BRAINTUMOR_VERBOSE"  # set (to anything but 0) to let native libraries write to the terminal
+
+
+def quiet_native_output() -> None:
+    """Send what native libraries write straight to file descriptor 2 (TensorFlow's absl start-up lines, its CUDA
+    probe on a CPU machine, Grappler's optimiser errors: none of them the user's business) to /dev/null, and keep
+    Python's own stderr (logging, progress bars, tracebacks, warnings) on the terminal. Call it before TensorFlow
+    is imported, from a process's entry point only; BRAINTUMOR_VERBOSE=1 (or `braintumor --verbose`) skips it."""
+    if os.environ.get(VERBOSE, "0") != "0":
+        return
+    sys.stderr.flush()
+    terminal = os.dup(2)
+    silent = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(silent, 2)
+    os.close(silent)
+    sys.stderr = open(terminal, "w", buffering=1, encoding="utf-8", errors="backslashreplace")  # noqa: SIM115
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
