@@ -195,6 +195,12 @@ def evaluate(
 
     oof_placed = {key: value[placing] for key, value in oof.items()}
     calibration = cal.fit_platt(oof_placed["label"], oof_placed["probability"])
+    if calibration["slope"] <= 0:  # scores that rank tumors below healthy scans: calibrating would flip them
+        log.warning(
+            "evaluate: out of fold, higher scores mean fewer tumors (Platt slope %.3f); P(tumor) ships uncalibrated",
+            calibration["slope"],
+        )
+        calibration = None
     calibrated_threshold = float(cal.calibrated(np.array([threshold]), calibration)[0])
     band = cal.uncertain_band(
         oof_placed["label"],
@@ -209,7 +215,11 @@ def evaluate(
         "uncertain_band": [round(band[0], 6), round(band[1], 6)],
     }
     assessor = Assessor({"threshold": threshold, **trust}, gate)
-    oof_cross = cal.cross_fitted(oof_placed["label"], oof_placed["probability"], oof_placed["fold"])
+    oof_cross = (
+        cal.cross_fitted(oof_placed["label"], oof_placed["probability"], oof_placed["fold"])
+        if calibration
+        else oof_placed["probability"]
+    )
     result.update(
         trust_metrics(y, p, test_scores, assessor, oof_placed, oof_cross, config["bootstrap"], params["seed"])
     )
@@ -323,9 +333,11 @@ def trust_metrics(y, p, test_scores: Scores, assessor: Assessor, oof: dict, oof_
     in_band = (oof_calibrated >= assessor.band[0]) & (oof_calibrated < assessor.band[1])
     return {
         "calibration": {
-            "method": calibration["method"],
-            "slope": round(calibration["slope"], 4),
-            "intercept": round(calibration["intercept"], 4),
+            **(
+                {k: calibration[k] if k == "method" else round(calibration[k], 4) for k in calibration}
+                if calibration
+                else {"method": "none"}
+            ),
             "test_raw": cal.calibration_scores(y, p),
             "test_calibrated": cal.calibration_scores(y, test_calibrated),
             "test_ci95": cal.paired_intervals(y, p, test_calibrated, resamples, seed),
