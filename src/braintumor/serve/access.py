@@ -71,10 +71,7 @@ def add_key(path: Path, key_id: str, scopes: list[str]) -> str:
     if any(key.id == key_id for key in keys):
         raise AccessError(f"{path}: a key with id {key_id!r} exists; revoke it first or choose another id")
     token = secrets.token_urlsafe(32)
-    keys.append(ApiKey(key_id, digest(token), tuple(scopes)))
-    with atomic_path(path) as staging:
-        staging.write_text(json.dumps({"keys": [vars(k) | {"scopes": list(k.scopes)} for k in keys]}, indent=2))
-        staging.chmod(0o600)
+    write_keys(path, [*keys, ApiKey(key_id, digest(token), tuple(scopes))])
     return token
 
 
@@ -82,9 +79,13 @@ def revoke_key(path: Path, key_id: str) -> None:
     keys = read_keys(path)
     if not any(key.id == key_id for key in keys):
         raise AccessError(f"{path}: no key with id {key_id!r}")
+    write_keys(path, [key for key in keys if key.id != key_id])
+
+
+def write_keys(path: Path, keys: list[ApiKey]) -> None:
+    """The keys file, whole or not at all, readable by its owner only."""
     with atomic_path(path) as staging:
-        kept = [vars(k) | {"scopes": list(k.scopes)} for k in keys if k.id != key_id]
-        staging.write_text(json.dumps({"keys": kept}, indent=2))
+        staging.write_text(json.dumps({"keys": [vars(k) | {"scopes": list(k.scopes)} for k in keys]}, indent=2))
         staging.chmod(0o600)
 
 
