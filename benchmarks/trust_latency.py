@@ -24,15 +24,10 @@ import requests
 
 from braintumor.serve.access import add_key
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from serving import free_port  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def start(source: Path, extra: list[str], model: str) -> tuple[subprocess.Popen, str]:
