@@ -120,9 +120,9 @@ def add_member(tar: tarfile.TarFile, name: str, payload: bytes) -> None:
 
 def test_bad_volumes_are_skipped_each_with_its_reason(tmp_path, server, monkeypatch):
     """A bad gzip body, a bad NIfTI header and a gzip bomb each cost one volume, never the whole fetch."""
-    from braintumor.data import ixi
+    from braintumor.data import volumes
 
-    monkeypatch.setattr(ixi, "MAX_VOLUME_BYTES", 1 << 20)  # so that the bomb stays small in the test
+    monkeypatch.setattr(volumes, "MAX_VOLUME_BYTES", 1 << 20)  # so that the bomb stays small in the test
     good = tiny_volume(1)
     with tarfile.open(tmp_path / "IXI-T1.tar", "w") as tar:
         add_member(tar, "IXI200-HH-0001-T1.nii.gz", good[:40] + bytes(len(good) - 40))  # body zeroed

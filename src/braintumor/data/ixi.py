@@ -3,8 +3,8 @@
 `IXI-T1.tar` is ~4.5 GB of gzipped NIfTI volumes, one per subject. The tar is read as a stream over HTTP
 and the connection is closed after `max_subjects` volumes, so 40 subjects cost ~40 volumes of traffic. A bad
 volume is skipped and recorded; a volume over the size caps too, without being read whole into memory.
-Each volume is reoriented to RAS, and `slices_per_volume` slices per plane are taken from the part of
-the volume that holds brain, windowed to the 0.5-99.5 percentiles of the head and written as 8-bit PNG.
+Each volume is cut by `data/volumes.py` (RAS, `slices_per_volume` slices per plane from the part of the
+volume that holds brain, windowed to the head's 0.5-99.5 percentiles) and written as 8-bit PNG.
 """
 
 from __future__ import annotations
@@ -14,26 +14,25 @@ import logging
 import re
 import tarfile
 import time
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
-import nibabel as nib
-import numpy as np
 import requests
 from PIL import Image
 
+from braintumor.data.volumes import (
+    MAX_MEMBER_BYTES,
+    PLANE_AXIS,
+    brain_slice_indices,
+    head_window,
+    read_nifti,
+    render_slice,
+)
 from braintumor.errors import SourceError, VolumeTooLarge
 
 log = logging.getLogger(__name__)
 
-PLANE_AXIS = {"sagittal": 0, "coronal": 1, "axial": 2}  # axes of a RAS-canonical volume
 SUBJECT = re.compile(r"(IXI\d+)")
-# A slice is "brain" when its foreground covers at least this share of the best slice's foreground.
-MIN_BRAIN_SHARE = 0.5
-# Caps per volume: an IXI T1 volume is about 10 MB gzipped and 20 MB decoded; far larger is no single volume.
-MAX_MEMBER_BYTES = 256 << 20
-MAX_VOLUME_BYTES = 1 << 30
 
 
 @dataclass(frozen=True)
@@ -128,19 +127,6 @@ def _read(stream, url: str, deadline: float, deadline_s: int) -> bytes:
     return b"".join(chunks)
 
 
-def gunzip(raw: bytes) -> bytes:
-    """`raw` decompressed when gzipped, refusing output past MAX_VOLUME_BYTES instead of exhausting memory."""
-    if raw[:2] != b"\x1f\x8b":
-        return raw
-    inflater = zlib.decompressobj(wbits=31)
-    data = inflater.decompress(raw, MAX_VOLUME_BYTES + 1)
-    if len(data) > MAX_VOLUME_BYTES or inflater.unconsumed_tail:
-        raise VolumeTooLarge(f"decompresses to more than the cap of {MAX_VOLUME_BYTES} bytes")
-    if not inflater.eof:
-        raise ValueError("the gzip stream ends early (truncated)")
-    return data
-
-
 def volume_slices(
     raw: bytes, member: str, original: str, dest: Path, slices_per_volume: int, planes: list[str]
 ) -> list[Slice]:
@@ -155,37 +141,17 @@ def volume_slices(
         slices_per_volume: slices per plane.
         planes: any of axial, coronal, sagittal.
     """
-    volume = nib.as_closest_canonical(nib.Nifti1Image.from_bytes(gunzip(raw)))
-    data = np.asarray(volume.dataobj, dtype=np.float32)
-    if data.ndim == 4:
-        data = data[..., 0]
-    if data.ndim != 3:
-        raise ValueError(f"expected a 3D volume, got shape {data.shape}")
+    data = read_nifti(raw)
     match = SUBJECT.search(Path(member).name)
     subject = match.group(1) if match else Path(member).name.split(".")[0]
     stem = f"{Path(member).name.split('.')[0]}-{hashlib.sha256(original.encode()).hexdigest()[:8]}"
-    foreground = data > 0.1 * np.percentile(data, 99)
-    if not foreground.any():
-        raise ValueError("volume is empty")
-    lo, hi = np.percentile(data[foreground], [0.5, 99.5])
+    foreground, lo, hi = head_window(data)
     (dest / subject).mkdir(parents=True, exist_ok=True)
     written = []
     for plane in planes:
         axis = PLANE_AXIS[plane]
         for index in brain_slice_indices(foreground, axis, slices_per_volume):
-            section = np.take(data, index, axis=axis)
-            pixels = np.clip((section - lo) / max(hi - lo, 1e-6), 0, 1) * 255
             name = f"{subject}/{stem}-{plane}-{index:03d}.png"
-            Image.fromarray(np.rot90(pixels).round().astype(np.uint8)).save(dest / name)
+            Image.fromarray(render_slice(data, axis, index, lo, hi)).save(dest / name)
             written.append(Slice(name, subject, original))
     return written
-
-
-def brain_slice_indices(foreground: np.ndarray, axis: int, count: int) -> list[int]:
-    """`count` evenly spaced slice indices inside the run of slices that contain most of the brain."""
-    other = tuple(a for a in range(3) if a != axis)
-    area = foreground.sum(axis=other)
-    brain = np.flatnonzero(area >= MIN_BRAIN_SHARE * area.max())
-    first, last = int(brain[0]), int(brain[-1])
-    positions = np.linspace(first, last, count + 2)[1:-1] if last > first else np.full(count, first)
-    return sorted(set(int(round(p)) for p in positions))
