@@ -42,7 +42,12 @@ def add_predict(sub) -> None:
         help="classify image files with a shipped or registered model",
         description="Print P(tumor) and the label at the model's threshold for each image.",
     )
-    predict.add_argument("paths", nargs="+", help="image files, or folders (every image under them)")
+    predict.add_argument(
+        "paths",
+        nargs="+",
+        help="images, DICOM files, NIfTI volumes (.nii, .nii.gz), zipped studies, or folders of any of them; "
+        "DICOM is answered per series",
+    )
     add_model_arguments(
         predict,
         "models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID/model, an MLflow model folder, or a .keras file "
@@ -197,7 +202,10 @@ def run_serve(args) -> int:
 
 
 def result_line(result: dict) -> str:
-    """A result of `braintumor predict` as one tab-separated line: path, P(tumor) (or -), verdict[, reason]."""
+    """A result of `braintumor predict` as one tab-separated line: path (or series, kind and slice count), P(tumor)
+    (or -), verdict[, reason]."""
+    if "series" in result:
+        result = {**result, "path": f"{result['series']} ({result['kind']}, {result['slices']} slices)"}
     if "error" in result:
         return f"{result['path']}\terror: {result['error']}"
     probability = f"{result['probability']:.4f}" if "probability" in result else "-"
@@ -211,10 +219,19 @@ def run_predict(args) -> int:
     """Exit status 0 when every file was classified, 1 when some could not be read (they are reported)."""
     quiet_libraries()
     from braintumor.errors import ModelLoadError
-    from braintumor.serve.predict import image_files, load, predict_in_chunks, write_evidence_maps
+    from braintumor.serve.predict import (
+        is_clinical,
+        listed_files,
+        load,
+        predict_in_chunks,
+        predict_series,
+        write_evidence_maps,
+    )
 
-    files = image_files(args.paths)
-    if not files:
+    listed = listed_files(args.paths)
+    files = [file for _, file in listed if not is_clinical(file)]
+    clinical = [(source, file) for source, file in listed if is_clinical(file)]
+    if not listed:
         print(f"braintumor predict: error: no image files in {' '.join(args.paths)}", file=sys.stderr)
         return 2
     try:
@@ -224,7 +241,13 @@ def run_predict(args) -> int:
         return 2
     failed = written = 0
     statuses = collections.Counter()
-    for results, images in predict_in_chunks(loaded, files, args.batch_size, args.max_pixels):
+
+    def answered():
+        yield from predict_in_chunks(loaded, files, args.batch_size, args.max_pixels)
+        if clinical:
+            yield predict_series(loaded, clinical, args.batch_size, args.max_pixels)
+
+    for results, shown in answered():
         for result in results:
             if args.json:
                 print(json.dumps(result), flush=True)
@@ -232,15 +255,17 @@ def run_predict(args) -> int:
                 print(result_line(result))
             statuses[result.get("status", "unreadable")] += 1
             statuses["tumor"] += result.get("label") == 1
+            statuses["series" if "series" in result else "images"] += "status" in result
         if args.explain:
-            written += len(write_evidence_maps(loaded, results, images, Path(args.explain), first=written))
+            written += len(write_evidence_maps(loaded, results, shown, Path(args.explain), first=written))
         failed += sum("error" in r for r in results)
     if args.explain:
         log.info("predict: %d evidence maps in %s", written, args.explain)
     log.info(
-        "predict: %d images: %d tumor suspected, %d uncertain (read first), %d not brain MR slices (not read), "
-        "%d unreadable (threshold: P(tumor) %.4f)",
-        len(files) - failed,
+        "predict: %d images and %d series: %d tumor suspected, %d uncertain (read first), %d not brain MR (not "
+        "read), %d unreadable (threshold: P(tumor) %.4f)",
+        statuses["images"],
+        statuses["series"],
         statuses["tumor"],
         statuses["uncertain"],
         statuses["out_of_distribution"],

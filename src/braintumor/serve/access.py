@@ -159,9 +159,13 @@ class AuditLog:
         self.file.close()
 
 
-def scan_record(data: bytes, result: dict) -> dict:
-    """What the audit log keeps of one scan: its digest and the answer's numbers, never its name."""
-    record = {"input_sha256": hashlib.sha256(data).hexdigest()}
+def scan_record(inputs: list[bytes], result: dict) -> dict:
+    """What the audit log keeps of one answer: the digest of its upload (of each, for a series), the series'
+    salted name, and the answer's numbers; never a file name or anything read from a DICOM header."""
+    digests = [hashlib.sha256(data).hexdigest() for data in inputs]
+    record = {"input_sha256": digests[0]} if "series" not in result else {"series": result["series"]}
+    if "series" in result:
+        record["inputs_sha256"] = digests
     if "error" in result:
         record["status"] = "error"
         record["error"] = result["error"].split(":", 1)[0]  # the reason code; the detail may echo the name

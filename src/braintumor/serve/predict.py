@@ -4,8 +4,9 @@ A model reference is a registry URI (`models:/brain-tumor-classifier@champion`),
 an MLflow model folder, or a local `.keras` file with its `model.json` beside it (as in `models/`). Nothing in a
 model runs as code: only `models:/` and `runs:/` URIs and local paths are resolved, an MLflow model must be a
 Keras 3 archive inside its own folder (no exported SavedModel, whose graph TensorFlow would run), Keras loads it
-in safe mode, and its description is checked against the network. Images go through `images.model_input`, the
-very code that prepared the training arrays, with a pixel limit and a format allowlist.
+in safe mode, and its description is checked against the network. Images go through `images.prepare`, the very
+code that prepared the training arrays, with a pixel limit and a format allowlist; DICOM files, NIfTI volumes and
+zipped studies are read into series by `data/scans.py` and answered a series at a time.
 """
 
 from __future__ import annotations
@@ -13,15 +14,16 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
 import numpy as np
 
-from braintumor.data.images import DEFAULT_MAX_PIXELS, model_input
+from braintumor.data.images import DEFAULT_MAX_PIXELS, colour_refusal, open_image, prepare, to_grayscale
 from braintumor.data.listing import walk_files
+from braintumor.data.scans import NIFTI_SUFFIXES, Series, kind_of, read_scans
 from braintumor.errors import ImageReadError, ModelLoadError
 
 SCHEMES = ("models", "runs")  # the URI schemes resolved through MLflow; anything else is refused
@@ -148,18 +150,48 @@ def connect_tracking() -> None:
         mlflow.set_registry_uri(store)
 
 
-def image_files(paths: list[str]) -> list[Path]:
-    """The files to classify: each path as given, and every entry under each folder (sorted). Nothing is passed
-    over: an entry that is no image gets an error result from `predict`."""
+def listed_files(paths: list[str]) -> list[tuple[str, Path]]:
+    """(argument, file) for each file to classify: each path as given, and every entry under each folder
+    (sorted). Nothing is passed over: an entry that is no image gets an error result from `predict`."""
     files = []
     for name in paths:
         path = Path(name)
         if path.is_dir():
             found, problems = walk_files(path)
-            files.extend(sorted(found + [Path(entry) for entry, _, _ in problems]))
+            files.extend((name, file) for file in sorted(found + [Path(entry) for entry, _, _ in problems]))
         else:
-            files.append(path)
+            files.append((name, path))
     return files
+
+
+def image_files(paths: list[str]) -> list[Path]:
+    """The files `listed_files` finds, without their arguments."""
+    return [file for _, file in listed_files(paths)]
+
+
+def is_clinical(path: Path) -> bool:
+    """A DICOM file, a NIfTI volume or a zip: read as series (`data/scans.py`), not as one image."""
+    try:
+        with open(path, "rb") as stream:
+            head = stream.read(132)
+    except OSError:
+        return False  # `predict` reports it
+    return kind_of(path.name, head) != "image"
+
+
+def clinical_entries(listed: list[tuple[str, Path]]) -> list[tuple[str, str, bytes]]:
+    """`read_scans` entries of clinical files: a file found under a folder is named by the folder and its
+    position there (plus the suffix that says what it is), never by its own path, which a hospital export may
+    have filled with patient names."""
+    entries = []
+    for position, (source, path) in enumerate(listed, start=1):
+        if str(path) == source:
+            name = source
+        else:
+            suffix = next((s for s in (*NIFTI_SUFFIXES, ".zip") if path.name.lower().endswith(s)), "")
+            name = f"{source}#{position}{suffix}"
+        entries.append((source, name, path.read_bytes()))
+    return entries
 
 
 def read_error(path: Path, err: Exception) -> str:
@@ -168,12 +200,22 @@ def read_error(path: Path, err: Exception) -> str:
     return f"{type(err).__name__}: {err}"
 
 
+@dataclass
+class Shown:
+    """A scored model input that `write_evidence_maps` may draw: which result it belongs to, and its name."""
+
+    row: int  # index of its result
+    name: str  # file name, or series and slice
+    image: np.ndarray  # the prepared model input
+
+
 def predict(
     loaded: LoadedModel, files: list[Path | str], batch_size: int = 32, max_pixels: int = DEFAULT_MAX_PIXELS
-) -> tuple[list[dict], np.ndarray]:
+) -> tuple[list[dict], list[Shown]]:
     """One result per file, in order: {"path", "status", "probability", "label", ...} (`Assessor.answers`), or
     {"path", "error"} for a file that cannot be read as an image (the others are still predicted); and the
-    prepared images of the predicted files, in the same order, for their evidence maps."""
+    scored inputs, for their evidence maps. A colour image is answered `out_of_distribution` from its colour,
+    unscored."""
     from braintumor.model.assessment import score
 
     size = int(loaded.info["image_size"])
@@ -184,18 +226,86 @@ def predict(
                 raise ImageReadError(
                     path, "not_a_file", "missing, a broken link, a folder that cannot be listed, or not a regular file"
                 )
-            arrays.append(model_input(path, size, max_pixels=max_pixels))
+            img = open_image(path, max_pixels=max_pixels)
+            refusal = colour_refusal(img)
+            if refusal is not None:
+                results.append({"path": str(path), **refused(refusal)})
+                continue
+            arrays.append(prepare(to_grayscale(img), size))
             rows.append(len(results))
             results.append({"path": str(path)})
         except Exception as err:  # noqa: BLE001 - any unreadable file is reported, never fatal for the rest
             results.append({"path": str(path), "error": read_error(path, err)})
     if not arrays:
-        return results, np.zeros((0, size, size, 3), dtype=np.uint8)
+        return results, []
     images = np.stack(arrays)
     answers = loaded.assessor.answers(score(loaded.scorer, images, loaded.info["class_names"], batch_size=batch_size))
     for row, answer in zip(rows, answers, strict=True):
         results[row].update(answer)
-    return results, images
+    shown = [Shown(row, Path(results[row]["path"]).name, image) for row, image in zip(rows, images, strict=True)]
+    return results, shown
+
+
+def refused(reason: str) -> dict:
+    """The answer for an input refused before scoring (colour, modality): not read, and why."""
+    from braintumor.model.assessment import OUT_OF_DISTRIBUTION
+
+    return {"status": OUT_OF_DISTRIBUTION, "label": None, "reason": reason}
+
+
+def series_results(
+    series: list[Series], answer: Callable[[np.ndarray], list[dict]], size: int, name_key: str = "path"
+) -> tuple[list[dict], list[np.ndarray]]:
+    """One result per series, and the prepared slices of each (for evidence maps).
+
+    An image is answered as `predict` answers a file ({name_key: its name, status, ...}); a DICOM series or
+    NIfTI volume gets {"series", "kind", "source", "study", "files", "slices", its verdict
+    (`model/series_verdict.py`), "slice_results": each slice's answer in series order}. `answer` maps prepared
+    images to `Assessor` answers; all slices go through it in one call.
+    """
+    from braintumor.model.series_verdict import series_answer
+
+    prepared = [[prepare(pixels, size) for pixels in s.slices] if s.refusal is None else [] for s in series]
+    flat = [image for images in prepared for image in images]
+    answers = iter(answer(np.stack(flat)) if flat else [])
+    results = []
+    for s, images in zip(series, prepared, strict=True):
+        slices = [next(answers) for _ in images]
+        if s.kind == "image":
+            results.append({name_key: s.name, **(slices[0] if slices else refused(s.refusal))})
+            continue
+        record = {"series": s.name, "kind": s.kind, "source": s.source, "files": s.files, "slices": len(s.slices)}
+        if s.study:
+            record["study"] = s.study
+        if s.refusal is not None:
+            record.update(refused(s.refusal), driving_slices=[], slice_results=[])
+        else:
+            record.update(series_answer(slices), slice_results=[{"slice": k, **a} for k, a in enumerate(slices)])
+        results.append(record)
+    return results, [np.stack(images) if images else np.zeros((0, size, size, 3), np.uint8) for images in prepared]
+
+
+def predict_series(
+    loaded: LoadedModel, listed: list[tuple[str, Path]], batch_size: int = 32, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> tuple[list[dict], list[Shown]]:
+    """`series_results` for clinical files (`is_clinical`), then {"path", "error"} for each one unreadable; the
+    inputs shown are each image, and the slices that drove each series' verdict."""
+    from braintumor.model.assessment import score
+
+    series, errors = read_scans(clinical_entries(listed), max_pixels)
+    size = int(loaded.info["image_size"])
+
+    def answer(images: np.ndarray) -> list[dict]:
+        return loaded.assessor.answers(score(loaded.scorer, images, loaded.info["class_names"], batch_size))
+
+    results, images = series_results(series, answer, size)
+    shown = []
+    for row, (result, prepared) in enumerate(zip(results, images, strict=True)):
+        if "series" in result:
+            shown += [Shown(row, f"{result['series']}-slice{k}", prepared[k]) for k in result["driving_slices"]]
+        elif len(prepared):
+            shown.append(Shown(row, Path(result["path"]).name, prepared[0]))
+    return results + [{"path": name, "error": error} for _, name, error in errors], shown
 
 
 # Files decoded, predicted and explained at a time by `braintumor predict`: its memory stays that of one chunk
@@ -220,19 +330,10 @@ def verdict_text(result: dict) -> str:
     return f"P(tumor)={result['probability']:.3f} ({verdict})"
 
 
-def write_evidence_maps(
-    loaded: LoadedModel, results: list[dict], images: np.ndarray, folder: Path, first: int = 0
-) -> list[Path]:
-    """An evidence-map overlay PNG (`model/saliency.py`) per predicted image (`predict`'s two outputs), named
-    after its position (counted from `first`) and file.
-
-    Args:
-        loaded: the model and its description.
-        results: `predict`'s rows, one per image.
-        images: the model inputs, row for row.
-        folder: where the PNGs go.
-        first: position of the first image in the whole run (names stay unique across chunks).
-    """
+def write_evidence_maps(loaded: LoadedModel, results: list[dict], shown: list[Shown], folder: Path, first: int = 0):
+    """An evidence-map overlay PNG (`model/saliency.py`) per shown input (`predict`'s or `predict_series`' second
+    output), titled with its answer (a series' answer for its slices) and named after its position (counted from
+    `first`, so names stay unique across chunks) and its name."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -240,23 +341,19 @@ def write_evidence_maps(
 
     from braintumor.model.saliency import evidence_map
 
-    if not len(images):
+    if not shown:
         return []
-    done = [r for r in results if "error" not in r]
-    maps = evidence_map(loaded.model, images, loaded.info["class_names"])
+    maps = evidence_map(loaded.model, np.stack([item.image for item in shown]), loaded.info["class_names"])
     folder.mkdir(parents=True, exist_ok=True)
     written = []
-    for k, (result, image, evidence) in enumerate(zip(done, images, maps, strict=True)):
+    for k, (item, evidence) in enumerate(zip(shown, maps, strict=True)):
         fig, ax = plt.subplots(figsize=(3, 3.2))
-        ax.imshow(image)
+        ax.imshow(item.image)
         ax.imshow(evidence, cmap="jet", alpha=0.4)
-        ax.set_title(
-            f"{Path(result['path']).name[:28]}\n{verdict_text(result)}",
-            fontsize=7,
-        )
+        ax.set_title(f"{item.name[:28]}\n{verdict_text(results[item.row])}", fontsize=7)
         ax.axis("off")
         fig.tight_layout()
-        out = folder / f"{first + k:04d}-{Path(result['path']).stem}.png"
+        out = folder / f"{first + k:04d}-{item.name.rsplit('.', 1)[0]}.png"
         fig.savefig(out, dpi=100)
         plt.close(fig)
         written.append(out)

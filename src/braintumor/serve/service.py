@@ -39,9 +39,10 @@ from PIL import Image
 from starlette.concurrency import run_in_threadpool
 
 from braintumor.data.images import DEFAULT_MAX_PIXELS, open_image, prepare, to_grayscale
+from braintumor.data.scans import read_scans
 from braintumor.errors import ImageReadError, ModelLoadError
 from braintumor.serve.access import KEY_HEADER, ApiKey, AuditLog, RateLimit, find_key, scan_record
-from braintumor.serve.predict import LoadedModel, connect_tracking, load
+from braintumor.serve.predict import LoadedModel, connect_tracking, load, series_results
 
 log = logging.getLogger(__name__)
 
@@ -225,23 +226,29 @@ def read_scan(name: str, data: bytes, size: int, limits: Limits) -> np.ndarray:
     return prepare(to_grayscale(open_image(name, data=data, max_pixels=limits.max_pixels)), size)
 
 
-def classify(runner: ModelRunner, uploads: list[tuple[str, bytes]], limits: Limits) -> list[dict]:
-    """One result per upload, in order: {"filename", "status", "probability", "label", ...} or {"filename", "error"}."""
+def classify(runner: ModelRunner, uploads: list[tuple[str, bytes]], limits: Limits) -> tuple[list[dict], list]:
+    """One result per uploaded image and per series (DICOM files grouped across uploads, NIfTI volumes, zipped
+    studies; `predict.series_results`), ordered by the upload each first came in, or {"filename", "error"}; and
+    for each result the indices of the uploads it came from (for the audit log)."""
     size = int(runner.served.loaded.info["image_size"])
-    results, images, rows = [], [], []
-    for name, data in uploads:
-        try:
-            images.append(read_scan(name, data, size, limits))
-            rows.append(len(results))
-            results.append({"filename": name})
-        except ImageReadError as err:
-            results.append({"filename": name, "error": f"{err.reason}: {err.detail}"})
-        except Exception as err:  # noqa: BLE001 - one bad file never fails the others
-            results.append({"filename": name, "error": f"{type(err).__name__}: {err}"})
-    if images:
-        for row, answer in zip(rows, runner.answers(np.stack(images)), strict=True):
-            results[row].update(answer)
-    return results
+    rows = []
+    kept = []
+    for index, (name, data) in enumerate(uploads):
+        if len(data) > limits.max_file_bytes:
+            error = f"too_large: {len(data)} bytes, over the limit of {limits.max_file_bytes}"
+            rows.append((index, {"filename": name, "error": error}, [index]))
+        else:
+            kept.append(index)
+    series, errors = read_scans(
+        [(uploads[i][0], uploads[i][0], uploads[i][1]) for i in kept], limits.max_pixels, limits.max_file_bytes
+    )
+    results, _ = series_results(series, runner.answers, size, name_key="filename")
+    for one, result in zip(series, results, strict=True):
+        inputs = [kept[i] for i in one.inputs]
+        rows.append((inputs[0], result, inputs))
+    rows += [(kept[i], {"filename": name, "error": error}, [kept[i]]) for i, name, error in errors]
+    rows.sort(key=lambda row: row[0])
+    return [result for _, result, _ in rows], [inputs for _, _, inputs in rows]
 
 
 def side_by_side(image: np.ndarray, evidence: np.ndarray, side: int = 256) -> bytes:
@@ -332,7 +339,7 @@ class Access:
             )
 
     def record(self, request_id: str, key_id: str, endpoint: str, served: ServedModel, started: float, scans):
-        """One audit line (no file names, no client address); `scans`: [(bytes, result)]."""
+        """One audit line (no file names, no client address); `scans`: [(the bytes of its uploads, result)]."""
         if self.audit is None:
             return
         self.audit.write(
@@ -420,14 +427,14 @@ def create_app(
         access.spend(key_id, len(files))
         runner = followed.current
         uploads = [(upload.filename or "upload", await upload.read(limits.max_file_bytes + 1)) for upload in files]
-        results = await run_in_threadpool(classify, runner, uploads, limits)  # the event loop stays free
+        results, inputs = await run_in_threadpool(classify, runner, uploads, limits)  # the event loop stays free
         access.record(
             request_id,
             key_id,
             "predict",
             runner.served,
             started,
-            [(data, result) for (_, data), result in zip(uploads, results, strict=True)],
+            [([uploads[i][1] for i in used], result) for used, result in zip(inputs, results, strict=True)],
         )
         return {
             "request_id": request_id,
@@ -452,10 +459,10 @@ def create_app(
         try:
             image = await run_in_threadpool(read_scan, file.filename or "upload", data, size, limits)
         except ImageReadError as err:
-            access.record(request_id, key_id, "explain", runner.served, started, [(data, {"error": err.reason})])
+            access.record(request_id, key_id, "explain", runner.served, started, [([data], {"error": err.reason})])
             raise HTTPException(422, f"{file.filename}: {err.reason}: {err.detail}") from err
         png = await run_in_threadpool(lambda: side_by_side(image, runner.evidence_map(image)))
-        access.record(request_id, key_id, "explain", runner.served, started, [(data, {"status": "explained"})])
+        access.record(request_id, key_id, "explain", runner.served, started, [([data], {"status": "explained"})])
         return Response(
             png,
             media_type="image/png",
