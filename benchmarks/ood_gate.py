@@ -1,11 +1,13 @@
-"""How well the shipped model's out-of-distribution gate refuses what is not a brain MR slice (issue 28).
+"""How often the shipped model answers "not a brain MR slice" to what is not one (issues 28 and 29).
 
-Images from packages already installed, per kind: scikit-image's sample photographs, pydicom's bundled DICOM
-samples (CT, ultrasound, nuclear medicine, secondary captures, segmentations; MR samples apart), blank, noise
-and text images made here, and slices of nilearn's MNI152 brain template in each plane. Each goes through the
-same preparation as an uploaded scan (`images.prepare`) and the model's own answer (`Assessor.answers`).
-Reported per kind: the share refused at the shipped threshold and the ROC AUC of the gate distance against the
-test split's scans, whose refused share is reported too.
+Files from packages already installed, per kind: scikit-image's sample photographs (as PNG, in colour where
+they are), its Shepp-Logan head phantom apart, pydicom's bundled DICOM files (CT, ultrasound, nuclear medicine,
+secondary captures, segmentations; MR samples apart), blank, noise and text images made here, and slices of
+nilearn's MNI152 brain template in each plane. Each file goes through what an upload goes through
+(`scans.read_scans`: the colour and DICOM Modality checks, the shared rendering) and the model's own answer
+(`Assessor.answers`; a multi-frame object's verdict by `series_verdict`). Reported per kind: the share answered
+`out_of_distribution` (`refused`), the share the feature gate alone refuses (`gate_refused`), and the ROC AUC of
+the gate distance (the nearest frame's) against the test split's scans, whose refused share is reported too.
 
     python benchmarks/ood_gate.py [--model models/model.keras] [--out metrics/ood_gate.json]
 """
@@ -13,6 +15,7 @@ test split's scans, whose refused share is reported too.
 from __future__ import annotations
 
 import argparse
+import io
 import logging
 import sys
 import warnings
@@ -24,7 +27,8 @@ from sklearn.metrics import roc_auc_score
 
 from braintumor.atomic import write_json
 from braintumor.data.datasets import load_split
-from braintumor.data.images import prepare, to_grayscale
+from braintumor.data.images import prepare
+from braintumor.data.scans import read_scans
 from braintumor.stage import configure_logging
 
 log = logging.getLogger("ood_gate")
@@ -37,11 +41,18 @@ def scaled(pixels: np.ndarray) -> np.ndarray:
     return (np.clip((pixels - lo) / max(hi - lo, 1e-9), 0, 1) * 255).astype(np.uint8)
 
 
-def photographs() -> dict[str, np.ndarray]:
-    """scikit-image's sample images that ship in its wheel (those it would download are skipped)."""
+def png(pixels: np.ndarray) -> bytes:
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, format="PNG")
+    return out.getvalue()
+
+
+def photographs() -> tuple[dict[str, bytes], dict[str, bytes]]:
+    """(photographs, the Shepp-Logan head phantom): scikit-image's sample images that ship in its wheel (those it
+    would download are skipped), as PNG files, in colour where they are."""
     from skimage import data
 
-    found = {}
+    found, phantom = {}, {}
     for name in data.__all__:
         if name in ("brain", "cells3d", "kidney", "lily", "file_hash", "download_all", "data_dir"):
             continue  # 3-D stacks, multi-channel microscopy, helpers
@@ -50,64 +61,53 @@ def photographs() -> dict[str, np.ndarray]:
         except Exception:  # noqa: BLE001 - not shipped in the wheel (needs a download)
             continue
         if image.ndim == 3 and image.shape[-1] in (3, 4):
-            image = to_grayscale(Image.fromarray(image[..., :3].astype(np.uint8)))
-        if image.ndim == 2:
-            found[name] = image if image.dtype == np.uint8 else scaled(image)
-    return found
+            image = image[..., :3].astype(np.uint8)
+        elif image.ndim == 2 and image.dtype != np.uint8:
+            image = scaled(image)
+        elif image.ndim != 2:
+            continue
+        (phantom if name == "shepp_logan_phantom" else found)[name] = png(image)
+    return found, phantom
 
 
-def dicom_samples() -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """(non-MR, MR) pydicom test files that decode: modality LUT, then a percentile window; MONOCHROME1
-    inverted; the middle frame of a multi-frame object."""
+def dicom_samples() -> tuple[dict[str, bytes], dict[str, bytes]]:
+    """(non-MR, MR) pydicom test files, by the Modality they declare (none: non-MR), as bytes."""
     import pydicom
     from pydicom.data import get_testdata_files
-    from pydicom.pixels import apply_modality_lut
 
-    logging.getLogger("pydicom").setLevel(logging.CRITICAL)  # it logs a traceback for each codec it lacks
     other, mr = {}, {}
     for path in get_testdata_files("*"):
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                dataset = pydicom.dcmread(path)
-                pixels = apply_modality_lut(dataset.pixel_array, dataset)
-        except Exception:  # noqa: BLE001 - no pixel data, or a codec this environment lacks
+                modality = str(pydicom.dcmread(path, stop_before_pixels=True).get("Modality", "unknown"))
+        except Exception:  # noqa: BLE001 - not DICOM (README, JSON, dumps)
             continue
-        pixels = np.asarray(pixels)
-        if pixels.ndim == 4 or (pixels.ndim == 3 and pixels.shape[-1] not in (3, 4)):
-            pixels = pixels[len(pixels) // 2]
-        if pixels.ndim == 3:
-            pixels = pixels[..., :3].mean(axis=-1)
-        if pixels.ndim != 2 or min(pixels.shape) < 16 or np.ptp(pixels) == 0:
-            continue
-        gray = scaled(pixels)
-        if getattr(dataset, "PhotometricInterpretation", "") == "MONOCHROME1":
-            gray = 255 - gray
-        modality = str(getattr(dataset, "Modality", "unknown"))
-        (mr if modality == "MR" else other)[f"{modality}:{Path(path).name}"] = gray
+        (mr if modality == "MR" else other)[f"{modality}:{Path(path).name}"] = Path(path).read_bytes()
     return other, mr
 
 
-def synthetic(seed: int = 0) -> dict[str, dict[str, np.ndarray]]:
+def synthetic(seed: int = 0) -> dict[str, dict[str, bytes]]:
     """Blank squares, uniform and Gaussian noise, and pages of text, of several sizes and levels."""
     rng = np.random.default_rng(seed)
-    blank = {f"blank_{v}": np.full((256, 256), v, np.uint8) for v in (0, 40, 128, 200, 255)}
+    blank = {f"blank_{v}": png(np.full((256, 256), v, np.uint8)) for v in (0, 40, 128, 200, 255)}
     noise, text = {}, {}
     for k in range(10):
         side = int(rng.integers(64, 512))
-        noise[f"uniform_{k}"] = rng.integers(0, 256, (side, side)).astype(np.uint8)
-        noise[f"gaussian_{k}"] = np.clip(rng.normal(128, rng.uniform(10, 80), (side, side)), 0, 255).astype(np.uint8)
+        noise[f"uniform_{k}"] = png(rng.integers(0, 256, (side, side)).astype(np.uint8))
+        gaussian = np.clip(rng.normal(128, rng.uniform(10, 80), (side, side)), 0, 255).astype(np.uint8)
+        noise[f"gaussian_{k}"] = png(gaussian)
         background = int(rng.choice([0, 255]))
         page = Image.new("L", (400, 300), background)
         draw, font = ImageDraw.Draw(page), ImageFont.load_default(size=int(rng.integers(12, 30)))
         words = "patient report findings no acute intracranial abnormality series image slice contrast".split()
         for line in range(10):
             draw.text((10, 10 + 28 * line), " ".join(rng.choice(words, 6)), fill=255 - background, font=font)
-        text[f"text_{k}"] = np.asarray(page)
+        text[f"text_{k}"] = png(np.asarray(page))
     return {"blank": blank, "noise": noise, "text": text}
 
 
-def mni152_planes(slices: int = 9) -> dict[str, dict[str, np.ndarray]]:
+def mni152_planes(slices: int = 9) -> dict[str, dict[str, bytes]]:
     """Slices of nilearn's MNI152 template (1 mm) at 30-70 % of each axis, per plane, in display orientation."""
     import nibabel as nib
     from nilearn.datasets import load_mni152_template
@@ -116,7 +116,7 @@ def mni152_planes(slices: int = 9) -> dict[str, dict[str, np.ndarray]]:
     planes = {}
     for axis, plane in ((2, "axial"), (1, "coronal"), (0, "sagittal")):
         planes[f"mni152_{plane}"] = {
-            f"{plane}_{share:.2f}": scaled(np.rot90(np.take(volume, int(share * volume.shape[axis]), axis=axis)))
+            f"{plane}_{share:.2f}": png(scaled(np.rot90(np.take(volume, int(share * volume.shape[axis]), axis=axis))))
             for share in np.linspace(0.3, 0.7, slices)
         }
     return planes
@@ -129,7 +129,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="metrics/ood_gate.json")
     args = parser.parse_args(argv)
     configure_logging()
-    from braintumor.model.assessment import score
+    from braintumor.model.assessment import OUT_OF_DISTRIBUTION, score
+    from braintumor.model.series_verdict import series_answer
     from braintumor.serve.predict import load
 
     loaded = load(args.model)
@@ -138,14 +139,28 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     size, names = int(loaded.info["image_size"]), loaded.info["class_names"]
 
-    def distances(images) -> np.ndarray:
-        return np.array([a["gate_distance"] for a in loaded.assessor.answers(score(loaded.scorer, images, names))])
+    def answers(images) -> list[dict]:
+        return loaded.assessor.answers(score(loaded.scorer, images, names))
+
+    def answered(name: str, data: bytes) -> tuple[bool, float] | None:
+        """(answered out of distribution, the nearest frame's gate distance) for one file; None: unreadable."""
+        series, errors = read_scans([(name, name.split(":")[-1], data)], None)
+        if errors or not series or not series[0].slices:
+            log.info("ood_gate: %s not read (%s)", name, errors[0][2] if errors else "no slices")
+            return None
+        one = series[0]
+        slices = answers(np.stack([prepare(pixels, size) for pixels in one.slices]))
+        verdict = slices[0] if one.kind == "image" else series_answer(slices)
+        refused = one.refusal is not None or verdict["status"] == OUT_OF_DISTRIBUTION
+        return refused, min(a["gate_distance"] for a in slices)
 
     test = load_split(args.split, "test", loaded.info["task"])
-    in_distribution = distances(test["x"])
+    in_distribution = np.array([a["gate_distance"] for a in answers(test["x"])])
     non_mr, mr = dicom_samples()
+    photos, phantom = photographs()
     kinds = {
-        "photographs (scikit-image)": photographs(),
+        "photographs (scikit-image)": photos,
+        "head phantom (Shepp-Logan)": phantom,
         "non-MR DICOM (pydicom samples)": non_mr,
         **synthetic(),
         **mni152_planes(),
@@ -156,17 +171,26 @@ def main(argv: list[str] | None = None) -> int:
         "test_split": {"images": len(in_distribution), "refused": round(float((in_distribution > 1).mean()), 4)},
         "kinds": {},
     }
-    for kind, images in kinds.items():
-        d = distances(np.stack([prepare(gray, size) for gray in images.values()]))
+    for kind, files in kinds.items():
+        read = {name: found for name, data in files.items() if (found := answered(name, data)) is not None}
+        refused = np.array([r for r, _ in read.values()])
+        d = np.array([distance for _, distance in read.values()])
         labels = np.r_[np.zeros(len(in_distribution)), np.ones(len(d))]
         result["kinds"][kind] = {
-            "images": len(d),
-            "refused": round(float((d > 1).mean()), 4),
+            "files": len(files),
+            "read": len(read),
+            "refused": round(float(refused.mean()), 4),
+            "gate_refused": round(float((d > 1).mean()), 4),
             "roc_auc": round(float(roc_auc_score(labels, np.r_[in_distribution, d])), 4),
-            "passed": sorted(name for name, value in zip(images, d, strict=True) if value <= 1),
+            "passed": sorted(name for name, (r, _) in read.items() if not r),
         }
         log.info(
-            "%-32s %3d images: refused %.2f, AUROC %.3f", kind, len(d), (d > 1).mean(), result["kinds"][kind]["roc_auc"]
+            "%-32s %3d read: refused %.2f (gate alone %.2f), AUROC %.3f",
+            kind,
+            len(read),
+            refused.mean(),
+            (d > 1).mean(),
+            result["kinds"][kind]["roc_auc"],
         )
     write_json(args.out, result)
     log.info(
