@@ -81,10 +81,13 @@ def dicom_bytes(ds: Dataset) -> bytes:
     return out.getvalue()
 
 
-def axial_series(volume: np.ndarray, indices, orientation=(1, 0, 0, 0, 1, 0), **elements) -> list[Dataset]:
-    """One DICOM per axial slice of `volume`, positioned along the normal of `orientation` at 2 mm spacing."""
+def axial_series(
+    volume: np.ndarray, indices, orientation=(1, 0, 0, 0, 1, 0), study: str | None = None, **elements
+) -> list[Dataset]:
+    """One DICOM per axial slice of `volume`, positioned along the normal of `orientation` at 2 mm spacing, in a
+    new series of `study` (a new one when None)."""
     normal = np.cross(orientation[:3], orientation[3:])
-    series, study = generate_uid(), generate_uid()
+    series, study = generate_uid(), study or generate_uid()
     out = []
     for number, index in enumerate(indices, start=1):
         pixels = np.rot90(volume[:, :, index]).astype(np.uint16)
@@ -248,8 +251,9 @@ def patient_study(mni, tmp_path_factory) -> Path:
     echoed; names inside it, chosen by the export, never."""
     export = tmp_path_factory.mktemp("export")
     root = export / "Doe_Jane_PID-7731-XQ"
+    study = generate_uid()
     for name, indices in (("T1_AX", range(28, 40)), ("T2_AX", range(30, 36))):
-        for k, ds in enumerate(axial_series(mni, indices)):
+        for k, ds in enumerate(axial_series(mni, indices, study=study)):
             (root / name).mkdir(parents=True, exist_ok=True)
             ds.save_as(root / name / f"Doe_Jane_{k:03d}.dcm", enforce_file_format=True)
     ct = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
@@ -325,3 +329,37 @@ def test_the_service_answers_a_zipped_study_and_loose_dicom_per_series_and_keeps
     everything = answer.text + audit.read_text() + caplog.text
     for value in (*PATIENT.values(), "Doe_Jane", "T1_AX"):
         assert value not in everything, value
+
+
+def test_a_study_pulled_from_a_real_dicomweb_server_reads_as_the_files_do(
+    trained_states, patient_study, tmp_path, capsys
+):
+    """Orthanc on loopback: STOW-RS stores the export, `predict --dicomweb` and the server's study endpoint pull
+    it back over QIDO-RS and WADO-RS and answer exactly as the files on disk."""
+    from dicomweb_client.api import DICOMwebClient
+    from fastapi.testclient import TestClient
+
+    from braintumor.serve.service import create_app
+
+    from fixtures.servers import orthanc
+
+    model = str(trained_states["seed_cnn"][0] / "models/model.keras")
+    files = sorted((patient_study / "Doe_Jane_PID-7731-XQ").glob("T*/*.dcm"))
+    study = pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID
+    with orthanc(tmp_path) as url:
+        DICOMwebClient(url).store_instances([pydicom.dcmread(p) for p in files])
+        assert cli.main(["predict", "--json", "--model", model, "--dicomweb", url, "--study", study]) == 0
+        pulled = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+        with TestClient(create_app(model, dicomweb=url)) as client:
+            answer = client.post(f"/v1/studies/{study}/predict")
+            unknown = client.post("/v1/studies/1.2.3.4/predict")
+        assert cli.main(["predict", "--model", model, "--dicomweb", url, "--study", "1.2.3.4"]) == 2
+        assert "no such study" in capsys.readouterr().err
+    assert cli.main(["predict", "--json", "--model", model, *map(str, files)]) == 0
+    local = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    strip = lambda records: sorted(({k: v for k, v in r.items() if k != "source"} for r in records), key=str)  # noqa: E731
+    assert len(pulled) == 2 and strip(pulled) == strip(local)
+    assert answer.status_code == 200 and strip(answer.json()["results"]) == strip(local)
+    assert unknown.status_code == 502 and "no such study" in unknown.json()["detail"]
+    for value in PATIENT.values():
+        assert value not in answer.text and value not in json.dumps(pulled)

@@ -44,10 +44,14 @@ def add_predict(sub) -> None:
     )
     predict.add_argument(
         "paths",
-        nargs="+",
+        nargs="*",
         help="images, DICOM files, NIfTI volumes (.nii, .nii.gz), zipped studies, or folders of any of them; "
         "DICOM is answered per series",
     )
+    predict.add_argument(
+        "--dicomweb", metavar="URL", help="a DICOMweb server (QIDO-RS and WADO-RS) to pull --study from"
+    )
+    predict.add_argument("--study", metavar="UID", help="the StudyInstanceUID to pull from --dicomweb")
     add_model_arguments(
         predict,
         "models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID/model, an MLflow model folder, or a .keras file "
@@ -109,6 +113,9 @@ def add_serve(sub) -> None:
         metavar="PATH",
         default="audit.jsonl",
         help="append-only JSON lines, one per request, nothing identifying (default: %(default)s)",
+    )
+    serve.add_argument(
+        "--dicomweb", metavar="URL", help="a DICOMweb server that POST /v1/studies/{uid}/predict pulls studies from"
     )
 
 
@@ -194,7 +201,7 @@ def run_serve(args) -> int:
         keys = read_keys(Path(args.keys)) if args.keys else None
         check_exposure(args.host, keys)
         access = Access(keys, RateLimit(args.rate_limit, args.burst), AuditLog(Path(args.audit_log)))
-        serve(args.model, args.host, args.port, limits, args.poll_seconds, access)
+        serve(args.model, args.host, args.port, limits, args.poll_seconds, access, args.dicomweb)
     except (ModelLoadError, AccessError) as err:
         print(f"braintumor serve: error: {err}", file=sys.stderr)
         return 2
@@ -218,8 +225,9 @@ def result_line(result: dict) -> str:
 def run_predict(args) -> int:
     """Exit status 0 when every file was classified, 1 when some could not be read (they are reported)."""
     quiet_libraries()
-    from braintumor.errors import ModelLoadError
+    from braintumor.errors import ModelLoadError, SourceError
     from braintumor.serve.predict import (
+        clinical_entries,
         is_clinical,
         listed_files,
         load,
@@ -228,15 +236,23 @@ def run_predict(args) -> int:
         write_evidence_maps,
     )
 
+    if bool(args.dicomweb) != bool(args.study) or not (args.paths or args.dicomweb):
+        print("braintumor predict: error: give files or folders, or --dicomweb URL with --study UID", file=sys.stderr)
+        return 2
     listed = listed_files(args.paths)
     files = [file for _, file in listed if not is_clinical(file)]
     clinical = [(source, file) for source, file in listed if is_clinical(file)]
-    if not listed:
+    if not listed and not args.dicomweb:
         print(f"braintumor predict: error: no image files in {' '.join(args.paths)}", file=sys.stderr)
         return 2
     try:
         loaded = load(args.model)
-    except ModelLoadError as err:
+        entries = clinical_entries(clinical)
+        if args.dicomweb:
+            from braintumor.data.dicomweb import study_entries
+
+            entries += study_entries(args.dicomweb, args.study)
+    except (ModelLoadError, SourceError) as err:
         print(f"braintumor predict: error: {err}", file=sys.stderr)
         return 2
     failed = written = 0
@@ -244,8 +260,8 @@ def run_predict(args) -> int:
 
     def answered():
         yield from predict_in_chunks(loaded, files, args.batch_size, args.max_pixels)
-        if clinical:
-            yield predict_series(loaded, clinical, args.batch_size, args.max_pixels)
+        if entries:
+            yield predict_series(loaded, entries, args.batch_size, args.max_pixels)
 
     for results, shown in answered():
         for result in results:

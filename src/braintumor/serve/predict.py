@@ -286,13 +286,17 @@ def series_results(
 
 
 def predict_series(
-    loaded: LoadedModel, listed: list[tuple[str, Path]], batch_size: int = 32, max_pixels: int = DEFAULT_MAX_PIXELS
+    loaded: LoadedModel,
+    entries: list[tuple[str, str, bytes]],
+    batch_size: int = 32,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> tuple[list[dict], list[Shown]]:
-    """`series_results` for clinical files (`is_clinical`), then {"path", "error"} for each one unreadable; the
-    inputs shown are each image, and the slices that drove each series' verdict."""
+    """`series_results` for `read_scans` entries (`clinical_entries`, `dicomweb.study_entries`), then
+    {"path", "error"} for each one unreadable; the inputs shown are each image, and the slices that drove each
+    series' verdict."""
     from braintumor.model.assessment import score
 
-    series, errors = read_scans(clinical_entries(listed), max_pixels)
+    series, errors = read_scans(entries, max_pixels)
     size = int(loaded.info["image_size"])
 
     def answer(images: np.ndarray) -> list[dict]:

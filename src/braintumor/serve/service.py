@@ -4,7 +4,9 @@ One process loads the model reference given at start-up (anything `braintumor pr
 the same resolver and its safety checks), warms it up, and serves:
 
 - `POST /v1/predict`: P(tumor) and the label at the model's threshold for each uploaded scan, in upload order,
-  or an error naming what is wrong with a file; `POST /v1/explain`: the scan beside its evidence map (PNG);
+  or an error naming what is wrong with a file; DICOM files, NIfTI volumes and zipped studies are answered per
+  series; `POST /v1/studies/{uid}/predict`: the same for a study pulled from `--dicomweb`;
+  `POST /v1/explain`: the scan beside its evidence map (PNG);
 - `GET /v1/model`: which model answers (name, version, alias, threshold), its test metrics and model card;
 - `GET /healthz`, `GET /readyz`; `POST /v1/reload`, and a poll of the registry alias (`--poll-seconds`): when
   the alias moves to another version, the new model is loaded and warmed up beside the old one, then swapped
@@ -49,6 +51,7 @@ log = logging.getLogger(__name__)
 WEB = Path(__file__).with_name("web")
 REGISTRY_REFERENCE = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))$")
 TEST_METRICS = ("recall", "specificity", "accuracy", "roc_auc")
+STUDY_UID = re.compile(r"[0-9.]{1,64}")
 BATCH = 32  # images per model call
 
 
@@ -356,10 +359,15 @@ class Access:
 
 
 def create_app(
-    reference: str, limits: Limits = Limits(), poll_seconds: float = 30.0, access: Access | None = None
+    reference: str,
+    limits: Limits = Limits(),
+    poll_seconds: float = 30.0,
+    access: Access | None = None,
+    dicomweb: str | None = None,
 ) -> FastAPI:
     """The app for one model reference, loaded and warmed up before this returns; `access` None: no keys, no
-    rate limit, no audit log (a loopback server for one user)."""
+    rate limit, no audit log (a loopback server for one user); `dicomweb`: the DICOMweb server that
+    `POST /v1/studies/{uid}/predict` pulls studies from (None: that endpoint answers 404)."""
     access = access or Access()
     followed = FollowedAlias(reference, poll_seconds)
 
@@ -443,6 +451,40 @@ def create_app(
             "results": results,
         }
 
+    @app.post("/v1/studies/{study_uid}/predict")
+    async def predict_study(study_uid: str, key_id: str = Depends(access.caller("predict"))):
+        """Pull a study from the server's DICOMweb source and answer each of its series."""
+        from braintumor.data.dicomweb import study_entries
+        from braintumor.errors import SourceError
+
+        started, request_id = time.perf_counter(), uuid.uuid4().hex
+        if dicomweb is None:
+            raise HTTPException(404, "this server has no DICOMweb source: start it with --dicomweb URL")
+        if not STUDY_UID.fullmatch(study_uid):
+            raise HTTPException(422, "a StudyInstanceUID is up to 64 digits and dots")
+        runner = followed.current
+        try:
+            entries = await run_in_threadpool(study_entries, dicomweb, study_uid)
+        except SourceError as err:
+            raise HTTPException(502, str(err)) from err
+        access.spend(key_id, len(entries))
+        uploads = [(name, data) for _, name, data in entries]
+        results, inputs = await run_in_threadpool(classify, runner, uploads, limits)
+        access.record(
+            request_id,
+            key_id,
+            "predict_study",
+            runner.served,
+            started,
+            [([uploads[i][1] for i in used], result) for used, result in zip(inputs, results, strict=True)],
+        )
+        return {
+            "request_id": request_id,
+            "not_for_diagnosis": True,
+            "model": runner.served.describe(),
+            "results": results,
+        }
+
     @app.post(
         "/v1/explain",
         response_class=Response,
@@ -478,7 +520,15 @@ def create_app(
     return app
 
 
-def serve(reference: str, host: str, port: int, limits: Limits, poll_seconds: float, access: Access) -> None:
+def serve(
+    reference: str,
+    host: str,
+    port: int,
+    limits: Limits,
+    poll_seconds: float,
+    access: Access,
+    dicomweb: str | None = None,
+) -> None:
     """Load and warm the model, then answer HTTP until stopped (`braintumor serve`).
 
     Args:
@@ -488,11 +538,12 @@ def serve(reference: str, host: str, port: int, limits: Limits, poll_seconds: fl
         limits: upload and batch limits.
         poll_seconds: how often a registry alias is checked for a new version.
         access: keys, rate limit and audit log.
+        dicomweb: a DICOMweb server to pull studies from (`POST /v1/studies/{uid}/predict`), or None.
     """
     import uvicorn
 
     started = time.perf_counter()
-    app = create_app(reference, limits, poll_seconds, access)
+    app = create_app(reference, limits, poll_seconds, access, dicomweb)
     served = app.state.followed.current.served
     log.info(
         "serve: %s (version %s) loaded and warmed up in %.1f s; http://%s:%d/",
