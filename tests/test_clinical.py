@@ -363,3 +363,52 @@ def test_a_study_pulled_from_a_real_dicomweb_server_reads_as_the_files_do(
     assert unknown.status_code == 502 and "no such study" in unknown.json()["detail"]
     for value in PATIENT.values():
         assert value not in answer.text and value not in json.dumps(pulled)
+
+
+def test_dicom_and_nifti_in_data_become_slices_grouped_by_patient_without_names(mni, in_tmp):
+    """data/<class>/ takes a hospital export: each series' brain slices enter the manifest with the patient as
+    their group (the split keeps it on one side), nothing identifying in the manifest or the skipped list."""
+    import copy
+
+    import pandas as pd
+
+    from braintumor.data.fetch import fetch
+    from braintumor.data.split import assign_splits
+    from braintumor.params import load_params
+
+    from conftest import REPO
+
+    for patient in range(4):
+        study = generate_uid()
+        for series, indices in enumerate((range(26, 34), range(30, 36))):
+            for k, ds in enumerate(axial_series(mni, indices, study=study)):
+                ds.PatientID = f"PID-7731-X{patient}"
+                folder = in_tmp / f"data/tumor/Doe_Jane_{patient}/S{series}"
+                folder.mkdir(parents=True, exist_ok=True)
+                ds.save_as(folder / f"Doe_Jane_{k}.dcm", enforce_file_format=True)
+    ct = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    ct.PatientName = PATIENT["PatientName"]
+    ct.save_as(in_tmp / "data/tumor/Doe_Jane_ct.dcm")
+    (in_tmp / "data/no_tumor").mkdir(parents=True)
+    (in_tmp / "data/no_tumor/Doe_Jane_t1.nii.gz").write_bytes(
+        nib.Nifti1Image(mni, np.diag([2.0, 2.0, 2.0, 1.0])).to_bytes()
+    )
+    (in_tmp / "data/no_tumor/Doe_Jane_broken.dcm").write_bytes(bytes(128) + b"DICM" + b"\x00" * 20)
+    params = copy.deepcopy(load_params(REPO / "params.yaml"))
+    params["fetch"]["workers"] = 1
+    for name, source in params["fetch"]["sources"].items():
+        source["enabled"] = name == "local"
+    metrics = fetch(params)
+    manifest = pd.read_csv("artifacts/fetch/manifest.csv", keep_default_na=False)
+    tumor, healthy = manifest[manifest.label == 1], manifest[manifest.label == 0]
+    assert tumor.group.nunique() == 4 and all(g.startswith("patient-") for g in tumor.group)
+    assert 4 * 2 <= len(tumor) <= 4 * 14 and healthy.group.nunique() == 1 and len(healthy) > 10
+    skipped = pd.read_csv("artifacts/fetch/skipped.csv")
+    assert sorted(skipped.reason) == ["no_pixel_data", "not_mr"]
+    assert metrics["per_source"]["local"]["images"] == len(manifest)
+    split = assign_splits(manifest, {"train": 0.5, "val": 0.25, "test": 0.25}, 7)
+    assert (manifest.assign(split=split).groupby("group").split.nunique() == 1).all()
+    written = "".join(p.read_text() for p in (in_tmp / "artifacts/fetch").glob("*.csv"))
+    written += (in_tmp / "metrics/fetch.json").read_text()
+    for value in ("Doe", "Jane", "PID-7731", "S0/", PATIENT["PatientName"]):
+        assert value not in written, value

@@ -57,6 +57,7 @@ class DicomImage:
     modality: str  # "" when the object does not say
     series_uid: str  # "" when the object does not say
     study_uid: str
+    patient_id: str  # in memory only: `scans` hashes it into a group that keeps a patient in one split
     positions: list[float | None]  # each frame's position along the slice normal (mm), when the object gives it
     instance: int | None  # InstanceNumber
     colourfulness: float  # of the colour object before grayscale; 0 for a monochrome one
@@ -92,6 +93,7 @@ def read_dicom(name: str, data: bytes, max_pixels: int | None) -> DicomImage:
         modality=str(dataset.get("Modality", "")).strip().upper(),
         series_uid=str(dataset.get("SeriesInstanceUID", "")),
         study_uid=str(dataset.get("StudyInstanceUID", "")),
+        patient_id=str(dataset.get("PatientID", "")),
         positions=positions,
         instance=int(instance) if instance.isdigit() else None,
         colourfulness=colour,

@@ -17,13 +17,16 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import pandas as pd
+from PIL import Image
 
 from braintumor import paths
 from braintumor.atomic import atomic_path, write_csv, write_json
 from braintumor.data import ixi
-from braintumor.data.images import check_usable, open_image
+from braintumor.data.images import check_usable, foreground, open_image
 from braintumor.data.listing import printable, walk_files
 from braintumor.data.overrides import EXCLUDE, apply_overrides, read_overrides
+from braintumor.data.scans import kind_of, read_scans
+from braintumor.data.volumes import brain_run_of
 from braintumor.errors import ImageReadError, SourceError
 from braintumor.labels import CLASS_FOLDERS, NO_TUMOR, TUMOR, class_folder
 from braintumor.parallel import parallel_map
@@ -155,7 +158,8 @@ def ixi_candidates(name: str, source: dict, images_dir: Path, staging: Path) -> 
 
 
 def local_candidates(name: str, source: dict, images_dir: Path, staging: Path) -> tuple[list[Candidate], list[dict]]:
-    """The user's own images under `data/<class>/...`: every folder must name a class."""
+    """The user's own images under `data/<class>/...` (every folder must name a class), and the brain slices of
+    the DICOM series and NIfTI volumes among them (`series_candidates`)."""
     root = Path(source["path"])
     if not root.is_dir():
         raise SourceError(
@@ -163,8 +167,72 @@ def local_candidates(name: str, source: dict, images_dir: Path, staging: Path) -
             f"or switch the source off with `fetch.sources.{name}.enabled: false`"
         )
     found, bad = find_candidates(name, root, images_dir, strict_folders=True)
-    log.info("source %s: %d files under %s", name, len(found), root)
-    return found, bad
+    images = [candidate for candidate in found if not clinical(Path(candidate.src))]
+    slices, refused = series_candidates(name, [c for c in found if c not in images], images_dir, staging / "series")
+    log.info("source %s: %d files under %s, %d series slices", name, len(images), root, len(slices))
+    return images + slices, bad + refused
+
+
+def clinical(path: Path) -> bool:
+    """A DICOM file, a NIfTI volume or a zip (read as series), by its first bytes and name."""
+    with open(path, "rb") as stream:
+        return kind_of(path.name, stream.read(132)) != "image"
+
+
+def series_candidates(
+    name: str, candidates: list[Candidate], images_dir: Path, scratch: Path
+) -> tuple[list[Candidate], list[dict]]:
+    """The brain slices of the DICOM series and NIfTI volumes among `candidates`, as PNG files in `scratch`.
+
+    Each class folder is read as one set of files (`scans.read_scans`: a series is grouped by its UID, never by
+    its folder); a series' slices carry its patient (else study, else series) as their group, so that the split
+    never puts one patient on both sides. What the manifest records of a slice is its class folder, the series'
+    salted name and the slice's position: never an export's own folder or file names, which often name the
+    patient. Files that cannot be read are skipped as `<class>/#<k>`, k their position in the folder's sorted
+    list of such files; non-MR and colour series are skipped whole with the reason.
+    """
+    by_class: dict[tuple[str, int, str], list[Candidate]] = {}
+    for candidate in candidates:
+        key = (Path(candidate.original).parts[0], candidate.label, candidate.subtype)
+        by_class.setdefault(key, []).append(candidate)
+    found, skipped = [], []
+    for (folder, label, subtype), members in sorted(by_class.items()):
+        members.sort(key=lambda c: c.original)
+        entries = [
+            (folder, f"{folder}/#{k}{series_suffix(c.src)}", Path(c.src).read_bytes())
+            for k, c in enumerate(members, start=1)
+        ]
+        series, errors = read_scans(entries, None)
+        skipped += [_skip(name, where, *error.split(": ", 1)) for _, where, error in errors]
+        for one in series:
+            where = f"{folder}/{one.name}"
+            if one.refusal is not None:
+                reason = "colour_image" if one.refusal.startswith("a colour") else "not_mr"
+                skipped.append(_skip(name, where, reason, one.refusal))
+                continue
+            areas = [int(foreground(pixels).sum()) for pixels in one.slices]
+            first, last = brain_run_of(areas) if one.kind == "dicom" else (0, len(one.slices) - 1)
+            (scratch / folder).mkdir(parents=True, exist_ok=True)
+            for k in range(first, last + 1):
+                png = scratch / folder / f"{one.name}-{k:03d}.png"
+                Image.fromarray(one.slices[k]).save(png)
+                found.append(
+                    Candidate(
+                        name,
+                        str(png),
+                        str(images_dir / name / folder / png.name),
+                        label,
+                        subtype,
+                        one.patient or one.study or one.name,
+                        f"{where}#{k}",
+                    )
+                )
+    return found, skipped
+
+
+def series_suffix(path: str) -> str:
+    """The suffix that says what a clinical file is (kept in its shown name, which drops the file's own)."""
+    return next((s for s in (".nii.gz", ".nii", ".zip") if path.lower().endswith(s)), "")
 
 
 def kaggle_candidates(name: str, source: dict, images_dir: Path, staging: Path) -> tuple[list[Candidate], list[dict]]:
@@ -212,6 +280,7 @@ def fetch(
             else:
                 rows.append({**result, "path": final.dest})
         shutil.rmtree(staging / "ixi-slices", ignore_errors=True)
+        shutil.rmtree(staging / "series", ignore_errors=True)
         manifest = pd.DataFrame(rows, columns=MANIFEST_COLUMNS)
         manifest, excluded, applied = apply_overrides(manifest, decisions)
         for row in applied[applied.decision == EXCLUDE].itertuples():  # the copy of an excluded image goes too

@@ -51,6 +51,7 @@ class Series:
     slices: list[np.ndarray] = field(default_factory=list)  # 8-bit grayscale, in series order
     refusal: str | None = None  # why the whole series is no brain MR (colour, modality): answered unscored
     study: str | None = None  # DICOM: "study-<salted hash>"
+    patient: str | None = None  # DICOM: "patient-<salted hash>" of PatientID (what keeps a patient in one split)
     files: int = 1
     inputs: list[int] = field(default_factory=list)  # the entries it came from (a zip's members: the zip's)
 
@@ -146,6 +147,7 @@ def read_scans(
                         "dicom",
                         source,
                         study=hashed("study", image.study_uid, salt) if image.study_uid else None,
+                        patient=hashed("patient", image.patient_id, salt) if image.patient_id else None,
                         files=0,
                     )
                     series.append(dicom_series[key])

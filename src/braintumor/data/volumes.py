@@ -62,8 +62,12 @@ def head_window(data: np.ndarray) -> tuple[np.ndarray, float, float]:
 
 def brain_run(foreground: np.ndarray, axis: int) -> tuple[int, int]:
     """First and last slice along `axis` whose head area is at least MIN_BRAIN_SHARE of the largest."""
-    area = foreground.sum(axis=tuple(a for a in range(3) if a != axis))
-    brain = np.flatnonzero(area >= MIN_BRAIN_SHARE * area.max())
+    return brain_run_of(foreground.sum(axis=tuple(a for a in range(3) if a != axis)))
+
+
+def brain_run_of(area: np.ndarray) -> tuple[int, int]:
+    """First and last of a series of slices whose head `area` is at least MIN_BRAIN_SHARE of the largest."""
+    brain = np.flatnonzero(np.asarray(area) >= MIN_BRAIN_SHARE * np.max(area))
     return int(brain[0]), int(brain[-1])
 
 
