@@ -163,6 +163,8 @@ def monochrome_frames(stack: np.ndarray, dataset, inverted: bool) -> list[np.nda
         rendered = window(values, center - 0.5 - (width - 1) / 2, center - 0.5 + (width - 1) / 2)
     else:  # no window in the header: the head's percentiles, on values turned the MONOCHROME2 way up first
         values = values.max() - values if inverted else values
+        if not (values > 0.1 * np.percentile(values, 99)).any():
+            return list(np.zeros(values.shape, np.uint8))  # a blank frame (outside the head) stays blank
         _, lo, hi = head_window(values)
         return list(window(values, lo, hi))
     if inverted:
