@@ -3,8 +3,10 @@ a real headless Chromium (Debian's package, driven by Playwright), and a bounded
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
+import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
@@ -15,7 +17,7 @@ import requests
 
 from braintumor.data.datasets import load_split
 from braintumor.serve.access import add_key
-from braintumor.serve.predict import load, predict
+from braintumor.serve.predict import load, predict, predict_series
 
 from conftest import save
 from fixtures.servers import BIN, free_port, serving
@@ -37,7 +39,34 @@ def scans(trained_states, tmp_path_factory) -> list[Path]:
     broken = root / "broken.jpg"
     broken.write_bytes(b"\xff\xd8\xff\xe0 cut short")
     noise = save(root / "noise.png", np.random.default_rng(0).integers(0, 256, (200, 200)).astype(np.uint8))
-    return files + [broken, noise]
+    return files + [broken, noise, zipped_series(root / "study.zip", [test["x"][k][..., 0] for k in range(12, 18)])]
+
+
+def zipped_series(path: Path, slices: list[np.ndarray]) -> Path:
+    """A zipped MR series of 8-bit slices (one DICOM file each, positioned, windowed to their full range)."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
+
+    series, study = generate_uid(), generate_uid()
+    with zipfile.ZipFile(path, "w") as archive:
+        for k, pixels in enumerate(slices):
+            meta = FileMetaDataset()
+            meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = MRImageStorage, generate_uid()
+            meta.TransferSyntaxUID = ExplicitVRLittleEndian
+            ds = Dataset()
+            ds.file_meta = meta
+            ds.SOPClassUID, ds.SOPInstanceUID = MRImageStorage, meta.MediaStorageSOPInstanceUID
+            ds.Modality, ds.SeriesInstanceUID, ds.StudyInstanceUID = "MR", series, study
+            ds.Rows, ds.Columns = pixels.shape
+            ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+            ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+            ds.WindowCenter, ds.WindowWidth = 128, 256
+            ds.ImageOrientationPatient, ds.ImagePositionPatient = [1, 0, 0, 0, 1, 0], [0.0, 0.0, float(k)]
+            ds.PixelData = pixels.astype(np.uint16).tobytes()
+            out = io.BytesIO()
+            ds.save_as(out, enforce_file_format=True)
+            archive.writestr(f"IM{k:04d}", out.getvalue())
+    return path
 
 
 @pytest.fixture(scope="module")
@@ -57,9 +86,12 @@ def server(trained_states, scans, tmp_path_factory):
     assert low < middle < high
     info["uncertain_band"] = [(low + middle) / 2, (middle + high) / 2]
     (models / "model.json").write_text(json.dumps(info))
-    answers, _ = predict(load(str(models / "model.keras")), scans[:3])  # as the server will answer
+    loaded = load(str(models / "model.keras"))
+    answers, _ = predict(loaded, scans[:3])  # as the server will answer
+    (study,), _ = predict_series(loaded, [("study.zip", "study.zip", scans[-1].read_bytes())])
     uncertain = {scans[k].name for k, a in enumerate(answers) if a["status"] == "uncertain"}
-    read = sum(a["status"] != "out_of_distribution" for a in answers)
+    uncertain |= {"series"} if study["status"] == "uncertain" else set()
+    read = sum(a["status"] != "out_of_distribution" for a in answers) + (study["status"] != "out_of_distribution")
     assert any(a["probability"] == middle and a["status"] == "uncertain" for a in answers)
     key = add_key(root / "keys.json", "reader", ["predict", "explain"])
     port = free_port()
@@ -89,6 +121,7 @@ def server(trained_states, scans, tmp_path_factory):
             log=root / "serve.log",
             read=read,
             uncertain=uncertain,
+            study=study,
         )
 
 
@@ -121,7 +154,11 @@ def test_the_page_ranks_scans_lists_bad_files_and_shows_the_overlay(server, scan
         rows = page.locator("#queue tbody tr[data-filename]")
         assert rows.count() == server.read
         first = len(server.uncertain)
-        assert {rows.nth(k).get_attribute("data-filename") for k in range(first)} == server.uncertain  # at the top
+        top = {
+            "series" if rows.nth(k).get_attribute("data-series") else rows.nth(k).get_attribute("data-filename")
+            for k in range(first)
+        }
+        assert top == server.uncertain  # at the top
         assert all("Uncertain: read first" in rows.nth(k).inner_text() for k in range(first))
         assert "uncertain band" in page.locator("#queue tbody").inner_text()
         probabilities = [float(rows.nth(k).get_attribute("data-probability")) for k in range(first, server.read)]
@@ -132,9 +169,16 @@ def test_the_page_ranks_scans_lists_bad_files_and_shows_the_overlay(server, scan
         assert "noise.png: not read: does not look like a brain MR slice" in not_read
         assert "Not for diagnosis" in page.locator("footer").inner_text()
 
-        rows.first.click()
+        study = page.locator("#queue tbody tr[data-series]")  # the zipped series: one row that opens to its slices
+        assert study.count() == 1 and "DICOM series, 6 slices" in study.inner_text()
+        study.click()
+        page.wait_for_selector("#slices li")
+        assert page.locator("#slices li").count() == 6
+        assert page.locator("#slices li.driving").count() == len(server.study["driving_slices"])
+        plain = page.locator("#queue tbody tr[data-filename]:not([data-series])").first
+        plain.click()
         page.wait_for_function("document.querySelector('#overlay').naturalWidth > 0", timeout=60_000)
-        assert page.locator("#detail-title").inner_text() == rows.first.get_attribute("data-filename")
+        assert page.locator("#detail-title").inner_text() == plain.get_attribute("data-filename")
         page.screenshot(path=str(tmp_path / "triage.png"), full_page=True)
         browser.close()
     assert (tmp_path / "triage.png").stat().st_size > 10_000

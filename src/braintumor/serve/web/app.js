@@ -1,11 +1,13 @@
 // The triage page: upload scans to /v1/predict, keep a queue (uncertain scans first, then by P(tumor)), list
-// what was not read apart, and show the evidence map on click.
+// what was not read apart, and show the evidence map on click. A DICOM series, a NIfTI volume or a zipped study
+// is one row, which opens to its slices.
 "use strict";
 
-const queue = [];       // {file, filename, status, probability, label, reason, version}
+const queue = [];       // {file, filename, status, probability, label, reason, version[, series, slices]}
 const failures = [];    // {filename, error}: unreadable, refused, or not a brain MR slice
 let batchSize = 16;
 let threshold = null;   // the model's, drawn as a line between suspected and cleared scans
+let maxFiles = 64;      // files per request: loose DICOM files of one upload travel together, up to this
 
 const $ = (selector) => document.querySelector(selector);
 
@@ -35,7 +37,9 @@ async function describeModel() {
   $("#model").textContent = `Model: ${name}${m.run_id ? `, run ${m.run_id.slice(0, 8)}` : ""}; ` +
     `threshold ${percent(m.threshold)} (${calibration})` + (figures ? `; ${figures}.` : ".") +
     (m.gate ? " Scans that do not look like brain MR slices are not read." : "");
-  $("#limits").textContent = `JPEG, PNG, BMP, GIF, TIFF or WebP; up to ${Math.round(info.limits.max_file_bytes / 1048576)} MB a file.`;
+  maxFiles = info.limits.max_files;
+  $("#limits").textContent = `JPEG, PNG, BMP, GIF, TIFF or WebP images, DICOM files, NIfTI volumes or a zipped ` +
+    `study; up to ${Math.round(info.limits.max_file_bytes / 1048576)} MB a file.`;
 }
 
 const rank = (item) => (item.status === "uncertain" ? 0 : 1);
@@ -50,6 +54,7 @@ function render() {
       row.className = "uncertain";
       row.dataset.filename = item.filename;
       row.dataset.probability = item.probability;
+      if (item.series) row.dataset.series = item.series;
       row.innerHTML = `<td>${index + 1}</td><td class="name"></td><td>${percent(item.probability)}</td>` +
         `<td>Uncertain: read first<div class="reason"></div></td>`;
       row.querySelector(".name").textContent = item.filename;
@@ -69,6 +74,7 @@ function render() {
     row.className = item.label ? "suspected" : "cleared";
     row.dataset.filename = item.filename;
     row.dataset.probability = item.probability;
+    if (item.series) row.dataset.series = item.series;
     const bar = `<span class="bar" style="width:${Math.round(60 * item.probability)}px"></span>`;
     row.innerHTML = `<td>${index + 1}</td><td class="name"></td><td>${percent(item.probability)}${bar}</td>` +
       `<td>${item.label ? "Tumor suspected" : "No tumor found"}</td>`;
@@ -96,6 +102,22 @@ async function select(item, row) {
     `(model version ${item.version ?? "local"}; not for diagnosis)`;
   const image = $("#overlay");
   image.removeAttribute("src");
+  const slices = $("#slices");
+  slices.replaceChildren();
+  slices.hidden = !item.series;
+  image.hidden = Boolean(item.series);
+  if (item.series) {
+    item.slices.forEach((s) => {
+      const li = document.createElement("li");
+      const reading = s.status === "out_of_distribution" ? "not read"
+        : s.status === "uncertain" ? `${percent(s.probability)}, uncertain`
+        : `${percent(s.probability)}, ${s.label ? "tumor suspected" : "no tumor found"}`;
+      li.textContent = `slice ${s.slice + 1}: ${reading}`;
+      if (item.driving.includes(s.slice)) li.className = "driving";
+      slices.appendChild(li);
+    });
+    return;  // evidence maps of a series' slices: `braintumor predict --explain`
+  }
   const form = new FormData();
   form.append("file", item.file, item.filename);
   const answer = await fetch("/v1/explain", { method: "POST", body: form, headers: headers() });
@@ -106,11 +128,33 @@ async function select(item, row) {
   }
 }
 
+// Loose DICOM files of one drop travel in one request, so that a series is answered whole; images in batches.
+const isImage = (file) => file.type.startsWith("image/") && !/\.(dcm|dicom)$/i.test(file.name);
+const isLooseDicom = (file) => !isImage(file) && !/\.(zip|nii|nii\.gz)$/i.test(file.name);
+
+function requests(files) {
+  const images = files.filter(isImage), dicom = files.filter(isLooseDicom);
+  const parts = [];
+  for (let start = 0; start < images.length; start += batchSize) parts.push(images.slice(start, start + batchSize));
+  if (dicom.length > maxFiles) {
+    dicom.forEach((file) => failures.push({ filename: file.name,
+      error: `more than ${maxFiles} loose DICOM files: zip the series and drop the .zip` }));
+  } else if (dicom.length) parts.push(dicom);
+  files.filter((file) => !isImage(file) && !isLooseDicom(file)).forEach((file) => parts.push([file]));
+  return parts;
+}
+
+function seriesName(result) {
+  const kind = result.kind === "nifti" ? "NIfTI volume" : "DICOM series";
+  return `${kind}, ${result.slices} slices (${result.series.slice(7, 15)})`;
+}
+
 async function upload(files) {
   files = Array.from(files);
-  for (let start = 0; start < files.length; start += batchSize) {
-    const part = files.slice(start, start + batchSize);
-    $("#status").textContent = `Reading ${start + part.length} of ${files.length} scans…`;
+  let sent = 0;
+  for (const part of requests(files)) {
+    sent += part.length;
+    $("#status").textContent = `Reading ${sent} of ${files.length} files…`;
     const form = new FormData();
     part.forEach((file) => form.append("files", file, file.name));
     const answer = await fetch("/v1/predict", { method: "POST", body: form, headers: headers() });
@@ -121,13 +165,15 @@ async function upload(files) {
       continue;
     }
     const data = await answer.json();
-    data.results.forEach((result, k) => {
-      if ("error" in result) failures.push({ filename: result.filename, error: result.error });
+    data.results.forEach((result) => {
+      const name = result.series ? seriesName(result) : result.filename;
+      if ("error" in result) failures.push({ filename: name, error: result.error });
       else if (result.status === "out_of_distribution") {
-        failures.push({ filename: result.filename, error: `not read: ${result.reason}` });
-      } else queue.push({ file: part[k], filename: result.filename, status: result.status,
-                          probability: result.probability, label: result.label, reason: result.reason,
-                          version: data.model.version });
+        failures.push({ filename: name, error: `not read: ${result.reason}` });
+      } else queue.push({ file: part.find((file) => file.name === result.filename), filename: name,
+                          status: result.status, probability: result.probability, label: result.label,
+                          reason: result.reason, version: data.model.version, series: result.series,
+                          slices: result.slice_results, driving: result.driving_slices });
     });
     render();
   }
