@@ -263,9 +263,9 @@ def patient_study(mni, tmp_path_factory) -> Path:
     return export
 
 
-def test_predict_answers_per_series_and_leaks_no_patient_data(trained_states, patient_study, capsys, caplog):
+def test_predict_answers_per_series_and_leaks_no_patient_data(trained_states, patient_study, capsys, caplog, tmp_path):
     model = str(trained_states["seed_cnn"][0] / "models/model.keras")
-    code = cli.main(["predict", "--json", "--model", model, str(patient_study)])
+    code = cli.main(["predict", "--json", "--model", model, "--explain", str(tmp_path), str(patient_study)])
     out = capsys.readouterr()
     records = [json.loads(line) for line in out.out.splitlines()]
     assert code == 0 and len(records) == 3
@@ -276,7 +276,10 @@ def test_predict_answers_per_series_and_leaks_no_patient_data(trained_states, pa
         assert len(record["slice_results"]) == record["slices"] == record["files"]
         assert record["status"] in ("read", "uncertain", "out_of_distribution")
         assert record == {**record, **series_answer(record["slice_results"])}  # the verdict is the rule's
-    everything = out.out + out.err + caplog.text
+    maps = sorted(p.name for p in tmp_path.glob("*.png"))  # the evidence maps of the slices that drove each verdict
+    driving = [f"{r['series']}-slice{k}" for r in records for k in r["driving_slices"]]
+    assert [name[5:-4] for name in maps] == driving
+    everything = out.out + out.err + caplog.text + " ".join(maps)
     for value in (*PATIENT.values(), "Doe_Jane", "T1_AX", "T2_AX"):
         assert value not in everything, value
     uids = {pydicom.dcmread(p, stop_before_pixels=True).SeriesInstanceUID for p in patient_study.rglob("*.dcm")}
