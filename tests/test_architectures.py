@@ -6,6 +6,7 @@ import pytest
 
 from braintumor.errors import ParamError
 from braintumor.model.architectures import augmentation, build_model
+from braintumor.model.inference import TRAINING_ONLY, average_of, inference_graph, load_model, members_of
 from braintumor.params import MODEL_NAMES, validate_train
 
 from fixtures.split import tiny_params
@@ -79,3 +80,29 @@ def test_image_too_small_for_a_model():
     params["train"]["small_xception"]["widths"] = [8] * 5  # five halvings and the stem: needs 64
     with pytest.raises(ParamError, match="too small for 5 blocks"):
         validate_train(params)
+
+
+def every_augmentation(train: dict) -> dict:
+    """`train` with every augmentation of `architectures.augmentation` switched on."""
+    augment = {"horizontal_flip": True, "rotation": 0.1, "zoom": 0.1, "translation": 0.1, "brightness": 0.2}
+    augment |= {"contrast": 0.2, "bias_field": 0.3, "gamma": 0.3, "blur": 0.5, "noise": 0.02, "contrast_map": 0.5}
+    return {**train, "augment": augment}
+
+
+@pytest.mark.parametrize("name, outputs", VARIANTS)
+def test_the_shipped_graph_drops_training_only_layers_and_keeps_the_outputs(name, outputs, tmp_path):
+    """What evaluate ships (`inference_graph`): the fold ensemble, mirrored view included, without one
+    augmentation layer, with the same outputs, reloading in safe mode."""
+    train = every_augmentation(tiny_params(name)["train"])
+    members = [build_model(name, 48, outputs, train, seed=k, model_name=f"{name}_fold{k}")[0] for k in range(2)]
+    shipped = average_of(members, mirrored=True)
+    x = np.random.default_rng(3).integers(0, 256, (3, 48, 48, 3)).astype("float32")
+    graph = inference_graph(shipped)
+    inner = [layer for member in members_of(graph)[0] for layer in member.layers]
+    assert inner and not any(isinstance(layer, TRAINING_ONLY) for layer in inner)
+    assert any(isinstance(layer, TRAINING_ONLY) for layer in members[0].layers)  # there were some to drop
+    np.testing.assert_allclose(graph.predict(x, verbose=0), shipped.predict(x, verbose=0), atol=1e-6)
+    graph.save(tmp_path / "m.keras")
+    np.testing.assert_allclose(
+        load_model(tmp_path / "m.keras").predict(x, verbose=0), shipped.predict(x, verbose=0), atol=1e-6
+    )

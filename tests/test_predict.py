@@ -198,3 +198,24 @@ def test_mlflow_models_serve_answers_with_the_same_probabilities(mlflow_server, 
     assert answer.status_code == 200, answer.text
     served = np.array(answer.json()["predictions"])[:, 0]
     assert served == pytest.approx(expected(registered, files)[0], abs=1e-5)  # MLflow serves the raw score
+
+
+def test_the_onnx_and_keras_runtimes_answer_alike_and_onnx_needs_no_tensorflow(trained_states, scans):
+    """Evaluate ships an ONNX export beside the Keras model; `--runtime auto` takes it. Both runtimes give the
+    same statuses and labels and P(tumor) to 1e-4, and the ONNX path never imports TensorFlow or Keras."""
+    model = str(trained_states["seed_cnn"][0] / "models/model.keras")
+    files = image_files([str(scans)])
+    on_onnx, on_keras = load(model), load(model, "keras")
+    assert (on_onnx.runtime, on_keras.runtime) == ("onnx", "keras")
+    a, _ = predict(on_onnx, files)
+    b, _ = predict(on_keras, files)
+    assert [r.get("status") for r in a] == [r.get("status") for r in b]
+    assert [r.get("label") for r in a] == [r.get("label") for r in b]
+    assert [r.get("probability", 0) for r in a] == pytest.approx([r.get("probability", 0) for r in b], abs=1e-4)
+    probe = (
+        "import sys; from braintumor.serve.predict import load, predict; "
+        f"results, _ = predict(load({model!r}, 'onnx'), {[str(f) for f in files]!r}); "
+        "print(sum('status' in r for r in results), 'tensorflow' in sys.modules, 'keras' in sys.modules)"
+    )
+    out = subprocess.run([str(BIN / "python"), "-c", probe], capture_output=True, text=True, env=tool_env())
+    assert out.stdout.split() == [str(sum("status" in r for r in a)), "False", "False"], out.stderr[-2000:]

@@ -64,7 +64,7 @@ def test_prediction_in_chunks_equals_one_call(tmp_path, monkeypatch):
     model, _ = fit(params, load_split(split, "train", "binary"), load_split(split, "val", "binary"), verbose=0)
     x = load_split(split, "train", "binary")["x"]
     whole = tumor_probability(model, x, ["no_tumor", "tumor"], batch_size=16)
-    monkeypatch.setattr("braintumor.model.inference.PREDICT_CHUNK", 32)  # 96 images: 3 chunks of 2 batches
+    monkeypatch.setattr("braintumor.model.outputs.PREDICT_CHUNK", 32)  # 96 images: 3 chunks of 2 batches
     assert np.array_equal(tumor_probability(model, x, ["no_tumor", "tumor"], batch_size=16), whole)
     lazy = load_split(split, "train", "binary", lazy=True)["x"]
     assert np.array_equal(tumor_probability(model, lazy, ["no_tumor", "tumor"], batch_size=16), whole)

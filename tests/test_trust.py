@@ -9,9 +9,10 @@ from scipy.special import expit
 
 from braintumor.errors import ModelLoadError
 from braintumor.model import calibration as cal
-from braintumor.model.assessment import OUT_OF_DISTRIBUTION, READ, UNCERTAIN, Assessor, Scores, score, scoring_model
+from braintumor.model.assessment import OUT_OF_DISTRIBUTION, READ, UNCERTAIN, Assessor, Scores, score
 from braintumor.model.gate import GATE_FILE, FeatureGate
 from braintumor.model.inference import average_of
+from braintumor.model.scoring import feature_widths, scoring_model
 
 
 def logistic_data(slope: float, intercept: float, n: int, seed: int = 0):
@@ -121,16 +122,16 @@ def test_a_saved_gate_loads_only_for_its_network_and_its_digest(tmp_path):
     gate = FeatureGate.fit(scores.features, np.arange(60) // 2 % 2, np.arange(60) % 2, 2)
     digest = gate.save(tmp_path / GATE_FILE)
     assert digest == hashlib.sha256((tmp_path / GATE_FILE).read_bytes()).hexdigest()
-    again = FeatureGate.load(tmp_path / GATE_FILE, scorer, digest)
+    again = FeatureGate.load(tmp_path / GATE_FILE, feature_widths(scorer), digest)
     assert np.allclose(again.distance(scores.features), gate.distance(scores.features), rtol=1e-4)
     with pytest.raises(ModelLoadError, match="SHA-256"):
-        FeatureGate.load(tmp_path / GATE_FILE, scorer, "0" * 64)
+        FeatureGate.load(tmp_path / GATE_FILE, feature_widths(scorer), "0" * 64)
     other = keras.Model(scorer.inputs, scorer.outputs[:-2])  # one feature group fewer
     with pytest.raises(ModelLoadError, match="feature groups"):
-        FeatureGate.load(tmp_path / GATE_FILE, other)
+        FeatureGate.load(tmp_path / GATE_FILE, feature_widths(other))
     np.savez(tmp_path / "pickled.npz", scales=np.array([{"code": 1}], dtype=object))
     with pytest.raises(ModelLoadError, match="not a gate file"):
-        FeatureGate.load(tmp_path / "pickled.npz", scorer)
+        FeatureGate.load(tmp_path / "pickled.npz", feature_widths(scorer))
 
 
 class FixedGate:
@@ -168,3 +169,34 @@ def test_a_description_with_a_malformed_calibration_or_band_is_refused():
     ):
         with pytest.raises(ModelLoadError):
             Assessor({"threshold": 0.3, **bad}, None)
+
+
+def test_the_onnx_export_scores_as_keras_and_loads_only_as_described(tmp_path):
+    """The scoring model exported to ONNX gives the Keras outputs (the shipped score, every member view, the gate
+    features); a wrong digest, a custom operator or another image size is refused."""
+    import onnx
+
+    from braintumor.model.onnx_scorer import OnnxScorer
+    from braintumor.model.scoring import export_onnx
+
+    scorer = scoring_model(tiny_ensemble(), with_features=True)
+    export_onnx(scorer, tmp_path / "model.onnx")
+    digest = hashlib.sha256((tmp_path / "model.onnx").read_bytes()).hexdigest()
+    exported = OnnxScorer(tmp_path / "model.onnx", digest, 32)
+    images = np.random.default_rng(4).integers(0, 256, (9, 32, 32, 3)).astype(np.uint8)
+    names = ["no_tumor", "tumor"]
+    keras_scores, onnx_scores = score(scorer, images, names, batch_size=4), score(exported, images, names, 4)
+    assert np.abs(keras_scores.raw - onnx_scores.raw).max() < 1e-5
+    assert np.abs(keras_scores.members - onnx_scores.members).max() < 1e-5
+    assert all(np.allclose(a, b, atol=1e-4) for a, b in zip(keras_scores.features, onnx_scores.features, strict=True))
+    assert exported.feature_widths() == feature_widths(scorer)
+    with pytest.raises(ModelLoadError, match="SHA-256"):
+        OnnxScorer(tmp_path / "model.onnx", "0" * 64, 32)
+    with pytest.raises(ModelLoadError, match="image_size"):
+        OnnxScorer(tmp_path / "model.onnx", digest, 48)
+    graph = onnx.load(tmp_path / "model.onnx")
+    graph.graph.node.append(onnx.helper.make_node("Run", ["image"], ["out"], domain="com.example.custom"))
+    onnx.save(graph, tmp_path / "custom.onnx")
+    custom = hashlib.sha256((tmp_path / "custom.onnx").read_bytes()).hexdigest()
+    with pytest.raises(ModelLoadError, match="com.example.custom"):
+        OnnxScorer(tmp_path / "custom.onnx", custom, 32)

@@ -63,9 +63,16 @@ def add_predict(sub) -> None:
 
 
 def add_model_arguments(parser: argparse.ArgumentParser, what: str) -> None:
-    """--model and --max-pixels, which `predict` and `serve` share."""
+    """--model, --runtime and --max-pixels, which `predict` and `serve` share."""
     parser.add_argument(
         "--model", default="models:/brain-tumor-classifier@champion", help=f"{what} (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--runtime",
+        choices=["auto", "onnx", "keras"],
+        default="auto",
+        help="what computes the answers: ONNX Runtime on the model's ONNX export (no TensorFlow), Keras, or "
+        "auto: ONNX where the model has an export (default); evidence maps always use Keras",
     )
     parser.add_argument(
         "--max-pixels",
@@ -201,7 +208,7 @@ def run_serve(args) -> int:
         keys = read_keys(Path(args.keys)) if args.keys else None
         check_exposure(args.host, keys)
         access = Access(keys, RateLimit(args.rate_limit, args.burst), AuditLog(Path(args.audit_log)))
-        serve(args.model, args.host, args.port, limits, args.poll_seconds, access, args.dicomweb)
+        serve(args.model, args.host, args.port, limits, args.poll_seconds, access, args.dicomweb, args.runtime)
     except (ModelLoadError, AccessError) as err:
         print(f"braintumor serve: error: {err}", file=sys.stderr)
         return 2
@@ -246,7 +253,7 @@ def run_predict(args) -> int:
         print(f"braintumor predict: error: no image files in {' '.join(args.paths)}", file=sys.stderr)
         return 2
     try:
-        loaded = load(args.model)
+        loaded = load(args.model, args.runtime)
         entries = clinical_entries(clinical)
         if args.dicomweb:
             from braintumor.data.dicomweb import study_entries

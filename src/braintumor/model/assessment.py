@@ -12,44 +12,16 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import keras
 import numpy as np
-from keras import layers
 
 from braintumor.errors import ModelLoadError
 from braintumor.model.calibration import calibrated
-from braintumor.model.gate import FeatureGate, feature_tensors
-from braintumor.model.inference import PREDICT_CHUNK, members_of, mirror, tumor_probability_of
+from braintumor.model.gate import FeatureGate
+from braintumor.model.outputs import PREDICT_CHUNK, tumor_probability_of
 
 READ, UNCERTAIN, OUT_OF_DISTRIBUTION = "read", "uncertain", "out_of_distribution"
 SPLIT_VOTE = 1 / 3  # members disagree when at least this share of member-views falls on each side of the threshold
 SPLIT_REASON = "the fold models disagree"
-
-
-def scoring_model(model: keras.Model, with_features: bool) -> keras.Model:
-    """One network call for everything an answer needs: [the shipped model's output, each member's output on
-    each view, and (`with_features`) the gate's pooled features of each member on the image as given]. The mean
-    is computed as `average_of` computes it (same members, views and order), so it equals the model's output."""
-    members, mirrored = members_of(model)
-    members = members or [model]
-    inputs = keras.Input(model.inputs[0].shape[1:], name="image")
-    views = [inputs, mirror(inputs.shape[1])(inputs)] if mirrored else [inputs]
-    outputs, features = [], []
-    for member in members:
-        tensors = feature_tensors(member) if with_features else []
-        if tensors:
-            plain, *maps = keras.Model(member.inputs, [member.outputs[0], *tensors], name=f"{member.name}_probe")(
-                inputs
-            )
-        else:
-            plain, maps = member(inputs), []
-        outputs.append(plain)
-        outputs.extend(member(view) for view in views[1:])
-        for feature_map in maps:
-            features.append(keras.ops.mean(feature_map, axis=(1, 2)))
-            features.append(keras.ops.std(feature_map, axis=(1, 2)))
-    mean = layers.Average(name="mean_prediction", dtype="float32")(outputs) if len(outputs) > 1 else outputs[0]
-    return keras.Model(inputs, [mean, keras.ops.stack(outputs, axis=1), *features], name="scoring")
 
 
 def finite(value) -> bool:
@@ -89,9 +61,9 @@ class Scores:
     features: list[np.ndarray]  # the gate's feature groups, member by member
 
 
-def score(scorer: keras.Model, x, class_names: list[str], batch_size: int = 64) -> Scores:
-    """`scoring_model`'s outputs for uint8 images `x` (an array, or anything `np.asarray` reads in slices), in
-    chunks of PREDICT_CHUNK images."""
+def score(scorer, x, class_names: list[str], batch_size: int = 64) -> Scores:
+    """`scoring.scoring_model`'s outputs (Keras, or its ONNX export run by `onnx_scorer.OnnxScorer`) for uint8
+    images `x` (an array, or anything `np.asarray` reads in slices), in chunks of PREDICT_CHUNK images."""
     chunk = max(batch_size, PREDICT_CHUNK // batch_size * batch_size)
     parts = []
     for start in range(0, len(x), chunk):

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import numpy as np
 from scipy.special import expit
-from sklearn.linear_model import LogisticRegression
-from sklearn.metrics import brier_score_loss, log_loss
 
 EPSILON = 1e-6  # scores are clipped to [EPSILON, 1 - EPSILON] before their logit
 BINS = 15  # equal-width bins of the expected calibration error and the reliability diagram
@@ -29,6 +27,8 @@ def fit_platt(y: np.ndarray, score: np.ndarray) -> dict:
     """{"method", "slope", "intercept"}: P(tumor) = sigmoid(slope * logit(score) + intercept)."""
     if len(np.unique(y)) < 2:
         raise ValueError("calibration needs both tumor and healthy scans")
+    from sklearn.linear_model import LogisticRegression  # fitting only: serving needs no scikit-learn
+
     fit = LogisticRegression(C=np.inf).fit(logit(score)[:, None], y)
     return {"method": "platt", "slope": float(fit.coef_[0, 0]), "intercept": float(fit.intercept_[0])}
 
@@ -61,6 +61,8 @@ def expected_calibration_error(y: np.ndarray, p: np.ndarray, bins: int = BINS) -
 
 
 def calibration_scores(y: np.ndarray, p: np.ndarray) -> dict[str, float]:
+    from sklearn.metrics import brier_score_loss, log_loss
+
     clipped = np.clip(p, EPSILON, 1 - EPSILON)
     return {
         "ece": round(expected_calibration_error(y, p), 4),

@@ -19,29 +19,13 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-import keras
 import numpy as np
-from keras import layers
-from sklearn.covariance import LedoitWolf
 
 from braintumor.errors import ModelLoadError
 
 GATE_FILE = "gate.npz"
 OUT_OF_FOLD_REFUSED = 0.01  # share of held-out in-distribution images above the threshold, per fold model
 METHOD = "mahalanobis, tied covariance, l2-normalised pooled block features, mean over fold models"
-
-
-def feature_tensors(member: keras.Model) -> list:
-    """The (batch, h, w, c) tensors the gate pools: every residual addition, and the last convolutional
-    features (whatever a global pooling or Flatten turns into the head's vector)."""
-    found = [layer.output for layer in member.layers if isinstance(layer, layers.Add)]
-    to_vector = [layer for layer in member.layers if isinstance(layer, (layers.GlobalAveragePooling2D, layers.Flatten))]
-    if to_vector:
-        found.append(to_vector[-1].input)
-    found = [tensor for tensor in found if len(tensor.shape) == 4]
-    if not found:
-        raise ModelLoadError(f"{member.name}: no convolutional features for the out-of-distribution gate")
-    return found
 
 
 def normalised(features: np.ndarray) -> np.ndarray:
@@ -94,6 +78,8 @@ class FeatureGate:
         """Member m is fitted on the images it trained on (fold != m) and scaled on its held-out fold (fold == m);
         images with fold < 0 (left out of training) take no part. A single model (one member) has no held-out
         fold: it is scaled on the images it was fitted on."""
+        from sklearn.covariance import LedoitWolf  # fitting only: loading and serving need no scikit-learn
+
         groups = len(features) // members
         means, precisions, scales, member_scales = [], [], np.zeros((members, groups)), np.zeros(members)
         refused = []
@@ -133,9 +119,10 @@ class FeatureGate:
         return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
     @classmethod
-    def load(cls, path: Path, scorer: keras.Model, sha256: str | None = None) -> FeatureGate:
-        """The gate saved at `path`, checked against the scoring model it will read (member and feature counts,
-        widths) and against `sha256` when given; a `ModelLoadError` names what does not fit."""
+    def load(cls, path: Path, widths: list[int], sha256: str | None = None) -> FeatureGate:
+        """The gate saved at `path`, checked against the feature `widths` of the scoring model it will read
+        (member and feature counts, widths) and against `sha256` when given; a `ModelLoadError` names what does
+        not fit."""
         path = Path(path)
         if not path.is_file():
             raise ModelLoadError(f"{path}: the model's out-of-distribution gate is missing")
@@ -152,7 +139,6 @@ class FeatureGate:
             ]
         except (KeyError, ValueError, OSError) as err:
             raise ModelLoadError(f"{path}: not a gate file written by `evaluate` ({err})") from err
-        widths = [int(shape[-1]) for shape in scorer.output_shape[2:]]
         if len(widths) != members * groups or member_scales.shape != (members,):
             raise ModelLoadError(
                 f"{path}: a gate for {members} models x {groups} feature groups, but the network has "

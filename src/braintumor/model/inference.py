@@ -8,7 +8,6 @@ checked against the network before anything uses it.
 
 from __future__ import annotations
 
-import math
 import zipfile
 from pathlib import Path
 
@@ -17,8 +16,11 @@ import numpy as np
 from keras import layers
 
 from braintumor.errors import ModelLoadError
-from braintumor.labels import BINARY_CLASSES, MULTICLASS_CLASSES
-from braintumor.model import intensity  # noqa: F401 - registers the intensity layers a saved model may hold
+from braintumor.labels import BINARY_CLASSES
+from braintumor.model import (
+    intensity,  # registers the intensity layers a saved model may hold
+    outputs,
+)
 
 
 def jit_ready(model: keras.Model) -> keras.Model:
@@ -54,43 +56,27 @@ def load_model(path: str | Path) -> keras.Model:
 
 def check_model_info(info: dict, model: keras.Model, where: str) -> dict:
     """`info` (model.json, or the MLflow model's metadata) when it describes `model` and holds what inference
-    needs; else a `ModelLoadError` naming the field. A wrong image size or class list would give numbers that
-    look right and mean nothing."""
-    size = info.get("image_size")
-    if isinstance(size, bool) or not isinstance(size, int) or not 32 <= size <= 1024:
-        raise ModelLoadError(f"{where}: `image_size` must be an integer between 32 and 1024 (got {size!r})")
-    threshold = info.get("threshold")
-    if (
-        isinstance(threshold, bool)
-        or not isinstance(threshold, int | float)
-        or not (math.isfinite(threshold) and 0.0 <= threshold <= 1.0)
-    ):
-        raise ModelLoadError(f"{where}: `threshold` must be a probability between 0 and 1 (got {threshold!r})")
-    names = info.get("class_names")
-    if names not in (BINARY_CLASSES, MULTICLASS_CLASSES):
-        raise ModelLoadError(f"{where}: `class_names` must be {BINARY_CLASSES} or {MULTICLASS_CLASSES} (got {names!r})")
+    needs (`outputs.check_description`); else a `ModelLoadError` naming the field. A wrong image size or class
+    list would give numbers that look right and mean nothing."""
+    info = outputs.check_description(info, where)
+    size, names = info["image_size"], info["class_names"]
     expected_in = (None, size, size, 3)
     if tuple(model.input_shape) != expected_in:
         raise ModelLoadError(
             f"{where}: the network takes inputs of shape {tuple(model.input_shape)}, but "
             f"`image_size` {size} means {expected_in}"
         )
-    outputs = model.output_shape[-1]
-    if outputs != (1 if names == BINARY_CLASSES else len(names)):
-        raise ModelLoadError(f"{where}: the network has {outputs} outputs, which does not fit `class_names` {names}")
+    width = model.output_shape[-1]
+    if width != (1 if names == BINARY_CLASSES else len(names)):
+        raise ModelLoadError(f"{where}: the network has {width} outputs, which does not fit `class_names` {names}")
     return info
-
-
-# Images converted to float32 at a time when predicting (a multiple of the batch size, so the batches, and the
-# results, are those of one call over all of them): 1024 at 96 px is 113 MB, whatever the number of images.
-PREDICT_CHUNK = 1024
 
 
 def tumor_probability(model, x: np.ndarray, class_names: list[str], batch_size: int = 64) -> np.ndarray:
     """P(tumor) per image: the sigmoid output, or 1 - P(no_tumor) for the multiclass model.
 
     `x`: uint8 images, an array or anything `np.asarray` reads in slices (datasets.SplitImages)."""
-    chunk = max(batch_size, PREDICT_CHUNK // batch_size * batch_size)
+    chunk = max(batch_size, outputs.PREDICT_CHUNK // batch_size * batch_size)
     probs = np.concatenate(
         [
             np.asarray(
@@ -101,12 +87,7 @@ def tumor_probability(model, x: np.ndarray, class_names: list[str], batch_size: 
         ]
         or [np.zeros((0, model.output_shape[-1]))]
     )
-    return tumor_probability_of(probs, class_names)
-
-
-def tumor_probability_of(outputs: np.ndarray, class_names: list[str]) -> np.ndarray:
-    """P(tumor) from the model's outputs: the sigmoid unit, or 1 - P(no_tumor) for the multiclass head."""
-    return outputs[:, 0] if outputs.shape[1] == 1 else 1.0 - outputs[:, class_names.index("no_tumor")]
+    return outputs.tumor_probability_of(probs, class_names)
 
 
 def mirror(image_size: int) -> keras.Sequential:
@@ -131,6 +112,47 @@ def average_of(members: list[keras.Model], mirrored: bool) -> keras.Model:
         [member(view) for member in members for view in views]
     )
     return keras.Model(inputs, mean, name="ensemble")
+
+
+# Layers that only act in training (augmentation): the shipped model leaves them out, so that its graph holds only
+# what inference computes, and exports (ONNX) without their random ops.
+TRAINING_ONLY = (
+    layers.RandomFlip,
+    layers.RandomRotation,
+    layers.RandomZoom,
+    layers.RandomTranslation,
+    layers.RandomBrightness,
+    layers.RandomContrast,
+    layers.RandomGaussianBlur,
+    intensity.RandomContrastMap,
+    intensity.RandomBiasField,
+    intensity.RandomGamma,
+    intensity.RandomRicianNoise,
+)
+
+
+def without_training_layers(model: keras.Model) -> keras.Model:
+    """A copy of a functional model without its `TRAINING_ONLY` layers, the same weights in every other layer:
+    at inference those layers pass their input through, so the outputs are the same."""
+    clone = keras.models.clone_model(
+        model,
+        call_function=lambda layer, *args, **kwargs: (
+            args[0] if isinstance(layer, TRAINING_ONLY) else layer(*args, **kwargs)
+        ),
+    )
+    for layer in clone.layers:
+        if layer.weights:
+            layer.set_weights(model.get_layer(layer.name).get_weights())
+    return clone
+
+
+def inference_graph(model: keras.Model) -> keras.Model:
+    """The shipped model as inference runs it: its fold models (or the single model) without training-only
+    layers, averaged as before (`average_of`, with the mirrored view when it had one)."""
+    members, mirrored = members_of(model)
+    if not members:
+        return jit_ready(without_training_layers(model))
+    return jit_ready(average_of([without_training_layers(member) for member in members], mirrored))
 
 
 def members_of(model: keras.Model) -> tuple[list[keras.Model], bool]:

@@ -18,7 +18,6 @@ import hashlib
 import json
 import logging
 import math
-import shutil
 from pathlib import Path
 
 import matplotlib
@@ -41,10 +40,12 @@ from braintumor.model.assessment import (
     Assessor,
     Scores,
     score,
-    scoring_model,
+    scores_of,
 )
 from braintumor.model.gate import GATE_FILE, METHOD, FeatureGate
-from braintumor.model.inference import load_model, members_of
+from braintumor.model.inference import inference_graph, load_model, members_of
+from braintumor.model.onnx_scorer import ONNX_FILE, OnnxScorer
+from braintumor.model.scoring import export_onnx, scoring_model
 from braintumor.params import validate_evaluate
 
 log = logging.getLogger(__name__)
@@ -140,7 +141,7 @@ def evaluate(
     config = validate_evaluate(params)
     train_dir, plots_dir = Path(train_dir), Path(plots_dir)
     info = json.loads((train_dir / "model.json").read_text())
-    model = load_model(train_dir / "model.keras")
+    model = inference_graph(load_model(train_dir / "model.keras"))  # what ships: no augmentation layers
     names = info["class_names"]
     with np.load(train_dir / "oof.npz") as data:
         oof = {key: data[key] for key in data.files}
@@ -162,7 +163,6 @@ def evaluate(
     manifest = pd.read_csv(Path(split_dir) / "manifest.csv", keep_default_na=False)
     sources = manifest.set_index("path").loc[test["path"].astype(object), "source"].to_numpy()
     result = {
-        "model_sha256": file_sha256(train_dir / "model.keras"),  # what register checks models/ against
         **{
             k: chosen[k] for k in ("recall", "accuracy", "specificity", "precision", "f1", "roc_auc", "pr_auc", "brier")
         },
@@ -226,8 +226,12 @@ def evaluate(
 
     with atomic_path(model_dir) as staging:
         staging.mkdir()
-        shutil.copy(train_dir / "model.keras", staging / "model.keras")
+        model.save(staging / "model.keras")
+        result["model_sha256"] = file_sha256(staging / "model.keras")  # what register checks models/ against
         gate_sha256 = gate.save(staging / GATE_FILE)
+        onnx = onnx_export(scorer, staging / ONNX_FILE, test["x"], test_scores, threshold, info)
+        if onnx:
+            result["onnx"] = {k: onnx[k] for k in ("max_abs_diff", "labels_equal")}
         (staging / "model.json").write_text(
             json.dumps(
                 {
@@ -245,6 +249,7 @@ def evaluate(
                         "out_of_fold_refused": result["gate"]["out_of_fold_refused"],
                     },
                     "test_metrics": {k: result[k] for k in ("recall", "accuracy", "specificity", "roc_auc")},
+                    **({"onnx": onnx} if onnx else {}),
                 },
                 indent=2,
             )
@@ -286,6 +291,29 @@ def image_grid(count: int, width: float, height: float) -> tuple[plt.Figure, np.
     for ax in axes.ravel():
         ax.axis("off")
     return fig, axes.ravel()
+
+
+def onnx_export(scorer, path: Path, x, scores: Scores, threshold: float, info: dict) -> dict | None:
+    """Export the scoring model to ONNX at `path` and check it on the test split against the Keras scores it
+    must reproduce; returns model.json's `onnx` entry, or None (with a warning) where the backend cannot export,
+    so that the Keras model still ships."""
+    try:
+        export_onnx(scorer, path)
+    except Exception as err:  # noqa: BLE001 - no exporter for this backend, tf2onnx missing, an op it lacks
+        log.warning("evaluate: no ONNX export (%s: %s); the Keras model ships alone", type(err).__name__, err)
+        path.unlink(missing_ok=True)
+        return None
+    digest = file_sha256(path)
+    outputs = OnnxScorer(path, digest, info["image_size"]).predict(np.asarray(x, dtype="float32"), batch_size=64)
+    exported = scores_of(outputs, info["class_names"])
+    difference = float(np.abs(exported.raw - scores.raw).max()) if len(scores.raw) else 0.0
+    log.info("evaluate: ONNX export checked on the test split, max |P(tumor) difference| %.2e", difference)
+    return {
+        "file": path.name,
+        "sha256": digest,
+        "max_abs_diff": round(difference, 8),
+        "labels_equal": bool(((exported.raw >= threshold) == (scores.raw >= threshold)).all()),
+    }
 
 
 def fit_gate(scorer, split_dir: Path, oof: dict, task: str, names: list[str], members: int) -> FeatureGate:

@@ -163,8 +163,8 @@ def epoch_metrics(live_dir: Path) -> dict[str, list[tuple[int, float]]]:
 def keras_flavor(beside_archive: list[Path] = ()):
     """`mlflow.keras` as the flavor `Model.log` saves with, except that the model folder exists before the input
     example is written into it: mlflow.keras.log_model with an input example fails on a missing folder
-    (mlflow/mlflow#16183, open in MLflow 3.17); `beside_archive` files (the gate) are copied next to the Keras
-    archive, where `braintumor predict` looks for them."""
+    (mlflow/mlflow#16183, open in MLflow 3.17); `beside_archive` files (the gate, the ONNX export) are copied
+    next to the Keras archive, where `braintumor predict` looks for them."""
     import mlflow.keras
 
     def save_model(path, **kwargs):
@@ -255,6 +255,7 @@ def log_run(
 
     from braintumor.model.gate import GATE_FILE
     from braintumor.model.inference import load_model
+    from braintumor.model.onnx_scorer import ONNX_FILE
 
     info, evaluation = check_consistent(model_dir, metrics_dir)
     model_digest = file_digest(model_dir / "model.keras", model_dir / "model.json")
@@ -302,7 +303,9 @@ def log_run(
         logged = Model.log(
             artifact_path=None,
             name="model",
-            flavor=keras_flavor([model_dir / GATE_FILE] if "gate" in info else []),
+            flavor=keras_flavor(
+                [model_dir / name for key, name in (("gate", GATE_FILE), ("onnx", ONNX_FILE)) if key in info]
+            ),
             model=model,
             signature=signature,
             input_example=example,

@@ -29,34 +29,87 @@ from braintumor.errors import ImageReadError, ModelLoadError
 SCHEMES = ("models", "runs")  # the URI schemes resolved through MLflow; anything else is refused
 
 
+RUNTIMES = ("auto", "onnx", "keras")
+
+
 @dataclass
 class LoadedModel:
-    model: object  # keras.Model
-    info: dict  # model.json: image_size, class_names, threshold, calibration, gate, ...
-    scorer: object  # keras.Model: model/assessment.py's scoring model
+    info: dict  # model.json: image_size, class_names, threshold, calibration, gate, onnx, ...
+    scorer: object  # model/scoring.py's scoring model: Keras, or its ONNX export (model/onnx_scorer.py)
     assessor: object  # model/assessment.py's Assessor
+    runtime: str  # "keras" or "onnx": what computes the answers
+    keras_archive: bytes  # the Keras model, loaded only when an evidence map is asked for on the ONNX runtime
+    _model: object = None
 
     @property
     def threshold(self) -> float:
         """In the units of the probabilities answers show (calibrated when the model has a calibration)."""
         return self.assessor.probability_threshold
 
+    @property
+    def model(self):
+        """The Keras model (evidence maps need its gradients); loaded on first use when answers come from ONNX."""
+        if self._model is None:
+            from braintumor.model.inference import load_model
 
-def _from_keras_file(path: Path, info: dict, where: str) -> LoadedModel:
-    """The Keras archive at `path`, its description `info`, and the gate file beside the archive when the
-    description names one (its SHA-256 is checked)."""
-    from braintumor.model.assessment import Assessor, scoring_model
+            with tempfile.TemporaryDirectory(prefix="braintumor-model-") as scratch:
+                archive = Path(scratch) / "model.keras"
+                archive.write_bytes(self.keras_archive)
+                self._model = load_model(archive)
+        return self._model
+
+
+def _from_keras_file(path: Path, info: dict, where: str, runtime: str = "auto") -> LoadedModel:
+    """The model at `path` (a Keras archive), its description `info`, the gate file beside the archive when the
+    description names one, and its ONNX export when the description names one and `runtime` allows it (SHA-256s
+    checked). `runtime` "auto" takes ONNX Runtime when the export and onnxruntime are there, "onnx" insists."""
+    from braintumor.model.assessment import Assessor
     from braintumor.model.gate import GATE_FILE, FeatureGate
-    from braintumor.model.inference import check_model_info, load_model
+    from braintumor.model.outputs import check_description
 
-    model = load_model(path)
-    info = check_model_info(info, model, where)
-    scorer = scoring_model(model, with_features="gate" in info)
-    gate = FeatureGate.load(path.with_name(GATE_FILE), scorer, info["gate"]["sha256"]) if "gate" in info else None
-    return LoadedModel(model, info, scorer, Assessor(info, gate, where))
+    info = check_description(info, where)
+    onnx = onnx_runtime(info, path, where, runtime)
+    if onnx is not None:
+        scorer, model = onnx, None
+        widths = scorer.feature_widths()
+    else:
+        from braintumor.model.inference import check_model_info, load_model
+        from braintumor.model.scoring import feature_widths, scoring_model
+
+        model = load_model(path)
+        info = check_model_info(info, model, where)
+        scorer = scoring_model(model, with_features="gate" in info)
+        widths = feature_widths(scorer)
+    gate = FeatureGate.load(path.with_name(GATE_FILE), widths, info["gate"]["sha256"]) if "gate" in info else None
+    return LoadedModel(info, scorer, Assessor(info, gate, where), "onnx" if onnx else "keras", path.read_bytes(), model)
 
 
-def _from_mlflow_folder(folder: Path) -> LoadedModel:
+def onnx_runtime(info: dict, path: Path, where: str, runtime: str):
+    """The ONNX export beside the archive as an `OnnxScorer`, or None where `runtime` is "keras" or ("auto") the
+    description names no export, or onnxruntime is not installed."""
+    if runtime not in RUNTIMES:
+        raise ModelLoadError(f"runtime {runtime!r}: choose one of {', '.join(RUNTIMES)}")
+    described = info.get("onnx")
+    if runtime == "keras" or (runtime == "auto" and not described):
+        return None
+    if not described:
+        raise ModelLoadError(
+            f"{where}: no ONNX export is described; re-run `dvc repro evaluate`, or use --runtime keras"
+        )
+    try:
+        from braintumor.model.onnx_scorer import ONNX_FILE, OnnxScorer
+    except ImportError as err:
+        if runtime == "auto":
+            return None
+        raise ModelLoadError(f"ONNX Runtime is not installed ({err}); pip install onnxruntime onnx") from err
+    scorer = OnnxScorer(path.with_name(ONNX_FILE), str(described.get("sha256")), int(info["image_size"]))
+    classes = 1 if len(info["class_names"]) == 2 else len(info["class_names"])
+    if scorer.output_shape[0][-1] != classes:
+        raise ModelLoadError(f"{where}: the ONNX graph has {scorer.output_shape[0][-1]} outputs, not {classes}")
+    return scorer
+
+
+def _from_mlflow_folder(folder: Path, runtime: str = "auto") -> LoadedModel:
     """The Keras archive of an MLflow model folder, read the way `mlflow.keras` lays it out, without its loader
     (which takes safe mode from the environment and loads exported SavedModels with TensorFlow)."""
     from mlflow.models import Model
@@ -86,11 +139,12 @@ def _from_mlflow_folder(folder: Path) -> LoadedModel:
         raise ModelLoadError(
             f"{where}: the MLflow model has no threshold in its metadata; it was not logged by `braintumor register`"
         )
-    return _from_keras_file(archive, info, where)
+    return _from_keras_file(archive, info, where, runtime)
 
 
-def load(reference: str) -> LoadedModel:
-    """Resolve `reference` (see the module docstring) to the Keras model and what inference needs."""
+def load(reference: str, runtime: str = "auto") -> LoadedModel:
+    """Resolve `reference` (see the module docstring) to the model and what inference needs, answered by ONNX
+    Runtime or Keras as `runtime` says (see `_from_keras_file`)."""
     scheme = urlparse(reference).scheme
     if scheme and scheme not in SCHEMES:
         from braintumor.registry.tracking import redact
@@ -112,12 +166,12 @@ def load(reference: str) -> LoadedModel:
                 info = json.loads(sidecar.read_text())
             except (ValueError, UnicodeDecodeError) as err:
                 raise ModelLoadError(f"{sidecar}: not valid JSON ({err})") from err
-            return _from_keras_file(path, info if isinstance(info, dict) else {}, str(sidecar))
+            return _from_keras_file(path, info if isinstance(info, dict) else {}, str(sidecar), runtime)
         if path.is_dir():
             if (path / "MLmodel").is_file():
-                return _from_mlflow_folder(path)
+                return _from_mlflow_folder(path, runtime)
             if (path / "model.keras").is_file():
-                return load(str(path / "model.keras"))
+                return load(str(path / "model.keras"), runtime)
             raise ModelLoadError(f"{path}: neither an MLflow model folder nor a folder with model.keras")
         raise ModelLoadError(f"{reference}: no such model file or folder, and not a models:/ or runs:/ URI")
     import mlflow
@@ -135,7 +189,7 @@ def load(reference: str) -> LoadedModel:
                 f"{redact(mlflow.get_tracking_uri())}; set MLFLOW_TRACKING_URI to the server or "
                 "database that holds the model)"
             ) from err
-        return _from_mlflow_folder(folder)
+        return _from_mlflow_folder(folder, runtime)
 
 
 def connect_tracking() -> None:
@@ -144,7 +198,10 @@ def connect_tracking() -> None:
 
     from braintumor.registry.tracking import local_store, project_root
 
-    if not os.environ.get("MLFLOW_TRACKING_URI") and (project_root() / "mlflow" / "mlflow.db").is_file():
+    if os.environ.get("MLFLOW_TRACKING_URI"):  # the environment wins over a URI set earlier in the process
+        mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
+        mlflow.set_registry_uri(os.environ.get("MLFLOW_REGISTRY_URI") or os.environ["MLFLOW_TRACKING_URI"])
+    elif (project_root() / "mlflow" / "mlflow.db").is_file():
         store = local_store()[0]
         mlflow.set_tracking_uri(store)
         mlflow.set_registry_uri(store)

@@ -92,15 +92,16 @@ class ServedModel:
             "uncertain_band": info.get("uncertain_band"),
             "gate": {k: info["gate"][k] for k in ("method", "refuse_above")} if "gate" in info else None,
             "image_size": int(info["image_size"]),
+            "runtime": self.loaded.runtime,
         }
 
 
-def resolve(reference: str) -> ServedModel:
-    """Load `reference`. A registry reference is pinned to the version it names now (an alias is looked up
-    first), so that the version reported is the one loaded."""
+def resolve(reference: str, runtime: str = "auto") -> ServedModel:
+    """Load `reference` (on `runtime`: see `predict.load`). A registry reference is pinned to the version it
+    names now (an alias is looked up first), so that the version reported is the one loaded."""
     match = REGISTRY_REFERENCE.match(reference)
     if not match:
-        loaded = load(reference)
+        loaded = load(reference, runtime)
         return ServedModel(loaded, metrics=dict(loaded.info.get("test_metrics", {})))
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
@@ -119,7 +120,7 @@ def resolve(reference: str) -> ServedModel:
         run = client.get_run(version.run_id)
     except MlflowException as err:
         raise ModelLoadError(f"{reference}: {redact(err.message)}") from err
-    loaded = load(f"models:/{name}/{version.version}")
+    loaded = load(f"models:/{name}/{version.version}", runtime)
     return ServedModel(
         loaded,
         name,
@@ -178,10 +179,11 @@ class ModelRunner:
 class FollowedAlias:
     """The model a reference names, swapped whole when its alias moves; readers take `current` once per request."""
 
-    def __init__(self, reference: str, poll_seconds: float):
+    def __init__(self, reference: str, poll_seconds: float, runtime: str = "auto"):
         self.reference = reference
         self.poll_seconds = poll_seconds
-        self.current = self._ready(resolve(reference))
+        self.runtime = runtime
+        self.current = self._ready(resolve(reference, runtime))
         self.swap_lock = threading.Lock()
         self.stop = threading.Event()
         self.last_error: str | None = None
@@ -198,7 +200,7 @@ class FollowedAlias:
             wanted = alias_version(self.reference)
             if wanted is None or wanted == self.current.served.version:
                 return False
-            fresh = self._ready(resolve(self.reference))
+            fresh = self._ready(resolve(self.reference, self.runtime))
             previous, self.current = self.current.served.version, fresh
         log.info("serve: %s moved from version %s to %s", self.reference, previous, fresh.served.version)
         return True
@@ -364,12 +366,14 @@ def create_app(
     poll_seconds: float = 30.0,
     access: Access | None = None,
     dicomweb: str | None = None,
+    runtime: str = "auto",
 ) -> FastAPI:
     """The app for one model reference, loaded and warmed up before this returns; `access` None: no keys, no
     rate limit, no audit log (a loopback server for one user); `dicomweb`: the DICOMweb server that
-    `POST /v1/studies/{uid}/predict` pulls studies from (None: that endpoint answers 404)."""
+    `POST /v1/studies/{uid}/predict` pulls studies from (None: that endpoint answers 404); `runtime`: ONNX
+    Runtime or Keras (see `predict.load`)."""
     access = access or Access()
-    followed = FollowedAlias(reference, poll_seconds)
+    followed = FollowedAlias(reference, poll_seconds, runtime)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -528,6 +532,7 @@ def serve(
     poll_seconds: float,
     access: Access,
     dicomweb: str | None = None,
+    runtime: str = "auto",
 ) -> None:
     """Load and warm the model, then answer HTTP until stopped (`braintumor serve`).
 
@@ -539,11 +544,12 @@ def serve(
         poll_seconds: how often a registry alias is checked for a new version.
         access: keys, rate limit and audit log.
         dicomweb: a DICOMweb server to pull studies from (`POST /v1/studies/{uid}/predict`), or None.
+        runtime: "auto" (ONNX Runtime when the model has an export), "onnx" or "keras".
     """
     import uvicorn
 
     started = time.perf_counter()
-    app = create_app(reference, limits, poll_seconds, access, dicomweb)
+    app = create_app(reference, limits, poll_seconds, access, dicomweb, runtime)
     served = app.state.followed.current.served
     log.info(
         "serve: %s (version %s) loaded and warmed up in %.1f s; http://%s:%d/",

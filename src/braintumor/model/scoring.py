@@ -1,0 +1,66 @@
+"""The scoring model: one Keras graph that gives everything an answer needs, and its ONNX export.
+
+Its outputs: the shipped model's output, each fold model's output on each view, and the out-of-distribution
+gate's pooled features of each fold model. Evaluate builds it to fit the gate, `braintumor predict` and the web
+service run it (as Keras, or as the ONNX export evaluate writes beside the model).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import keras
+from keras import layers
+
+from braintumor.errors import ModelLoadError
+from braintumor.model.inference import members_of, mirror
+
+
+def feature_tensors(member: keras.Model) -> list:
+    """The (batch, h, w, c) tensors the gate pools: every residual addition, and the last convolutional
+    features (whatever a global pooling or Flatten turns into the head's vector)."""
+    found = [layer.output for layer in member.layers if isinstance(layer, layers.Add)]
+    to_vector = [layer for layer in member.layers if isinstance(layer, (layers.GlobalAveragePooling2D, layers.Flatten))]
+    if to_vector:
+        found.append(to_vector[-1].input)
+    found = [tensor for tensor in found if len(tensor.shape) == 4]
+    if not found:
+        raise ModelLoadError(f"{member.name}: no convolutional features for the out-of-distribution gate")
+    return found
+
+
+def scoring_model(model: keras.Model, with_features: bool) -> keras.Model:
+    """One network call for everything an answer needs: [the shipped model's output, each member's output on
+    each view, and (`with_features`) the gate's pooled features of each member on the image as given]. The mean
+    is computed as `average_of` computes it (same members, views and order), so it equals the model's output."""
+    members, mirrored = members_of(model)
+    members = members or [model]
+    inputs = keras.Input(model.inputs[0].shape[1:], name="image")
+    views = [inputs, mirror(inputs.shape[1])(inputs)] if mirrored else [inputs]
+    outputs, features = [], []
+    for member in members:
+        tensors = feature_tensors(member) if with_features else []
+        if tensors:
+            plain, *maps = keras.Model(member.inputs, [member.outputs[0], *tensors], name=f"{member.name}_probe")(
+                inputs
+            )
+        else:
+            plain, maps = member(inputs), []
+        outputs.append(plain)
+        outputs.extend(member(view) for view in views[1:])
+        for feature_map in maps:
+            features.append(keras.ops.mean(feature_map, axis=(1, 2)))
+            features.append(keras.ops.std(feature_map, axis=(1, 2)))
+    mean = layers.Average(name="mean_prediction", dtype="float32")(outputs) if len(outputs) > 1 else outputs[0]
+    return keras.Model(inputs, [mean, keras.ops.stack(outputs, axis=1), *features], name="scoring")
+
+
+def feature_widths(scorer: keras.Model) -> list[int]:
+    """The width of each feature output of a scoring model (what the gate file must match)."""
+    return [int(shape[-1]) for shape in scorer.output_shape[2:]]
+
+
+def export_onnx(scorer: keras.Model, path: Path) -> None:
+    """Write the scoring model as ONNX (through tf2onnx, the TensorFlow backend's exporter)."""
+    scorer(keras.ops.zeros((1, *scorer.inputs[0].shape[1:])))  # the exporter wants a model that has been called
+    scorer.export(str(path), format="onnx", verbose=False)
