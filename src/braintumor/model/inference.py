@@ -8,6 +8,7 @@ checked against the network before anything uses it.
 
 from __future__ import annotations
 
+import json
 import zipfile
 from pathlib import Path
 
@@ -52,6 +53,26 @@ def load_model(path: str | Path) -> keras.Model:
         return jit_ready(keras.saving.load_model(path, compile=False, safe_mode=True))
     except ValueError as err:  # Keras raises ValueError for lambdas, unknown classes and modules in safe mode
         raise ModelLoadError(f"{path}: refused by Keras safe mode or unreadable ({err})") from err
+
+
+def save_model(model: keras.Model, path: str | Path) -> None:
+    """Save a `.keras` archive whose bytes depend on the model alone: Keras writes the save time into it (its
+    metadata and the weights' zip entry), so the same model saved twice would get two digests, and every rerun of
+    evaluate would look like a new model to DVC and the registry."""
+    path = Path(path)
+    scratch = path.with_name(f"{path.stem}.unstable.keras")
+    model.save(scratch)
+    with zipfile.ZipFile(scratch) as archive, zipfile.ZipFile(path, "w") as stable:
+        for entry in archive.infolist():
+            data = archive.read(entry)
+            if entry.filename == "metadata.json":
+                metadata = json.loads(data)
+                metadata.pop("date_saved", None)
+                data = json.dumps(metadata).encode()
+            fixed = zipfile.ZipInfo(entry.filename, date_time=(1980, 1, 1, 0, 0, 0))
+            fixed.compress_type = entry.compress_type
+            stable.writestr(fixed, data)
+    scratch.unlink()
 
 
 def check_model_info(info: dict, model: keras.Model, where: str) -> dict:

@@ -7,6 +7,8 @@ service run it (as Keras, or as the ONNX export evaluate writes beside the model
 
 from __future__ import annotations
 
+import logging
+import warnings
 from pathlib import Path
 
 import keras
@@ -63,4 +65,12 @@ def feature_widths(scorer: keras.Model) -> list[int]:
 def export_onnx(scorer: keras.Model, path: Path) -> None:
     """Write the scoring model as ONNX (through tf2onnx, the TensorFlow backend's exporter)."""
     scorer(keras.ops.zeros((1, *scorer.inputs[0].shape[1:])))  # the exporter wants a model that has been called
-    scorer.export(str(path), format="onnx", verbose=False)
+    logger = logging.getLogger("tf2onnx")
+    level = logger.level
+    logger.setLevel(logging.ERROR)  # its progress lines and numpy deprecation warnings are not the user's business
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            scorer.export(str(path), format="onnx", verbose=False)
+    finally:
+        logger.setLevel(level)

@@ -43,7 +43,7 @@ from braintumor.model.assessment import (
     scores_of,
 )
 from braintumor.model.gate import GATE_FILE, METHOD, FeatureGate
-from braintumor.model.inference import inference_graph, load_model, members_of
+from braintumor.model.inference import inference_graph, load_model, members_of, save_model
 from braintumor.model.onnx_scorer import ONNX_FILE, OnnxScorer
 from braintumor.model.scoring import export_onnx, scoring_model
 from braintumor.params import validate_evaluate
@@ -226,7 +226,7 @@ def evaluate(
 
     with atomic_path(model_dir) as staging:
         staging.mkdir()
-        model.save(staging / "model.keras")
+        save_model(model, staging / "model.keras")
         result["model_sha256"] = file_sha256(staging / "model.keras")  # what register checks models/ against
         gate_sha256 = gate.save(staging / GATE_FILE)
         onnx = onnx_export(scorer, staging / ONNX_FILE, test["x"], test_scores, threshold, info)
