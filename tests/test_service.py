@@ -265,3 +265,37 @@ def test_serve_will_not_listen_beyond_loopback_without_keys(capsys):
     check_exposure("127.0.0.1", None)
     check_exposure("::1", None)
     check_exposure("0.0.0.0", [])  # a keys file, even an empty one, means every call needs a key
+
+
+def test_concurrent_requests_share_model_calls_and_get_their_own_rows():
+    """The micro-batcher: 8 requests in flight at once take fewer model calls than requests, each gets back
+    exactly its own rows, and a failing call fails the requests of its batch only."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    import numpy as np
+
+    from braintumor.serve.service import MicroBatcher
+
+    calls, gate = [], threading.Barrier(8)
+
+    def run(images):
+        calls.append(len(images))
+        if (images < 0).any():
+            raise ValueError("a bad image in this batch")
+        return [images * 2, images.sum(axis=1)]
+
+    batcher = MicroBatcher(run, max_images=64, max_wait_s=0.2)
+
+    def request(k: int):
+        gate.wait()
+        return batcher(np.full((k + 1, 3), k, dtype=np.int64))
+
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(request, range(8)))
+    assert len(calls) < 8 and sum(calls) == sum(range(1, 9))
+    for k, (doubled, summed) in enumerate(answers):
+        assert doubled.shape == (k + 1, 3) and (doubled == 2 * k).all() and (summed == 3 * k).all()
+    with pytest.raises(ValueError, match="bad image"):
+        batcher(np.full((1, 3), -1))
+    assert (batcher(np.ones((2, 3), dtype=np.int64))[0] == 2).all()  # the loop lives on

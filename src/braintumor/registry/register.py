@@ -62,6 +62,14 @@ def ranking(run) -> tuple[float, ...]:
     return tuple(run.data.metrics.get(key, float("-inf")) for key in COMPARED)
 
 
+def carried(run) -> set[str]:
+    """What the run's model carries beside the network (calibration, gate, onnx: `tracking.CARRIED`)."""
+    return set(filter(None, run.data.tags.get(TRUST_TAG, "").split("+")))
+
+
+CARRIED_TEXT = {"calibration": "calibration", "gate": "the gate", "onnx": "an ONNX export"}
+
+
 def eligible_runs(experiment: str, fingerprint: str, target_recall: float, floors: dict[str, float]) -> list:
     """Runs on `fingerprint` at `target_recall` with a logged model that clear the floors ({metric: floor}),
     best first by the selection rule."""
@@ -75,10 +83,8 @@ def eligible_runs(experiment: str, fingerprint: str, target_recall: float, floor
         f"and {clears}",
     )
     runs = [run for run in runs if MODEL_URI_TAG in run.data.tags]
-    # level runs: one whose model carries calibration and the gate first, then the earliest
-    return sorted(
-        runs, key=lambda run: (*(-value for value in ranking(run)), TRUST_TAG not in run.data.tags, run.info.start_time)
-    )
+    # level runs: the one whose model carries most (calibration, the gate, an ONNX export) first, then the earliest
+    return sorted(runs, key=lambda run: (*(-value for value in ranking(run)), -len(carried(run)), run.info.start_time))
 
 
 def summary(run, version=None) -> dict:
@@ -143,12 +149,9 @@ def decide(candidate, champion, champion_on_new_data: str) -> tuple[bool, str]:
     ours, theirs = (dict(zip(COMPARED.values(), ranking(run), strict=True)) for run in (candidate, champion))
     if ranking(candidate) > ranking(champion):
         return True, f"candidate {ours} beats champion {theirs}"
-    if (
-        ranking(candidate) == ranking(champion)
-        and TRUST_TAG in candidate.data.tags
-        and TRUST_TAG not in champion.data.tags
-    ):
-        return True, f"candidate {ours} ranks level with the champion and adds calibration and the gate"
+    if ranking(candidate) == ranking(champion) and carried(candidate) > carried(champion):
+        added = " and ".join(CARRIED_TEXT[k] for k in CARRIED_TEXT if k in carried(candidate) - carried(champion))
+        return True, f"candidate {ours} ranks level with the champion and adds {added}"
     return False, f"champion {theirs} is at least as good as {ours}"
 
 

@@ -34,7 +34,10 @@ log = logging.getLogger(__name__)
 MODEL_DIGEST_TAG = "braintumor.model_sha256"
 DATA_TAG = "braintumor.data_fingerprint"
 MODEL_URI_TAG = "braintumor.model_uri"
-TRUST_TAG = "braintumor.trust"  # "calibration+gate" when the model carries them (model/assessment.py)
+# What the model carries beside the network, joined by "+": calibration, gate (model/assessment.py), onnx
+# (model/onnx_scorer.py); register breaks ties between equally good runs by it.
+TRUST_TAG = "braintumor.trust"
+CARRIED = ("calibration", "gate", "onnx")
 CARD_FILE = "model_card.md"
 
 
@@ -287,7 +290,7 @@ def log_run(
         "device": device(),
         "model": info["model"],
         "task": info["task"],
-        **({TRUST_TAG: "calibration+gate"} if "gate" in info and "calibration" in info else {}),
+        **({TRUST_TAG: "+".join(k for k in CARRIED if info.get(k))} if any(info.get(k) for k in CARRIED) else {}),
     }
     metrics = {
         **numeric({k: v for k, v in evaluation.items() if k not in ("per_source",)}),

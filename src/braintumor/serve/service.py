@@ -25,6 +25,7 @@ import datetime
 import io
 import logging
 import math
+import queue
 import re
 import threading
 import time
@@ -142,27 +143,74 @@ def alias_version(reference: str) -> str | None:
     return str(MlflowClient().get_model_version_by_alias(match["name"], match["alias"]).version)
 
 
+class MicroBatcher:
+    """Concurrent requests share one model call: the first waiting request opens a batch, which closes after
+    `max_wait_s` or at `max_images` images, whichever comes first; one thread runs the model, so calls stay
+    serialised (a backend's model need not be re-entrant) and each request gets its own rows back."""
+
+    def __init__(self, run, max_images: int = BATCH, max_wait_s: float = 0.004):
+        self.run, self.max_images, self.max_wait_s = run, max_images, max_wait_s
+        self.waiting: queue.Queue = queue.Queue()
+        threading.Thread(target=self.loop, name="micro-batcher", daemon=True).start()
+
+    def __call__(self, images: np.ndarray) -> list[np.ndarray]:
+        """The model's outputs for `images` (a request's), computed in a batch with whatever else is waiting."""
+        slot = {"images": images, "done": threading.Event()}
+        self.waiting.put(slot)
+        slot["done"].wait()
+        if "error" in slot:
+            raise slot["error"]
+        return slot["outputs"]
+
+    def loop(self) -> None:
+        while True:
+            batch = [self.waiting.get()]
+            count, closes = len(batch[0]["images"]), time.perf_counter() + self.max_wait_s
+            while count < self.max_images and (left := closes - time.perf_counter()) > 0:
+                try:
+                    batch.append(self.waiting.get(timeout=left))
+                except queue.Empty:
+                    break
+                count += len(batch[-1]["images"])
+            try:
+                outputs = self.run(np.concatenate([slot["images"] for slot in batch]))
+                start = 0
+                for slot in batch:
+                    end = start + len(slot["images"])
+                    slot["outputs"] = [output[start:end] for output in outputs]
+                    start = end
+            except Exception as err:  # noqa: BLE001 - every request of the batch gets the error, the loop lives on
+                for slot in batch:
+                    slot["error"] = err
+            for slot in batch:
+                slot["done"].set()
+
+
 class ModelRunner:
-    """Runs the model: P(tumor) for prepared images, and evidence maps. Model calls are serialised (two cores
-    gain nothing from two at once, and a backend's model need not be re-entrant)."""
+    """Runs the model: answers for prepared images (concurrent requests batched by `MicroBatcher`), and
+    evidence maps."""
 
     def __init__(self, served: ServedModel):
         self.served = served
         self.lock = threading.Lock()
         self.names = served.loaded.info["class_names"]
+        self.batcher = MicroBatcher(self.outputs)
+
+    def outputs(self, images: np.ndarray) -> list[np.ndarray]:
+        """The scoring model's outputs for `images`, BATCH at a time."""
+        scorer = self.served.loaded.scorer
+        parts = []
+        with self.lock:
+            for start in range(0, len(images), BATCH):
+                batch = images[start : start + BATCH].astype("float32")
+                parts.append([np.asarray(output) for output in scorer.predict_on_batch(batch)])
+        return [np.concatenate([part[k] for part in parts]) for k in range(len(parts[0]))]
 
     def answers(self, images: np.ndarray) -> list[dict]:
         """`Assessor.answers` for prepared images: status, calibrated P(tumor), label, gate distance."""
         from braintumor.model.assessment import scores_of
 
-        loaded = self.served.loaded
-        parts = []
-        with self.lock:
-            for start in range(0, len(images), BATCH):
-                batch = images[start : start + BATCH].astype("float32")
-                parts.append([np.asarray(output) for output in loaded.scorer.predict_on_batch(batch)])
-        outputs = [np.concatenate([part[k] for part in parts]) for k in range(len(parts[0]))]
-        return loaded.assessor.answers(scores_of(outputs, self.names))
+        return self.served.loaded.assessor.answers(scores_of(self.batcher(images), self.names))
 
     def evidence_map(self, image: np.ndarray) -> np.ndarray:
         from braintumor.model.saliency import evidence_map
