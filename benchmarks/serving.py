@@ -54,6 +54,10 @@ def main() -> None:
     parser.add_argument("--model", default="models/model.keras")
     parser.add_argument("--manifest", default="artifacts/split/manifest.csv")
     parser.add_argument("--requests", type=int, default=200)
+    parser.add_argument(
+        "--runtime", default="auto", choices=["auto", "onnx", "keras"], help="the server's and baseline's"
+    )
+    parser.add_argument("--batch-wait-ms", default="4", help="the server's micro-batching window (0: none)")
     args = parser.parse_args()
 
     from braintumor.data.images import model_input
@@ -62,10 +66,10 @@ def main() -> None:
     manifest = pd.read_csv(args.manifest, keep_default_na=False)
     files = [Path(p) for p in manifest[manifest.split == "test"]["path"]][:32]
     bodies = [f.read_bytes() for f in files]
-    loaded = load(args.model)
+    loaded = load(args.model, args.runtime)
     size = int(loaded.info["image_size"])
     arrays = np.stack([model_input(f, size) for f in files]).astype("float32")
-    model = loaded.model
+    model = loaded.scorer  # what the server runs: the scoring model, on Keras or ONNX Runtime
     model.predict_on_batch(arrays[:1])
     model.predict_on_batch(arrays)
     bare_one = timed(lambda: model.predict_on_batch(arrays[:1]), args.requests)
@@ -73,9 +77,10 @@ def main() -> None:
     bare_32 = timed(lambda: model.predict_on_batch(arrays), 10)
     print(
         f"model {args.model}: {loaded.info['model']} x{loaded.info.get('folds', 1)}, {size} px, "
-        f"mirror average {loaded.info.get('mirror_average')}; file {files[0].name} ({len(bodies[0])} bytes)"
+        f"mirror average {loaded.info.get('mirror_average')}, runtime {loaded.runtime}; file {files[0].name} "
+        f"({len(bodies[0])} bytes)"
     )
-    print(f"baseline, bare model on one prepared image:   {ms(bare_one)}")
+    print(f"baseline, bare scoring model on one prepared image: {ms(bare_one)}")
     print(f"baseline, decode and prepare one file:       {ms(prepare)}")
 
     port = free_port()
@@ -90,6 +95,16 @@ def main() -> None:
             str(port),
             "--poll-seconds",
             "0",
+            "--runtime",
+            args.runtime,
+            "--rate-limit",  # this measures the model's path, not the per-key limit (benchmarks/rate_limit.py does)
+            "1000000",
+            "--burst",
+            "100000",
+            "--audit-log",
+            os.devnull,
+            "--batch-wait-ms",
+            args.batch_wait_ms,
         ],
         stderr=subprocess.DEVNULL,
     )

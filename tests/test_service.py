@@ -7,6 +7,7 @@ import copy
 import hashlib
 import io
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -288,8 +289,9 @@ def test_concurrent_requests_share_model_calls_and_get_their_own_rows():
     batcher = MicroBatcher(run, max_images=64, max_wait_s=0.2)
 
     def request(k: int):
-        gate.wait()
-        return batcher(np.full((k + 1, 3), k, dtype=np.int64))
+        with batcher.request():
+            gate.wait()
+            return batcher(np.full((k + 1, 3), k, dtype=np.int64))
 
     with ThreadPoolExecutor(8) as pool:
         answers = list(pool.map(request, range(8)))
@@ -298,4 +300,6 @@ def test_concurrent_requests_share_model_calls_and_get_their_own_rows():
         assert doubled.shape == (k + 1, 3) and (doubled == 2 * k).all() and (summed == 3 * k).all()
     with pytest.raises(ValueError, match="bad image"):
         batcher(np.full((1, 3), -1))
+    started = time.perf_counter()
     assert (batcher(np.ones((2, 3), dtype=np.int64))[0] == 2).all()  # the loop lives on
+    assert time.perf_counter() - started < 0.15  # alone, a request does not wait out the 0.2 s window

@@ -124,6 +124,12 @@ def add_serve(sub) -> None:
     serve.add_argument(
         "--dicomweb", metavar="URL", help="a DICOMweb server that POST /v1/studies/{uid}/predict pulls studies from"
     )
+    serve.add_argument(
+        "--batch-wait-ms",
+        type=float,
+        default=4.0,
+        help="how long a request waits for concurrent ones to share its model call (0: none; default 4)",
+    )
 
 
 def add_keys(sub) -> None:
@@ -208,7 +214,17 @@ def run_serve(args) -> int:
         keys = read_keys(Path(args.keys)) if args.keys else None
         check_exposure(args.host, keys)
         access = Access(keys, RateLimit(args.rate_limit, args.burst), AuditLog(Path(args.audit_log)))
-        serve(args.model, args.host, args.port, limits, args.poll_seconds, access, args.dicomweb, args.runtime)
+        serve(
+            args.model,
+            args.host,
+            args.port,
+            limits,
+            args.poll_seconds,
+            access,
+            args.dicomweb,
+            args.runtime,
+            args.batch_wait_ms,
+        )
     except (ModelLoadError, AccessError) as err:
         print(f"braintumor serve: error: {err}", file=sys.stderr)
         return 2

@@ -42,6 +42,9 @@ class OnnxScorer:
         if threads:
             options.intra_op_num_threads = threads
         options.log_severity_level = 3  # errors only: its warnings are for the model's author
+        # no busy-waiting between calls: in a server the spinning threads took the cores that decoding and the
+        # next request needed (8 concurrent clients: see benchmarks/RESULTS.md)
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = onnxruntime.InferenceSession(data, options, providers=["CPUExecutionProvider"])
         (image,) = self.session.get_inputs()
         if list(image.shape[1:]) != [image_size, image_size, 3]:

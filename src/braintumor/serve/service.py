@@ -145,13 +145,26 @@ def alias_version(reference: str) -> str | None:
 
 class MicroBatcher:
     """Concurrent requests share one model call: the first waiting request opens a batch, which closes after
-    `max_wait_s` or at `max_images` images, whichever comes first; one thread runs the model, so calls stay
-    serialised (a backend's model need not be re-entrant) and each request gets its own rows back."""
+    `max_wait_s` or at `max_images` images, whichever comes first, and at once when no other request is on its
+    way (`request`), so a lone request waits for nobody; one thread runs the model, so calls stay serialised (a
+    backend's model need not be re-entrant) and each request gets its own rows back."""
 
     def __init__(self, run, max_images: int = BATCH, max_wait_s: float = 0.004):
         self.run, self.max_images, self.max_wait_s = run, max_images, max_wait_s
         self.waiting: queue.Queue = queue.Queue()
+        self.in_flight, self.counting = 0, threading.Lock()
         threading.Thread(target=self.loop, name="micro-batcher", daemon=True).start()
+
+    @contextlib.contextmanager
+    def request(self):
+        """Around a request's whole handling (decoding included): while it runs, a batch may wait for it."""
+        with self.counting:
+            self.in_flight += 1
+        try:
+            yield
+        finally:
+            with self.counting:
+                self.in_flight -= 1
 
     def __call__(self, images: np.ndarray) -> list[np.ndarray]:
         """The model's outputs for `images` (a request's), computed in a batch with whatever else is waiting."""
@@ -166,7 +179,9 @@ class MicroBatcher:
         while True:
             batch = [self.waiting.get()]
             count, closes = len(batch[0]["images"]), time.perf_counter() + self.max_wait_s
-            while count < self.max_images and (left := closes - time.perf_counter()) > 0:
+            while (
+                count < self.max_images and self.in_flight > len(batch) and (left := closes - time.perf_counter()) > 0
+            ):
                 try:
                     batch.append(self.waiting.get(timeout=left))
                 except queue.Empty:
@@ -190,11 +205,11 @@ class ModelRunner:
     """Runs the model: answers for prepared images (concurrent requests batched by `MicroBatcher`), and
     evidence maps."""
 
-    def __init__(self, served: ServedModel):
+    def __init__(self, served: ServedModel, batch_wait_s: float = 0.004):
         self.served = served
         self.lock = threading.Lock()
         self.names = served.loaded.info["class_names"]
-        self.batcher = MicroBatcher(self.outputs)
+        self.batcher = MicroBatcher(self.outputs, max_wait_s=batch_wait_s)
 
     def outputs(self, images: np.ndarray) -> list[np.ndarray]:
         """The scoring model's outputs for `images`, BATCH at a time."""
@@ -227,18 +242,17 @@ class ModelRunner:
 class FollowedAlias:
     """The model a reference names, swapped whole when its alias moves; readers take `current` once per request."""
 
-    def __init__(self, reference: str, poll_seconds: float, runtime: str = "auto"):
+    def __init__(self, reference: str, poll_seconds: float, runtime: str = "auto", batch_wait_s: float = 0.004):
         self.reference = reference
         self.poll_seconds = poll_seconds
-        self.runtime = runtime
+        self.runtime, self.batch_wait_s = runtime, batch_wait_s
         self.current = self._ready(resolve(reference, runtime))
         self.swap_lock = threading.Lock()
         self.stop = threading.Event()
         self.last_error: str | None = None
 
-    @staticmethod
-    def _ready(served: ServedModel) -> ModelRunner:
-        runner = ModelRunner(served)
+    def _ready(self, served: ServedModel) -> ModelRunner:
+        runner = ModelRunner(served, self.batch_wait_s)
         runner.warm_up()
         return runner
 
@@ -283,6 +297,11 @@ def classify(runner: ModelRunner, uploads: list[tuple[str, bytes]], limits: Limi
     """One result per uploaded image and per series (DICOM files grouped across uploads, NIfTI volumes, zipped
     studies; `predict.series_results`), ordered by the upload each first came in, or {"filename", "error"}; and
     for each result the indices of the uploads it came from (for the audit log)."""
+    with runner.batcher.request():
+        return classify_uploads(runner, uploads, limits)
+
+
+def classify_uploads(runner: ModelRunner, uploads: list[tuple[str, bytes]], limits: Limits) -> tuple[list[dict], list]:
     size = int(runner.served.loaded.info["image_size"])
     rows = []
     kept = []
@@ -415,13 +434,15 @@ def create_app(
     access: Access | None = None,
     dicomweb: str | None = None,
     runtime: str = "auto",
+    batch_wait_ms: float = 4.0,
 ) -> FastAPI:
     """The app for one model reference, loaded and warmed up before this returns; `access` None: no keys, no
     rate limit, no audit log (a loopback server for one user); `dicomweb`: the DICOMweb server that
     `POST /v1/studies/{uid}/predict` pulls studies from (None: that endpoint answers 404); `runtime`: ONNX
-    Runtime or Keras (see `predict.load`)."""
+    Runtime or Keras (see `predict.load`); `batch_wait_ms`: how long a request waits for others to share its
+    model call (0: no sharing)."""
     access = access or Access()
-    followed = FollowedAlias(reference, poll_seconds, runtime)
+    followed = FollowedAlias(reference, poll_seconds, runtime, batch_wait_ms / 1000)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -581,6 +602,7 @@ def serve(
     access: Access,
     dicomweb: str | None = None,
     runtime: str = "auto",
+    batch_wait_ms: float = 4.0,
 ) -> None:
     """Load and warm the model, then answer HTTP until stopped (`braintumor serve`).
 
@@ -593,11 +615,12 @@ def serve(
         access: keys, rate limit and audit log.
         dicomweb: a DICOMweb server to pull studies from (`POST /v1/studies/{uid}/predict`), or None.
         runtime: "auto" (ONNX Runtime when the model has an export), "onnx" or "keras".
+        batch_wait_ms: how long a request waits for others to share its model call.
     """
     import uvicorn
 
     started = time.perf_counter()
-    app = create_app(reference, limits, poll_seconds, access, dicomweb, runtime)
+    app = create_app(reference, limits, poll_seconds, access, dicomweb, runtime, batch_wait_ms)
     served = app.state.followed.current.served
     log.info(
         "serve: %s (version %s) loaded and warmed up in %.1f s; http://%s:%d/",
