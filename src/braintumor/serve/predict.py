@@ -198,10 +198,7 @@ def connect_tracking() -> None:
 
     from braintumor.registry.tracking import local_store, project_root
 
-    if os.environ.get("MLFLOW_TRACKING_URI"):  # the environment wins over a URI set earlier in the process
-        mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
-        mlflow.set_registry_uri(os.environ.get("MLFLOW_REGISTRY_URI") or os.environ["MLFLOW_TRACKING_URI"])
-    elif (project_root() / "mlflow" / "mlflow.db").is_file():
+    if not os.environ.get("MLFLOW_TRACKING_URI") and (project_root() / "mlflow" / "mlflow.db").is_file():
         store = local_store()[0]
         mlflow.set_tracking_uri(store)
         mlflow.set_registry_uri(store)
