@@ -77,9 +77,11 @@ def test_folders_expand_to_their_images(scans):
     }
 
 
-def test_local_model_predicts_every_readable_image_and_reports_the_rest(trained_states, scans):
+@pytest.mark.parametrize("runtime", ["onnx", "keras"])
+def test_local_model_predicts_every_readable_image_and_reports_the_rest(trained_states, scans, runtime):
     workspace = trained_states["seed_cnn"][0]
-    loaded = load(str(workspace / "models/model.keras"))
+    loaded = load(str(workspace / "models/model.keras"), runtime)
+    assert loaded.runtime == runtime
     files = image_files([str(scans)])
     results, _ = predict(loaded, files)
     assert [r["path"] for r in results] == [str(f) for f in files]

@@ -41,13 +41,18 @@ def png_bytes(pixels, mode: str = "L") -> bytes:
     return out.getvalue()
 
 
-@pytest.fixture(scope="module")
-def local_client(trained_states):
-    """The app over a shipped models/ folder (model.keras with model.json)."""
+@pytest.fixture(scope="module", params=["onnx", "keras"])
+def local_client(trained_states, request):
+    """The app over a shipped models/ folder (model.keras with model.json and its ONNX export), on each runtime."""
     workspace = trained_states["seed_cnn"][0]
     with TestClient(
-        create_app(str(workspace / "models/model.keras"), Limits(max_body_bytes=2 << 20, max_file_bytes=1 << 20))
+        create_app(
+            str(workspace / "models/model.keras"),
+            Limits(max_body_bytes=2 << 20, max_file_bytes=1 << 20),
+            runtime=request.param,
+        )
     ) as client:
+        assert client.get("/v1/model").json()["model"]["runtime"] == request.param
         yield client, workspace
 
 
@@ -66,8 +71,9 @@ def test_several_files_keep_their_order_and_match_the_command_line(local_client,
     body = answer.json()
     assert [r["filename"] for r in body["results"]] == ["a.png", "broken.jpg", "b.jpg", "c.png"]
     assert body["results"][1]["error"].startswith(("truncated_or_corrupt", "not_an_image"))
-    loaded = load(str(workspace / "models/model.keras"))
-    expected, _ = predict(loaded, files)  # what `braintumor predict` says for the same files
+    runtime = client.get("/v1/model").json()["model"]["runtime"]
+    loaded = load(str(workspace / "models/model.keras"), runtime)
+    expected, _ = predict(loaded, files)  # what `braintumor predict` says for the same files, on the same runtime
     got = [r for r in body["results"] if "error" not in r]
     assert [r["label"] for r in got] == [e["label"] for e in expected]
     assert [r["status"] for r in got] == [e["status"] for e in expected]
