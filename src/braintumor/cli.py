@@ -248,10 +248,10 @@ def result_line(result: dict) -> str:
 def run_predict(args) -> int:
     """Exit status 0 when every file was classified, 1 when some could not be read (they are reported)."""
     quiet_libraries()
+    from braintumor.data.scans import is_clinical
     from braintumor.errors import ModelLoadError, SourceError
     from braintumor.serve.predict import (
         clinical_entries,
-        is_clinical,
         listed_files,
         load,
         predict_in_chunks,
@@ -263,8 +263,9 @@ def run_predict(args) -> int:
         print("braintumor predict: error: give files or folders, or --dicomweb URL with --study UID", file=sys.stderr)
         return 2
     listed = listed_files(args.paths)
-    files = [file for _, file in listed if not is_clinical(file)]
-    clinical = [(source, file) for source, file in listed if is_clinical(file)]
+    series_files = {file for _, file in listed if is_clinical(file)}  # each file's head read once
+    files = [file for _, file in listed if file not in series_files]
+    clinical = [(source, file) for source, file in listed if file in series_files]
     if not listed and not args.dicomweb:
         print(f"braintumor predict: error: no image files in {' '.join(args.paths)}", file=sys.stderr)
         return 2

@@ -25,7 +25,7 @@ from braintumor.data import ixi
 from braintumor.data.images import check_usable, foreground, open_image
 from braintumor.data.listing import printable, walk_files
 from braintumor.data.overrides import EXCLUDE, apply_overrides, read_overrides
-from braintumor.data.scans import kind_of, read_scans
+from braintumor.data.scans import is_clinical, kind_suffix, read_scans
 from braintumor.data.volumes import brain_run_of
 from braintumor.errors import ImageReadError, SourceError
 from braintumor.labels import CLASS_FOLDERS, NO_TUMOR, TUMOR, class_folder
@@ -167,16 +167,10 @@ def local_candidates(name: str, source: dict, images_dir: Path, staging: Path) -
             f"or switch the source off with `fetch.sources.{name}.enabled: false`"
         )
     found, bad = find_candidates(name, root, images_dir, strict_folders=True)
-    images = [candidate for candidate in found if not clinical(Path(candidate.src))]
+    images = [candidate for candidate in found if not is_clinical(Path(candidate.src))]
     slices, refused = series_candidates(name, [c for c in found if c not in images], images_dir, staging / "series")
     log.info("source %s: %d files under %s, %d series slices", name, len(images), root, len(slices))
     return images + slices, bad + refused
-
-
-def clinical(path: Path) -> bool:
-    """A DICOM file, a NIfTI volume or a zip (read as series), by its first bytes and name."""
-    with open(path, "rb") as stream:
-        return kind_of(path.name, stream.read(132)) != "image"
 
 
 def series_candidates(
@@ -199,7 +193,7 @@ def series_candidates(
     for (folder, label, subtype), members in sorted(by_class.items()):
         members.sort(key=lambda c: c.original)
         entries = [
-            (folder, f"{folder}/#{k}{series_suffix(c.src)}", Path(c.src).read_bytes())
+            (folder, f"{folder}/#{k}{kind_suffix(c.src)}", Path(c.src).read_bytes())
             for k, c in enumerate(members, start=1)
         ]
         series, errors = read_scans(entries, None)
@@ -228,11 +222,6 @@ def series_candidates(
                     )
                 )
     return found, skipped
-
-
-def series_suffix(path: str) -> str:
-    """The suffix that says what a clinical file is (kept in its shown name, which drops the file's own)."""
-    return next((s for s in (".nii.gz", ".nii", ".zip") if path.lower().endswith(s)), "")
 
 
 def kaggle_candidates(name: str, source: dict, images_dir: Path, staging: Path) -> tuple[list[Candidate], list[dict]]:

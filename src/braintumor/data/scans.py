@@ -89,6 +89,21 @@ def kind_of(name: str, data: bytes) -> str:
     return "image"
 
 
+def is_clinical(path: Path) -> bool:
+    """A DICOM file, a NIfTI volume or a zip (read as series), by its first bytes and name; False for a file that
+    cannot be opened (its reader reports why)."""
+    try:
+        with open(path, "rb") as stream:
+            return kind_of(path.name, stream.read(132)) != "image"
+    except OSError:
+        return False
+
+
+def kind_suffix(name: str) -> str:
+    """The suffix that says what a clinical file is, kept where a file is shown by position instead of name."""
+    return next((s for s in (*NIFTI_SUFFIXES, ".zip") if name.lower().endswith(s)), "")
+
+
 def zip_members(name: str, data: bytes, max_file_bytes: int) -> list[tuple[str, bytes]]:
     """The files of a zip, named `<zip>#<position>` (member names are not shown: exports put patients in them);
     refused whole, before inflating, past MAX_ZIP_MEMBERS, MAX_ZIP_BYTES or `max_file_bytes` a member."""
@@ -156,7 +171,7 @@ def read_scans(
                 dicom_series[key].files += 1
                 dicom_series[key].inputs += [] if index in dicom_series[key].inputs else [index]
             elif kind == "nifti":
-                series.append(nifti_series(source, name, data))
+                series.append(nifti_series(source, name, data, salt))
                 series[-1].inputs = [index]
             else:
                 img = open_image(name, data=data, max_pixels=max_pixels)
@@ -170,7 +185,7 @@ def read_scans(
     return series, errors
 
 
-def nifti_series(source: str, name: str, data: bytes) -> Series:
+def nifti_series(source: str, name: str, data: bytes, salt: bytes) -> Series:
     try:
         volume = read_nifti(data)
         slices = [pixels for _, pixels in brain_slices(volume, NIFTI_PLANE)]
@@ -179,7 +194,7 @@ def nifti_series(source: str, name: str, data: bytes) -> Series:
     except Exception as err:  # noqa: BLE001 - a bad header, a truncated body, not 3-D, empty
         raise ImageReadError(name, "unreadable_volume", f"{type(err).__name__}: {err}") from err
     digest = hashlib.sha256(data).hexdigest()
-    return Series(hashed("series", digest, series_salt()), "nifti", source, slices)
+    return Series(hashed("series", digest, salt), "nifti", source, slices)
 
 
 def order_dicom_series(series: Series, images: list[DicomImage]) -> None:

@@ -23,7 +23,7 @@ import numpy as np
 
 from braintumor.data.images import DEFAULT_MAX_PIXELS, colour_refusal, open_image, prepare, to_grayscale
 from braintumor.data.listing import walk_files
-from braintumor.data.scans import NIFTI_SUFFIXES, Series, kind_of, read_scans
+from braintumor.data.scans import Series, kind_suffix, read_scans
 from braintumor.errors import ImageReadError, ModelLoadError
 
 SCHEMES = ("models", "runs")  # the URI schemes resolved through MLflow; anything else is refused
@@ -223,16 +223,6 @@ def image_files(paths: list[str]) -> list[Path]:
     return [file for _, file in listed_files(paths)]
 
 
-def is_clinical(path: Path) -> bool:
-    """A DICOM file, a NIfTI volume or a zip: read as series (`data/scans.py`), not as one image."""
-    try:
-        with open(path, "rb") as stream:
-            head = stream.read(132)
-    except OSError:
-        return False  # `predict` reports it
-    return kind_of(path.name, head) != "image"
-
-
 def clinical_entries(listed: list[tuple[str, Path]]) -> list[tuple[str, str, bytes]]:
     """`read_scans` entries of clinical files: a file found under a folder is named by the folder and its
     position there (plus the suffix that says what it is), never by its own path, which a hospital export may
@@ -242,8 +232,7 @@ def clinical_entries(listed: list[tuple[str, Path]]) -> list[tuple[str, str, byt
         if str(path) == source:
             name = source
         else:
-            suffix = next((s for s in (*NIFTI_SUFFIXES, ".zip") if path.name.lower().endswith(s)), "")
-            name = f"{source}#{position}{suffix}"
+            name = f"{source}#{position}{kind_suffix(path.name)}"
         entries.append((source, name, path.read_bytes()))
     return entries
 

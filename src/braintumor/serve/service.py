@@ -495,6 +495,25 @@ def create_app(
         access.record(request_id, key_id, "reload", followed.current.served, started, [])
         return {"request_id": request_id, "reloaded": swapped, "model": followed.current.served.describe()}
 
+    async def answered(uploads: list[tuple[str, bytes]], request_id: str, key_id: str, endpoint: str, started: float):
+        """Classify `uploads` off the event loop, audit each answer with the digests of its uploads, and answer."""
+        runner = followed.current
+        results, inputs = await run_in_threadpool(classify, runner, uploads, limits)
+        access.record(
+            request_id,
+            key_id,
+            endpoint,
+            runner.served,
+            started,
+            [([uploads[i][1] for i in used], result) for used, result in zip(inputs, results, strict=True)],
+        )
+        return {
+            "request_id": request_id,
+            "not_for_diagnosis": True,
+            "model": runner.served.describe(),
+            "results": results,
+        }
+
     @app.post("/v1/predict")
     async def predict(
         files: list[UploadFile] | None = File(None, description="one or more scans"),
@@ -506,23 +525,8 @@ def create_app(
         if len(files) > limits.max_files:
             raise HTTPException(413, f"{len(files)} files, over the limit of {limits.max_files} a request")
         access.spend(key_id, len(files))
-        runner = followed.current
         uploads = [(upload.filename or "upload", await upload.read(limits.max_file_bytes + 1)) for upload in files]
-        results, inputs = await run_in_threadpool(classify, runner, uploads, limits)  # the event loop stays free
-        access.record(
-            request_id,
-            key_id,
-            "predict",
-            runner.served,
-            started,
-            [([uploads[i][1] for i in used], result) for used, result in zip(inputs, results, strict=True)],
-        )
-        return {
-            "request_id": request_id,
-            "not_for_diagnosis": True,
-            "model": runner.served.describe(),
-            "results": results,
-        }
+        return await answered(uploads, request_id, key_id, "predict", started)
 
     @app.post("/v1/studies/{study_uid}/predict")
     async def predict_study(study_uid: str, key_id: str = Depends(access.caller("predict"))):
@@ -535,28 +539,13 @@ def create_app(
             raise HTTPException(404, "this server has no DICOMweb source: start it with --dicomweb URL")
         if not STUDY_UID.fullmatch(study_uid):
             raise HTTPException(422, "a StudyInstanceUID is up to 64 digits and dots")
-        runner = followed.current
         try:
             entries = await run_in_threadpool(study_entries, dicomweb, study_uid)
         except SourceError as err:
             raise HTTPException(502, str(err)) from err
         access.spend(key_id, len(entries))
         uploads = [(name, data) for _, name, data in entries]
-        results, inputs = await run_in_threadpool(classify, runner, uploads, limits)
-        access.record(
-            request_id,
-            key_id,
-            "predict_study",
-            runner.served,
-            started,
-            [([uploads[i][1] for i in used], result) for used, result in zip(inputs, results, strict=True)],
-        )
-        return {
-            "request_id": request_id,
-            "not_for_diagnosis": True,
-            "model": runner.served.describe(),
-            "results": results,
-        }
+        return await answered(uploads, request_id, key_id, "predict_study", started)
 
     @app.post(
         "/v1/explain",
