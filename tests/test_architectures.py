@@ -1,5 +1,8 @@
 """Every `train.model` variant builds, predicts probabilities and keeps training-only layers out of inference."""
 
+import subprocess
+import sys
+
 import keras
 import numpy as np
 import pytest
@@ -114,3 +117,27 @@ def test_the_shipped_graph_drops_training_only_layers_and_keeps_the_outputs(name
     np.testing.assert_allclose(load_model(tmp_path / "m.keras").predict(x, verbose=0), expected, atol=1e-6)
     save_model(graph, tmp_path / "again.keras")  # the same bytes whenever it is saved: one digest per model
     assert (tmp_path / "m.keras").read_bytes() == (tmp_path / "again.keras").read_bytes()
+
+
+SAVE_IN_A_FRESH_PROCESS = """
+import sys
+import keras
+from braintumor.model.inference import average_of, save_model
+
+def member(k):
+    inputs = keras.Input((16, 16, 3))
+    x = keras.layers.Conv2D(4, 3, activation="relu", name=f"conv{k}")(inputs)
+    x = keras.layers.GlobalAveragePooling2D(name=f"pool{k}")(x)
+    return keras.Model(inputs, keras.layers.Dense(1, activation="sigmoid", name=f"out{k}")(x), name=f"m{k}")
+
+keras.utils.set_random_seed(0)
+save_model(average_of([member(0), member(1)], mirrored=True), sys.argv[1])
+"""
+
+
+def test_the_same_model_saved_by_two_processes_has_one_digest(tmp_path):
+    """Keras writes the memory address of shared objects into the archive's config; two evaluate runs of one
+    model (two processes) must still write the same bytes, or DVC and the registry see a new model."""
+    for name in ("first.keras", "second.keras"):
+        subprocess.run([sys.executable, "-c", SAVE_IN_A_FRESH_PROCESS, str(tmp_path / name)], check=True)
+    assert (tmp_path / "first.keras").read_bytes() == (tmp_path / "second.keras").read_bytes()

@@ -55,10 +55,29 @@ def load_model(path: str | Path) -> keras.Model:
         raise ModelLoadError(f"{path}: refused by Keras safe mode or unreadable ({err})") from err
 
 
+def numbered_shared_objects(config):
+    """`config` (a Keras archive's config.json) with each `shared_object_id` (the Python `id()` of an object the
+    config names twice, so a new number in every process) replaced by its order of first appearance."""
+    numbers: dict = {}
+
+    def renumbered(node):
+        if isinstance(node, dict):
+            return {
+                key: numbers.setdefault(value, len(numbers) + 1) if key == "shared_object_id" else renumbered(value)
+                for key, value in node.items()
+            }
+        if isinstance(node, list):
+            return [renumbered(value) for value in node]
+        return node
+
+    return renumbered(config)
+
+
 def save_model(model: keras.Model, path: str | Path) -> None:
     """Save a `.keras` archive whose bytes depend on the model alone: Keras writes the save time into it (its
-    metadata and the weights' zip entry), so the same model saved twice would get two digests, and every rerun of
-    evaluate would look like a new model to DVC and the registry."""
+    metadata and the weights' zip entry) and the memory address of shared objects (its config), so the same
+    model saved twice would get two digests, and every rerun of evaluate would look like a new model to DVC and
+    the registry."""
     path = Path(path)
     scratch = path.with_name(f"{path.stem}.unstable.keras")
     model.save(scratch)
@@ -69,6 +88,8 @@ def save_model(model: keras.Model, path: str | Path) -> None:
                 metadata = json.loads(data)
                 metadata.pop("date_saved", None)
                 data = json.dumps(metadata).encode()
+            elif entry.filename == "config.json":
+                data = json.dumps(numbered_shared_objects(json.loads(data))).encode()
             fixed = zipfile.ZipInfo(entry.filename, date_time=(1980, 1, 1, 0, 0, 0))
             fixed.compress_type = entry.compress_type
             stable.writestr(fixed, data)
