@@ -93,12 +93,16 @@ def tiny_ensemble(size: int = 32) -> keras.Model:
         x = keras.layers.Rescaling(1 / 255)(inputs)
         x = keras.layers.Conv2D(8, 3, padding="same", activation="relu")(x)
         y = keras.layers.Conv2D(8, 3, padding="same")(x)
+        y = keras.layers.GroupNormalization(groups=4)(y)
         x = keras.layers.Add()([x, y])
         x = keras.layers.GlobalAveragePooling2D()(keras.layers.Conv2D(16, 3, strides=2, activation="relu")(x))
         return keras.Model(inputs, keras.layers.Dense(1, activation="sigmoid", name="prediction")(x), name=f"m_fold{k}")
 
     keras.utils.set_random_seed(0)
-    return average_of([member(0), member(1)], mirrored=True)
+    members = [member(0), member(1)]
+    for layer in [layer for m in members for layer in m.layers if isinstance(layer, keras.layers.GroupNormalization)]:
+        layer.set_weights([np.random.default_rng(1).normal(1, 0.5, 8), np.random.default_rng(2).normal(0, 0.5, 8)])
+    return average_of(members, mirrored=True)
 
 
 def test_the_scoring_model_gives_the_shipped_output_each_member_view_and_the_gate_features():
@@ -169,6 +173,22 @@ def test_a_description_with_a_malformed_calibration_or_band_is_refused():
     ):
         with pytest.raises(ModelLoadError):
             Assessor({"threshold": 0.3, **bad}, None)
+
+
+def test_the_exported_group_normalisation_is_keras_layer_also_far_from_zero():
+    """`GroupNormByChannelMoments` (what the ONNX export computes) equals the trained layer, also on activations
+    whose mean is a hundred times their spread, where a one-pass variance would cancel."""
+    from braintumor.model.scoring import GroupNormByChannelMoments
+
+    rng = np.random.default_rng(5)
+    inputs = keras.Input((6, 5, 12))
+    trained = keras.layers.GroupNormalization(groups=3)
+    keras.Model(inputs, trained(inputs))
+    trained.set_weights([rng.normal(1, 0.5, 12), rng.normal(0, 0.5, 12)])
+    for offset, spread in ((0.0, 1.0), (50.0, 0.5)):
+        x = (offset + spread * rng.normal(size=(4, 6, 5, 12))).astype("float32")
+        expected = keras.ops.convert_to_numpy(trained(x))
+        assert np.abs(keras.ops.convert_to_numpy(GroupNormByChannelMoments(trained)(x)) - expected).max() < 1e-4
 
 
 def test_the_onnx_export_scores_as_keras_and_loads_only_as_described(tmp_path):
