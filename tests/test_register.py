@@ -96,6 +96,24 @@ def test_a_champion_without_the_gate_yields_to_the_same_model_with_it(
     assert run((older, params))["champion_version"] == 2  # and the older one does not take it back
 
 
+def test_of_level_models_the_newer_one_is_the_champion(mlflow_server, trained_states, monkeypatch, in_tmp, tmp_path):
+    """The same figures and contents from a later evaluate (here: the model described anew, as when a new export
+    of the same network ships) take the alias, so `@champion` is what the pipeline makes now; registering the
+    older state again reuses its run and does not take the alias back."""
+    workspace, params = trained_states["seed_cnn"]
+    newer = tmp_path / "newer"
+    shutil.copytree(workspace, newer)
+    info = json.loads((newer / "models/model.json").read_text())
+    info["input"] += " (described anew)"
+    (newer / "models/model.json").write_text(json.dumps(info))
+    run = registering(mlflow_server, monkeypatch, "level")
+    assert run((workspace, params))["champion_version"] == 1
+    decision = run((newer, params))
+    assert decision["champion_version"] == 2 and "level with the champion" in decision["outcome"]
+    again = run((workspace, params))
+    assert again["run_logged"] == 0 and again["champion_version"] == 2
+
+
 def test_run_holds_params_epoch_metrics_tags_model_and_card(mlflow_server, trained_states, monkeypatch, in_tmp):
     decision = registering(mlflow_server, monkeypatch, "contents")(trained_states["seed_cnn"])
     client = MlflowClient()

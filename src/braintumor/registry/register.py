@@ -1,16 +1,16 @@
 """The `register` stage: record this pipeline state in MLflow and keep the registry's `champion` the best model.
 
 Selection rule (params `register.*`): among the MLflow runs on the same data fingerprint (same deduplicated
-images, labels and split) and the same `evaluate.target_recall`, whose test recall, accuracy and specificity
-clear the floors, the candidate has the highest out-of-fold accuracy at the target recall, then the highest
-test recall, then test accuracy (then the earliest run). Every run's threshold puts its out-of-fold recall at
-the target, so out-of-fold accuracy says how many healthy scans it clears at that recall, measured on all
-~2000 train+val images. Ranking on the ~220 test images instead let one scan decide (one tumor is 0.5
-points of test recall) and made the test split part of model selection; it stays the unbiased report, and a
-floor. The candidate is registered under `register.model_name` with the model card as its description, and
-the alias `champion` moves to it only when it ranks above the current champion. A champion evaluated on
-other data or at another target recall is not comparable: `register.champion_on_new_data` says whether the
-candidate then replaces it or the champion stays.
+images, labels and split) and the same `evaluate.target_recall`, whose test recall, accuracy and specificity clear
+the floors, the candidate has the highest out-of-fold accuracy at the target recall, then the highest test recall,
+then test accuracy (then what its model carries, then the latest run). Every run's threshold puts its out-of-fold
+recall at the target, so out-of-fold accuracy says how many healthy scans it clears at that recall, measured on
+all ~2000 train+val images. Ranking on the ~220 test images instead let one scan decide (one tumor is 0.5 points
+of test recall) and made the test split part of model selection; it stays the unbiased report, and a floor. The
+candidate is registered under `register.model_name` with the model card as its description, and the alias
+`champion` moves to it only when it ranks above the current champion. A champion evaluated on other data or at
+another target recall is not comparable: `register.champion_on_new_data` says whether the candidate then replaces
+it or the champion stays.
 
 It is a DVC stage so that every `dvc repro` and `dvc exp run` records its run and updates the registry, and
 `metrics/register.json` (the decision) is versioned with each experiment. The decision runs under a file
@@ -83,8 +83,9 @@ def eligible_runs(experiment: str, fingerprint: str, target_recall: float, floor
         f"and {clears}",
     )
     runs = [run for run in runs if MODEL_URI_TAG in run.data.tags]
-    # level runs: the one whose model carries most (calibration, the gate, an ONNX export) first, then the earliest
-    return sorted(runs, key=lambda run: (*(-value for value in ranking(run)), -len(carried(run)), run.info.start_time))
+    # level runs: the one whose model carries most (calibration, the gate, an ONNX export) first, then the latest:
+    # level in everything, a later model is the same figures from newer code (a faster export, a stabler archive)
+    return sorted(runs, key=lambda run: (*(-value for value in ranking(run)), -len(carried(run)), -run.info.start_time))
 
 
 def summary(run, version=None) -> dict:
@@ -152,6 +153,12 @@ def decide(candidate, champion, champion_on_new_data: str) -> tuple[bool, str]:
     if ranking(candidate) == ranking(champion) and carried(candidate) > carried(champion):
         added = " and ".join(CARRIED_TEXT[k] for k in CARRIED_TEXT if k in carried(candidate) - carried(champion))
         return True, f"candidate {ours} ranks level with the champion and adds {added}"
+    if (
+        ranking(candidate) == ranking(champion)
+        and carried(candidate) == carried(champion)
+        and candidate.info.start_time > champion.info.start_time
+    ):
+        return True, f"candidate {ours} is level with the champion in figures and contents, and newer"
     return False, f"champion {theirs} is at least as good as {ours}"
 
 
