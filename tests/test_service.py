@@ -274,9 +274,10 @@ def test_serve_will_not_listen_beyond_loopback_without_keys(capsys):
     check_exposure("0.0.0.0", [])  # a keys file, even an empty one, means every call needs a key
 
 
-def test_concurrent_requests_share_model_calls_and_get_their_own_rows():
+@pytest.mark.parametrize("workers", [1, 2])
+def test_concurrent_requests_share_model_calls_and_get_their_own_rows(workers):
     """The micro-batcher: 8 requests in flight at once take fewer model calls than requests, each gets back
-    exactly its own rows, and a failing call fails the requests of its batch only."""
+    exactly its own rows, and a failing call fails the requests of its batch only; with one worker a core."""
     import threading
     from concurrent.futures import ThreadPoolExecutor
 
@@ -292,7 +293,7 @@ def test_concurrent_requests_share_model_calls_and_get_their_own_rows():
             raise ValueError("a bad image in this batch")
         return [images * 2, images.sum(axis=1)]
 
-    batcher = MicroBatcher(run, max_images=64, max_wait_s=0.2)
+    batcher = MicroBatcher(run, max_images=64, max_wait_s=0.2, workers=workers)
 
     def request(k: int):
         with batcher.request():
@@ -309,3 +310,33 @@ def test_concurrent_requests_share_model_calls_and_get_their_own_rows():
     started = time.perf_counter()
     assert (batcher(np.ones((2, 3), dtype=np.int64))[0] == 2).all()  # the loop lives on
     assert time.perf_counter() - started < 0.15  # alone, a request does not wait out the 0.2 s window
+
+
+def test_the_workers_of_a_micro_batcher_run_their_batches_side_by_side():
+    """Two workers: two model calls at once (never more), so two cores each run one single-threaded call; a
+    request larger than a batch is shared between them and gets its rows back in order."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    import numpy as np
+
+    from braintumor.serve.service import MicroBatcher
+
+    running, most, counting = [0], [0], threading.Lock()
+
+    def run(images):
+        with counting:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        time.sleep(0.05)
+        with counting:
+            running[0] -= 1
+        return [images]
+
+    batcher = MicroBatcher(run, max_images=1, max_wait_s=0.2, workers=2)
+    with ThreadPoolExecutor(6) as pool:
+        answers = list(pool.map(lambda k: batcher(np.full((1, 2), k))[0], range(6)))
+    assert [int(a[0, 0]) for a in answers] == list(range(6)) and most[0] == 2
+    most[0] = 0
+    large = np.arange(12).reshape(6, 2)
+    assert (batcher(large)[0] == large).all() and most[0] == 2

@@ -59,16 +59,19 @@ class LoadedModel:
         return self._model
 
 
-def _from_keras_file(path: Path, info: dict, where: str, runtime: str = "auto") -> LoadedModel:
+def _from_keras_file(
+    path: Path, info: dict, where: str, runtime: str = "auto", onnx_threads: int | None = None
+) -> LoadedModel:
     """The model at `path` (a Keras archive), its description `info`, the gate file beside the archive when the
     description names one, and its ONNX export when the description names one and `runtime` allows it (SHA-256s
-    checked). `runtime` "auto" takes ONNX Runtime when the export and onnxruntime are there, "onnx" insists."""
+    checked). `runtime` "auto" takes ONNX Runtime when the export and onnxruntime are there, "onnx" insists;
+    `onnx_threads`: its threads a call (None: one a core)."""
     from braintumor.model.assessment import Assessor
     from braintumor.model.gate import GATE_FILE, FeatureGate
     from braintumor.model.outputs import check_description
 
     info = check_description(info, where)
-    onnx = onnx_runtime(info, path, where, runtime)
+    onnx = onnx_runtime(info, path, where, runtime, onnx_threads)
     if onnx is not None:
         scorer, model = onnx, None
         widths = scorer.feature_widths()
@@ -84,7 +87,7 @@ def _from_keras_file(path: Path, info: dict, where: str, runtime: str = "auto") 
     return LoadedModel(info, scorer, Assessor(info, gate, where), "onnx" if onnx else "keras", path.read_bytes(), model)
 
 
-def onnx_runtime(info: dict, path: Path, where: str, runtime: str):
+def onnx_runtime(info: dict, path: Path, where: str, runtime: str, threads: int | None = None):
     """The ONNX export beside the archive as an `OnnxScorer`, or None where `runtime` is "keras" or ("auto") the
     description names no export, or onnxruntime is not installed."""
     if runtime not in RUNTIMES:
@@ -102,14 +105,14 @@ def onnx_runtime(info: dict, path: Path, where: str, runtime: str):
         if runtime == "auto":
             return None
         raise ModelLoadError(f"ONNX Runtime is not installed ({err}); pip install onnxruntime onnx") from err
-    scorer = OnnxScorer(path.with_name(ONNX_FILE), str(described.get("sha256")), int(info["image_size"]))
+    scorer = OnnxScorer(path.with_name(ONNX_FILE), str(described.get("sha256")), int(info["image_size"]), threads)
     classes = 1 if len(info["class_names"]) == 2 else len(info["class_names"])
     if scorer.output_shape[0][-1] != classes:
         raise ModelLoadError(f"{where}: the ONNX graph has {scorer.output_shape[0][-1]} outputs, not {classes}")
     return scorer
 
 
-def _from_mlflow_folder(folder: Path, runtime: str = "auto") -> LoadedModel:
+def _from_mlflow_folder(folder: Path, runtime: str = "auto", onnx_threads: int | None = None) -> LoadedModel:
     """The Keras archive of an MLflow model folder, read the way `mlflow.keras` lays it out, without its loader
     (which takes safe mode from the environment and loads exported SavedModels with TensorFlow)."""
     from mlflow.models import Model
@@ -139,12 +142,12 @@ def _from_mlflow_folder(folder: Path, runtime: str = "auto") -> LoadedModel:
         raise ModelLoadError(
             f"{where}: the MLflow model has no threshold in its metadata; it was not logged by `braintumor register`"
         )
-    return _from_keras_file(archive, info, where, runtime)
+    return _from_keras_file(archive, info, where, runtime, onnx_threads)
 
 
-def load(reference: str, runtime: str = "auto") -> LoadedModel:
+def load(reference: str, runtime: str = "auto", onnx_threads: int | None = None) -> LoadedModel:
     """Resolve `reference` (see the module docstring) to the model and what inference needs, answered by ONNX
-    Runtime or Keras as `runtime` says (see `_from_keras_file`)."""
+    Runtime (`onnx_threads` a call) or Keras as `runtime` says (see `_from_keras_file`)."""
     scheme = urlparse(reference).scheme
     if scheme and scheme not in SCHEMES:
         from braintumor.registry.tracking import redact
@@ -166,12 +169,12 @@ def load(reference: str, runtime: str = "auto") -> LoadedModel:
                 info = json.loads(sidecar.read_text())
             except (ValueError, UnicodeDecodeError) as err:
                 raise ModelLoadError(f"{sidecar}: not valid JSON ({err})") from err
-            return _from_keras_file(path, info if isinstance(info, dict) else {}, str(sidecar), runtime)
+            return _from_keras_file(path, info if isinstance(info, dict) else {}, str(sidecar), runtime, onnx_threads)
         if path.is_dir():
             if (path / "MLmodel").is_file():
-                return _from_mlflow_folder(path, runtime)
+                return _from_mlflow_folder(path, runtime, onnx_threads)
             if (path / "model.keras").is_file():
-                return load(str(path / "model.keras"), runtime)
+                return load(str(path / "model.keras"), runtime, onnx_threads)
             raise ModelLoadError(f"{path}: neither an MLflow model folder nor a folder with model.keras")
         raise ModelLoadError(f"{reference}: no such model file or folder, and not a models:/ or runs:/ URI")
     import mlflow
@@ -189,7 +192,7 @@ def load(reference: str, runtime: str = "auto") -> LoadedModel:
                 f"{redact(mlflow.get_tracking_uri())}; set MLFLOW_TRACKING_URI to the server or "
                 "database that holds the model)"
             ) from err
-        return _from_mlflow_folder(folder, runtime)
+        return _from_mlflow_folder(folder, runtime, onnx_threads)
 
 
 def connect_tracking() -> None:
