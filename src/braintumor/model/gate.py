@@ -50,28 +50,32 @@ class FeatureGate:
     def __init__(self, means: list[list[np.ndarray]], precisions: list[list[np.ndarray]], scales, member_scales):
         self.means, self.precisions = means, precisions
         self.scales, self.member_scales = np.asarray(scales), np.asarray(member_scales)
+        # per feature group, every member's class means (members, 2, width) and precision (members, width, width):
+        # serving takes one batched product a group, not one a member and group (40 small products an image)
+        self.by_group = [
+            (np.stack([member[g] for member in means]), np.stack([member[g] for member in precisions]))
+            for g in range(self.scales.shape[1])
+        ]
         self.out_of_fold_refused = float("nan")  # share of held-out images refused, known after `fit`
 
     @property
     def shape(self) -> tuple[int, int]:
         return self.scales.shape
 
-    def member_distance(self, member: int, groups: list[np.ndarray]) -> np.ndarray:
-        per_group = [
-            class_distance(normalised(f), self.means[member][g], self.precisions[member][g]) / self.scales[member, g]
-            for g, f in enumerate(groups)
-        ]
-        return np.mean(per_group, axis=0) / self.member_scales[member]
-
     def distance(self, features: list[np.ndarray]) -> np.ndarray:
-        """Mean over members of the scaled distance; `features`: the scoring model's feature outputs (all groups
-        of member 0, then member 1, ...)."""
+        """Mean over members of the scaled distance (each member: the mean over its feature groups of the
+        distance to the nearer class, over that group's held-out scale, over the member's scale); `features`:
+        the scoring model's feature outputs (all groups of member 0, then member 1, ...)."""
         members, groups = self.shape
         if len(features) != members * groups:
             raise ValueError(f"the gate expects {members * groups} feature groups, got {len(features)}")
-        return np.mean(
-            [self.member_distance(m, features[m * groups : (m + 1) * groups]) for m in range(members)], axis=0
-        )
+        summed = 0.0
+        for g, (means, precisions) in enumerate(self.by_group):
+            f = np.stack([normalised(features[m * groups + g]) for m in range(members)])  # (members, images, width)
+            centred = f[:, None] - means[:, :, None]  # (members, class, images, width)
+            nearest = np.sum((centred @ precisions[:, None]) * centred, axis=-1).min(axis=1)
+            summed = summed + nearest / self.scales[:, g, None]
+        return np.mean(summed / groups / self.member_scales[:, None], axis=0)
 
     @classmethod
     def fit(cls, features: list[np.ndarray], labels: np.ndarray, folds: np.ndarray, members: int) -> FeatureGate:
