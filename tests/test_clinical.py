@@ -18,8 +18,8 @@ import pydicom
 import pytest
 from PIL import Image
 from pydicom.data import get_testdata_file
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
+from pydicom.dataset import Dataset
+from pydicom.uid import generate_uid
 
 from braintumor import cli
 from braintumor.data import scans
@@ -27,6 +27,9 @@ from braintumor.data.dicom import read_dicom
 from braintumor.data.images import prepare, to_grayscale
 from braintumor.data.scans import read_scans
 from braintumor.model.series_verdict import series_answer
+
+from fixtures import dicom
+from fixtures.dicom import dicom_bytes
 
 # Identifiers planted in every DICOM written here: none may reach an output, a log line or an answer.
 PATIENT = {
@@ -51,34 +54,8 @@ def mni() -> np.ndarray:
 
 
 def mr_dataset(pixels: np.ndarray, **elements) -> Dataset:
-    """A DICOM MR image of `pixels` (uint16 or int16) with the planted identifiers; `elements` override."""
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = MRImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = MRImageStorage, meta.MediaStorageSOPInstanceUID
-    ds.Modality = "MR"
-    ds.StudyInstanceUID = ds.SeriesInstanceUID = generate_uid()
-    for keyword, value in PATIENT.items():
-        setattr(ds, keyword, value)
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.Rows, ds.Columns = pixels.shape[-2:]
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 16, 15
-    ds.PixelRepresentation = int(pixels.dtype.kind == "i")
-    for keyword, value in elements.items():
-        setattr(ds, keyword, value)
-    if pixels.ndim == 3:
-        ds.NumberOfFrames = len(pixels)
-    ds.PixelData = np.ascontiguousarray(pixels).tobytes()
-    return ds
-
-
-def dicom_bytes(ds: Dataset) -> bytes:
-    out = io.BytesIO()
-    ds.save_as(out, enforce_file_format=True)
-    return out.getvalue()
+    """A DICOM MR image of `pixels` with the planted identifiers; `elements` override."""
+    return dicom.mr_dataset(pixels, **{**PATIENT, **elements})
 
 
 def axial_series(

@@ -3,7 +3,6 @@ a real headless Chromium (Debian's package, driven by Playwright), and a bounded
 
 from __future__ import annotations
 
-import io
 import json
 import shutil
 import zipfile
@@ -20,6 +19,7 @@ from braintumor.serve.access import add_key
 from braintumor.serve.predict import load, predict, predict_series
 
 from conftest import save
+from fixtures.dicom import dicom_bytes, mr_dataset
 from fixtures.servers import BIN, free_port, serving
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -44,28 +44,21 @@ def scans(trained_states, tmp_path_factory) -> list[Path]:
 
 def zipped_series(path: Path, slices: list[np.ndarray]) -> Path:
     """A zipped MR series of 8-bit slices (one DICOM file each, positioned, windowed to their full range)."""
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
+    from pydicom.uid import generate_uid
 
     series, study = generate_uid(), generate_uid()
     with zipfile.ZipFile(path, "w") as archive:
         for k, pixels in enumerate(slices):
-            meta = FileMetaDataset()
-            meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = MRImageStorage, generate_uid()
-            meta.TransferSyntaxUID = ExplicitVRLittleEndian
-            ds = Dataset()
-            ds.file_meta = meta
-            ds.SOPClassUID, ds.SOPInstanceUID = MRImageStorage, meta.MediaStorageSOPInstanceUID
-            ds.Modality, ds.SeriesInstanceUID, ds.StudyInstanceUID = "MR", series, study
-            ds.Rows, ds.Columns = pixels.shape
-            ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-            ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
-            ds.WindowCenter, ds.WindowWidth = 128, 256
-            ds.ImageOrientationPatient, ds.ImagePositionPatient = [1, 0, 0, 0, 1, 0], [0.0, 0.0, float(k)]
-            ds.PixelData = pixels.astype(np.uint16).tobytes()
-            out = io.BytesIO()
-            ds.save_as(out, enforce_file_format=True)
-            archive.writestr(f"IM{k:04d}", out.getvalue())
+            ds = mr_dataset(
+                pixels.astype(np.uint16),
+                SeriesInstanceUID=series,
+                StudyInstanceUID=study,
+                WindowCenter=128,
+                WindowWidth=256,
+                ImageOrientationPatient=[1, 0, 0, 0, 1, 0],
+                ImagePositionPatient=[0.0, 0.0, float(k)],
+            )
+            archive.writestr(f"IM{k:04d}", dicom_bytes(ds))
     return path
 
 
