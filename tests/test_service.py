@@ -123,6 +123,38 @@ def test_explain_answers_the_scan_beside_its_overlay(local_client):
     assert bad.status_code == 422 and "x.png" in bad.json()["detail"]
 
 
+def test_explain_draws_the_slice_of_the_series_it_is_asked_for(local_client):
+    """Loose DICOM of two series: `series` picks one (by the name the predict answer gave it) and `slice` one of
+    its slices, drawn as it was scored; a missing choice, an unknown series or slice gets a 422 that says so."""
+    from pydicom.uid import generate_uid
+
+    from fixtures.dicom import dicom_bytes, mr_dataset
+
+    client, _ = local_client
+    uploads = []
+    for series in (generate_uid(), generate_uid()):
+        for k in range(3):
+            position = {"ImageOrientationPatient": [1, 0, 0, 0, 1, 0], "ImagePositionPatient": [0.0, 0.0, float(k)]}
+            ds = mr_dataset(brain_image(len(uploads)).astype("uint16"), SeriesInstanceUID=series, **position)
+            uploads.append(("files", (f"IM{len(uploads)}", dicom_bytes(ds))))
+    answered = client.post("/v1/predict", files=uploads).json()["results"]
+    names = [result["series"] for result in answered]
+    assert len(names) == 2
+    panels = []
+    for name in names:
+        for k in (0, 2):
+            answer = client.post("/v1/explain", files=uploads, data={"series": name, "slice": str(k)})
+            assert answer.status_code == 200 and answer.headers["content-type"] == "image/png"
+            panels.append(answer.content)
+    assert len(set(panels)) == 4  # four different slices, four different panels
+    unnamed = client.post("/v1/explain", files=uploads)
+    assert unnamed.status_code == 422 and "no_single_scan" in unnamed.json()["detail"]
+    unknown = client.post("/v1/explain", files=uploads, data={"series": "series-0000", "slice": "0"})
+    assert unknown.status_code == 422 and "series-0000" in unknown.json()["detail"]
+    past = client.post("/v1/explain", files=uploads, data={"series": names[0], "slice": "3"})
+    assert past.status_code == 422 and "slice 3 of 3" in past.json()["detail"]
+
+
 def test_the_page_and_its_assets_are_served_from_the_app(local_client):
     client, _ = local_client
     page = client.get("/")

@@ -168,9 +168,24 @@ def test_the_page_ranks_scans_lists_bad_files_and_shows_the_overlay(server, scan
         page.wait_for_selector("#slices li")
         assert page.locator("#slices li").count() == 6
         assert page.locator("#slices li.driving").count() == len(server.study["driving_slices"])
+        shown = "() => { const i = document.querySelector('#overlay'); return i.naturalWidth > 0 && i.src !== %r; }"
+        page.wait_for_function(shown % "", timeout=60_000)  # the slice that drove the reading, with its evidence
+        first = page.locator("#slices li.shown")
+        read = [s["slice"] for s in server.study["slice_results"] if s["status"] != "out_of_distribution"]
+        driving = server.study["driving_slices"]
+        assert page.locator("#slices li.readable").count() == len(read)  # the gate's refusals get no overlay
+        assert first.count() == 1 and int(first.get_attribute("data-slice")) == (driving or read)[0]
+        assert f"Slice {(driving or read)[0] + 1} shown" in page.locator("#detail-reading").inner_text()
+        if len(read) > 1:  # this tiny model's gate may read a single slice of the six
+            other = page.locator(f"#slices li[data-slice='{[k for k in read if k != (driving or read)[0]][0]}']")
+            before = page.locator("#overlay").get_attribute("src")
+            other.click()
+            page.wait_for_function(shown % before, timeout=60_000)
+            assert page.locator("#slices li.shown").get_attribute("data-slice") == other.get_attribute("data-slice")
         plain = page.locator("#queue tbody tr[data-filename]:not([data-series])").first
+        before = page.locator("#overlay").get_attribute("src")
         plain.click()
-        page.wait_for_function("document.querySelector('#overlay').naturalWidth > 0", timeout=60_000)
+        page.wait_for_function(shown % before, timeout=60_000)
         assert page.locator("#detail-title").inner_text() == plain.get_attribute("data-filename")
         page.screenshot(path=str(tmp_path / "triage.png"), full_page=True)
         browser.close()

@@ -6,7 +6,7 @@ the same resolver and its safety checks), warms it up, and serves:
 - `POST /v1/predict`: P(tumor) and the label at the model's threshold for each uploaded scan, in upload order,
   or an error naming what is wrong with a file; DICOM files, NIfTI volumes and zipped studies are answered per
   series; `POST /v1/studies/{uid}/predict`: the same for a study pulled from `--dicomweb`;
-  `POST /v1/explain`: the scan beside its evidence map (PNG);
+  `POST /v1/explain`: an image, or one slice of a series, beside its evidence map (PNG);
 - `GET /v1/model`: which model answers (name, version, alias, threshold), its test metrics and model card;
 - `GET /healthz`, `GET /readyz`; `POST /v1/reload`, and a poll of the registry alias (`--poll-seconds`): when
   the alias moves to another version, the new model is loaded and warmed up beside the old one, then swapped
@@ -35,14 +35,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from fastapi import Depends, FastAPI, File, HTTPException, Security, UploadFile
+from fastapi import Depends, FastAPI, File, Form, HTTPException, Security, UploadFile
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import APIKeyHeader
 from fastapi.staticfiles import StaticFiles
 from PIL import Image
 from starlette.concurrency import run_in_threadpool
 
-from braintumor.data.images import DEFAULT_MAX_PIXELS, open_image, prepare, to_grayscale
+from braintumor.data.images import DEFAULT_MAX_PIXELS, prepare
 from braintumor.data.scans import read_scans
 from braintumor.errors import ImageReadError, ModelLoadError
 from braintumor.serve.access import KEY_HEADER, ApiKey, AuditLog, RateLimit, find_key, scan_record
@@ -313,11 +313,30 @@ class FollowedAlias:
             threading.Thread(target=self.poll, name="alias-poll", daemon=True).start()
 
 
-def read_scan(name: str, data: bytes, size: int, limits: Limits) -> np.ndarray:
-    """The model input of an uploaded file, decoded in memory exactly as `braintumor predict` decodes files."""
-    if len(data) > limits.max_file_bytes:
-        raise ImageReadError(name, "too_large", f"{len(data)} bytes, over the limit of {limits.max_file_bytes}")
-    return prepare(to_grayscale(open_image(name, data=data, max_pixels=limits.max_pixels)), size)
+def explained_slice(uploads: list[tuple[str, bytes]], series: str | None, index: int, size: int, limits: Limits):
+    """The model input of one slice of `uploads` (what `classify` scored for it): of the series named `series`
+    (an answer's `series` field), or of the one scan the uploads hold, at `index` in series order (an image: 0).
+    An `ImageReadError` names what cannot be read, chosen or drawn."""
+    names = ", ".join(name for name, _ in uploads)
+    for name, data in uploads:
+        if len(data) > limits.max_file_bytes:
+            raise ImageReadError(name, "too_large", f"{len(data)} bytes, over the limit of {limits.max_file_bytes}")
+    found, errors = read_scans([(name, name, data) for name, data in uploads], limits.max_pixels, limits.max_file_bytes)
+    if series is not None:
+        found = [one for one in found if one.name == series]
+    if len(found) != 1:
+        if errors and not found:
+            _, name, error = errors[0]
+            reason, _, detail = error.partition(": ")
+            raise ImageReadError(name, reason, detail or error)
+        wanted = f"no series {series!r}" if series is not None else f"{len(found)} scans; name one with `series`"
+        raise ImageReadError(names, "no_single_scan", f"{wanted} among the uploads")
+    (scan,) = found
+    if scan.refusal is not None:
+        raise ImageReadError(names, "not_read", scan.refusal)
+    if not 0 <= index < len(scan.slices):
+        raise ImageReadError(names, "no_such_slice", f"slice {index} of {len(scan.slices)} (numbered from 0)")
+    return prepare(scan.slices[index], size)
 
 
 def classify(runner: ModelRunner, uploads: list[tuple[str, bytes]], limits: Limits) -> tuple[list[dict], list]:
@@ -580,20 +599,30 @@ def create_app(
         responses={200: {"content": {"image/png": {}}, "description": "the scan and its evidence map"}},
     )
     async def explain(
-        file: UploadFile = File(..., description="one scan"), key_id: str = Depends(access.caller("explain"))
+        file: UploadFile | None = File(None, description="one scan: an image, a DICOM file, NIfTI or zipped study"),
+        files: list[UploadFile] | None = File(None, description="or the loose DICOM files of a study"),
+        series: str | None = Form(None, description="which series of the upload: its `series` in the answer"),
+        slice_index: int = Form(0, alias="slice", ge=0, description="which slice, numbered as `slice_results`"),
+        key_id: str = Depends(access.caller("explain")),
     ):
         started, request_id = time.perf_counter(), uuid.uuid4().hex
+        sent = ([file] if file else []) + (files or [])
+        if not sent:
+            raise HTTPException(400, "no scan: send it in the multipart field `file` (or `files`, with `series`)")
+        if len(sent) > limits.max_files:
+            raise HTTPException(413, f"{len(sent)} files, over the limit of {limits.max_files} a request")
         access.spend(key_id, 1)
         runner = followed.current
         size = int(runner.served.loaded.info["image_size"])
-        data = await file.read(limits.max_file_bytes + 1)
+        uploads = [(one.filename or "upload", await one.read(limits.max_file_bytes + 1)) for one in sent]
+        data = [content for _, content in uploads]
         try:
-            image = await run_in_threadpool(read_scan, file.filename or "upload", data, size, limits)
+            image = await run_in_threadpool(explained_slice, uploads, series, slice_index, size, limits)
         except ImageReadError as err:
-            access.record(request_id, key_id, "explain", runner.served, started, [([data], {"error": err.reason})])
-            raise HTTPException(422, f"{file.filename}: {err.reason}: {err.detail}") from err
+            access.record(request_id, key_id, "explain", runner.served, started, [(data, {"error": err.reason})])
+            raise HTTPException(422, f"{err.path}: {err.reason}: {err.detail}") from err
         png = await run_in_threadpool(lambda: side_by_side(image, runner.evidence_map(image)))
-        access.record(request_id, key_id, "explain", runner.served, started, [([data], {"status": "explained"})])
+        access.record(request_id, key_id, "explain", runner.served, started, [(data, {"status": "explained"})])
         return Response(
             png,
             media_type="image/png",

@@ -100,31 +100,57 @@ async function select(item, row) {
     : item.label ? "tumor suspected" : "no tumor found";
   $("#detail-reading").textContent = `P(tumor) ${percent(item.probability)}: ${verdict} ` +
     `(model version ${item.version ?? "local"}; not for diagnosis)`;
-  const image = $("#overlay");
-  image.removeAttribute("src");
+  $("#overlay").removeAttribute("src");
   const slices = $("#slices");
   slices.replaceChildren();
   slices.hidden = !item.series;
-  image.hidden = Boolean(item.series);
-  if (item.series) {
-    item.slices.forEach((s) => {
-      const li = document.createElement("li");
-      const reading = s.status === "out_of_distribution" ? "not read"
-        : s.status === "uncertain" ? `${percent(s.probability)}, uncertain`
-        : `${percent(s.probability)}, ${s.label ? "tumor suspected" : "no tumor found"}`;
-      li.textContent = `slice ${s.slice + 1}: ${reading}`;
-      if (item.driving.includes(s.slice)) li.className = "driving";
-      slices.appendChild(li);
-    });
-    return;  // evidence maps of a series' slices: `braintumor predict --explain`
+  if (!item.series) {
+    const form = new FormData();
+    form.append("file", item.file, item.file.name);
+    await overlay(form, "");
+    return;
   }
+  const items = item.slices.map((s) => {
+    const li = document.createElement("li");
+    const reading = s.status === "out_of_distribution" ? "not read"
+      : s.status === "uncertain" ? `${percent(s.probability)}, uncertain`
+      : `${percent(s.probability)}, ${s.label ? "tumor suspected" : "no tumor found"}`;
+    li.textContent = `slice ${s.slice + 1}: ${reading}`;
+    li.dataset.slice = s.slice;
+    li.classList.toggle("driving", item.driving.includes(s.slice));
+    if (s.status !== "out_of_distribution") {
+      li.classList.add("readable");
+      li.addEventListener("click", () => showSlice(item, li));
+    }
+    slices.appendChild(li);
+    return li;
+  });
+  // the slice that drove the reading first, else the first one read
+  const first = items.find((li) => li.classList.contains("driving")) || items.find((li) => li.classList.contains("readable"));
+  if (first) await showSlice(item, first);
+}
+
+async function showSlice(item, li) {
+  document.querySelectorAll("#slices li.shown").forEach((other) => other.classList.remove("shown"));
+  li.classList.add("shown");
   const form = new FormData();
-  form.append("file", item.file, item.filename);
+  item.files.forEach((file) => form.append("files", file, file.name));
+  form.append("series", item.series);
+  form.append("slice", li.dataset.slice);
+  await overlay(form, ` Slice ${Number(li.dataset.slice) + 1} shown.`);
+}
+
+// The scan (or slice) as it was scored beside its evidence map, from /v1/explain.
+async function overlay(form, note) {
+  const image = $("#overlay");
+  image.removeAttribute("src");
   const answer = await fetch("/v1/explain", { method: "POST", body: form, headers: headers() });
+  const reading = $("#detail-reading").textContent.replace(/ Slice \d+ shown\.$| — no overlay: .*$/, "");
   if (answer.ok) {
     image.src = URL.createObjectURL(await answer.blob());
+    $("#detail-reading").textContent = reading + note;
   } else {
-    $("#detail-reading").textContent += ` — no overlay: ${(await answer.json()).detail}`;
+    $("#detail-reading").textContent = reading + ` — no overlay: ${(await answer.json()).detail}`;
   }
 }
 
@@ -170,7 +196,7 @@ async function upload(files) {
       if ("error" in result) failures.push({ filename: name, error: result.error });
       else if (result.status === "out_of_distribution") {
         failures.push({ filename: name, error: `not read: ${result.reason}` });
-      } else queue.push({ file: part.find((file) => file.name === result.filename), filename: name,
+      } else queue.push({ file: part.find((file) => file.name === result.filename), files: part, filename: name,
                           status: result.status, probability: result.probability, label: result.label,
                           reason: result.reason, version: data.model.version, series: result.series,
                           slices: result.slice_results, driving: result.driving_slices });
