@@ -125,7 +125,8 @@ def test_explain_answers_the_scan_beside_its_overlay(local_client):
 
 def test_explain_draws_the_slice_of_the_series_it_is_asked_for(local_client):
     """Loose DICOM of two series: `series` picks one (by the name the predict answer gave it) and `slice` one of
-    its slices, drawn as it was scored; a missing choice, an unknown series or slice gets a 422 that says so."""
+    its slices, drawn as it was scored; a missing choice, an unknown series or slice gets a 422 that says so,
+    without the files' names."""
     from pydicom.uid import generate_uid
 
     from fixtures.dicom import dicom_bytes, mr_dataset
@@ -149,6 +150,7 @@ def test_explain_draws_the_slice_of_the_series_it_is_asked_for(local_client):
     assert len(set(panels)) == 4  # four different slices, four different panels
     unnamed = client.post("/v1/explain", files=uploads)
     assert unnamed.status_code == 422 and "no_single_scan" in unnamed.json()["detail"]
+    assert "IM0" not in unnamed.json()["detail"]  # loose DICOM names may carry a patient's: not echoed
     unknown = client.post("/v1/explain", files=uploads, data={"series": "series-0000", "slice": "0"})
     assert unknown.status_code == 422 and "series-0000" in unknown.json()["detail"]
     past = client.post("/v1/explain", files=uploads, data={"series": names[0], "slice": "3"})

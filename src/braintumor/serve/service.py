@@ -316,8 +316,9 @@ class FollowedAlias:
 def explained_slice(uploads: list[tuple[str, bytes]], series: str | None, index: int, size: int, limits: Limits):
     """The model input of one slice of `uploads` (what `classify` scored for it): of the series named `series`
     (an answer's `series` field), or of the one scan the uploads hold, at `index` in series order (an image: 0).
-    An `ImageReadError` names what cannot be read, chosen or drawn."""
-    names = ", ".join(name for name, _ in uploads)
+    An `ImageReadError` names what cannot be read, chosen or drawn (a series by its salted name, never by the
+    names of its files, which may carry a patient's)."""
+    names = series or (uploads[0][0] if len(uploads) == 1 else f"{len(uploads)} uploaded files")
     for name, data in uploads:
         if len(data) > limits.max_file_bytes:
             raise ImageReadError(name, "too_large", f"{len(data)} bytes, over the limit of {limits.max_file_bytes}")
