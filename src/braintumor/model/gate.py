@@ -48,7 +48,6 @@ class FeatureGate:
     of the groups' mean."""
 
     def __init__(self, means: list[list[np.ndarray]], precisions: list[list[np.ndarray]], scales, member_scales):
-        self.means, self.precisions = means, precisions
         self.scales, self.member_scales = np.asarray(scales), np.asarray(member_scales)
         # per feature group, every member's class means (members, 2, width) and precision (members, width, width):
         # serving takes one batched product a group, not one a member and group (40 small products an image)
@@ -116,8 +115,8 @@ class FeatureGate:
         arrays = {"scales": self.scales, "member_scales": self.member_scales}
         for m in range(members):  # float32: half the file, distances equal to 1e-6 of the threshold
             for g in range(groups):
-                arrays[f"means_{m}_{g}"] = self.means[m][g].astype(np.float32)
-                arrays[f"precision_{m}_{g}"] = self.precisions[m][g].astype(np.float32)
+                arrays[f"means_{m}_{g}"] = self.by_group[g][0][m].astype(np.float32)
+                arrays[f"precision_{m}_{g}"] = self.by_group[g][1][m].astype(np.float32)
         with open(path, "wb") as out:
             np.savez(out, **arrays)
         return hashlib.sha256(Path(path).read_bytes()).hexdigest()
