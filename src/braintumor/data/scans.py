@@ -14,6 +14,7 @@ are often named after the patient.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import os
@@ -62,7 +63,12 @@ def series_salt() -> bytes:
     same series alike on every run; without it a name cannot be traced back to a UID by hashing known UIDs."""
     if os.environ.get(SALT_ENV):
         return os.environ[SALT_ENV].encode()
-    path = SALT_FILE.expanduser()
+    return file_salt(SALT_FILE.expanduser())
+
+
+@functools.cache
+def file_salt(path: Path) -> bytes:
+    """The salt kept at `path`, made there first if need be; read once a process (every request hashes with it)."""
     if not path.is_file():
         path.parent.mkdir(parents=True, exist_ok=True)
         try:
