@@ -8,6 +8,7 @@ const failures = [];    // {filename, error}: unreadable, refused, or not a brai
 let batchSize = 16;
 let threshold = null;   // the model's, drawn as a line between suspected and cleared scans
 let maxFiles = 64;      // files per request: loose DICOM files of one upload travel together, up to this
+let reading = "";       // the selected scan's reading, which the overlay's note follows
 
 const $ = (selector) => document.querySelector(selector);
 
@@ -98,8 +99,9 @@ async function select(item, row) {
   $("#detail-title").textContent = item.filename;
   const verdict = item.status === "uncertain" ? `uncertain, read first (${item.reason})`
     : item.label ? "tumor suspected" : "no tumor found";
-  $("#detail-reading").textContent = `P(tumor) ${percent(item.probability)}: ${verdict} ` +
+  reading = `P(tumor) ${percent(item.probability)}: ${verdict} ` +
     `(model version ${item.version ?? "local"}; not for diagnosis)`;
+  $("#detail-reading").textContent = reading;
   $("#overlay").removeAttribute("src");
   const slices = $("#slices");
   slices.replaceChildren();
@@ -112,10 +114,10 @@ async function select(item, row) {
   }
   const items = item.slices.map((s) => {
     const li = document.createElement("li");
-    const reading = s.status === "out_of_distribution" ? "not read"
+    const text = s.status === "out_of_distribution" ? "not read"
       : s.status === "uncertain" ? `${percent(s.probability)}, uncertain`
       : `${percent(s.probability)}, ${s.label ? "tumor suspected" : "no tumor found"}`;
-    li.textContent = `slice ${s.slice + 1}: ${reading}`;
+    li.textContent = `slice ${s.slice + 1}: ${text}`;
     li.dataset.slice = s.slice;
     li.classList.toggle("driving", item.driving.includes(s.slice));
     if (s.status !== "out_of_distribution") {
@@ -145,7 +147,6 @@ async function overlay(form, note) {
   const image = $("#overlay");
   image.removeAttribute("src");
   const answer = await fetch("/v1/explain", { method: "POST", body: form, headers: headers() });
-  const reading = $("#detail-reading").textContent.replace(/ Slice \d+ shown\.$| — no overlay: .*$/, "");
   if (answer.ok) {
     image.src = URL.createObjectURL(await answer.blob());
     $("#detail-reading").textContent = reading + note;
