@@ -17,32 +17,13 @@ from __future__ import annotations
 import argparse
 import os
 import tempfile
-import threading
-import time
 from pathlib import Path
 
 import numpy as np
+from onnx_graph import images_per_s, onnx_scorer  # benchmarks/ is on the path of a script run from it
 from sklearn.metrics import roc_auc_score
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-
-
-def images_per_s(session, x: np.ndarray, seconds: float, callers: int) -> float:
-    name = session.get_inputs()[0].name
-    session.run(None, {name: x})
-    done, stop = [0] * callers, time.perf_counter() + seconds
-
-    def work(k: int) -> None:
-        while time.perf_counter() < stop:
-            session.run(None, {name: x})
-            done[k] += len(x)
-
-    threads = [threading.Thread(target=work, args=(k,)) for k in range(callers)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    return sum(done) / seconds
 
 
 def paired(y: np.ndarray, p: np.ndarray, base: np.ndarray, t: float, t_base: float, resamples: int) -> dict:
@@ -68,8 +49,6 @@ def main() -> None:
     parser.add_argument("--resamples", type=int, default=1000)
     parser.add_argument("--seconds", type=float, default=2.0)
     args = parser.parse_args()
-
-    import onnxruntime
 
     from braintumor.data.datasets import load_split
     from braintumor.model.inference import average_of, inference_graph, load_model, members_of, tumor_probability
@@ -112,13 +91,10 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as scratch:
             path = Path(scratch) / "scoring.onnx"
             export_onnx(scoring_model(ensemble, with_features=True), path)
-            options = onnxruntime.SessionOptions()
-            options.intra_op_num_threads, options.log_severity_level = 1, 3
-            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-            session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+            run = onnx_scorer(path, test["x"].shape[1], 1).predict_on_batch
             x = np.asarray(test["x"][:8], dtype="float32")
-            one_a_call = images_per_s(session, x[:1], args.seconds, 1)
-            two_calls = images_per_s(session, x, args.seconds, 2)
+            one_a_call = images_per_s(run, x[:1], args.seconds)
+            two_calls = images_per_s(run, x, args.seconds, callers=2)
         line = (
             f"{label}: threshold {threshold:.4f}; out of fold ({placing.sum()} images) specificity "
             f"{out_of_fold['specificity']:.3f} at recall {out_of_fold['recall']:.3f}; test recall "

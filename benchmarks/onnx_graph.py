@@ -29,17 +29,12 @@ import pandas as pd
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 
-def session(path: Path, threads: int, profile: str | None = None):
-    import onnxruntime
+def onnx_scorer(path: Path, size: int, threads: int):
+    """The export as predict and serve run it (`OnnxScorer`: spinning off, `threads` a call)."""
+    from braintumor.model.onnx_scorer import OnnxScorer
+    from braintumor.quality.evaluate import file_sha256
 
-    options = onnxruntime.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.log_severity_level = 3
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    if profile:
-        options.enable_profiling = True
-        options.profile_file_prefix = profile
-    return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return OnnxScorer(path, file_sha256(path), size, threads)
 
 
 def images_per_s(run, batch: np.ndarray, seconds: float, callers: int = 1) -> float:
@@ -62,8 +57,13 @@ def images_per_s(run, batch: np.ndarray, seconds: float, callers: int = 1) -> fl
 
 
 def operator_shares(path: Path, x: np.ndarray, calls: int = 30) -> list[tuple[str, float]]:
+    import onnxruntime
+
     with tempfile.TemporaryDirectory() as scratch:
-        profiled = session(path, 2, profile=f"{scratch}/profile")
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads, options.log_severity_level = 2, 3
+        options.enable_profiling, options.profile_file_prefix = True, f"{scratch}/profile"
+        profiled = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         name = profiled.get_inputs()[0].name
         for _ in range(calls):
             profiled.run(None, {name: x})
@@ -105,26 +105,23 @@ def main() -> None:
         export_onnx(scorer, shipped)
         graphs = {"Keras' lowering": baseline, "shipped export": shipped}
         for label, path in graphs.items():
-            run = session(path, 2)
-            got = run.run(None, {run.get_inputs()[0].name: x})[0][:, 0]
+            got = onnx_scorer(path, size, 2).predict_on_batch(x)[0][:, 0]
             shares = ", ".join(f"{op} {share:.0%}" for op, share in operator_shares(path, x[:1]))
             print(f"{label}: max |dP(tumor)| vs Keras {np.abs(got - expected).max():.1e}; kernel time: {shares}")
 
-        sessions = {label: session(path, 2) for label, path in graphs.items()}
+        two_threads = {label: onnx_scorer(path, size, 2) for label, path in graphs.items()}
         for batch in (1, 4, 8, 16):
             rates = {}
-            for label, run in sessions.items():
-                name = run.get_inputs()[0].name
-                rates[label] = images_per_s(lambda b, r=run, n=name: r.run(None, {n: b}), x[:batch], args.seconds)
+            for label, run in two_threads.items():
+                rates[label] = images_per_s(run.predict_on_batch, x[:batch], args.seconds)
             base, new = rates["Keras' lowering"], rates["shipped export"]
             print(f"2 threads, batch {batch:2d}: {base:6.0f} -> {new:6.0f} images/s ({new / base:.2f}x)")
 
-        one, two = session(shipped, 1), sessions["shipped export"]
+        one, two = onnx_scorer(shipped, size, 1), two_threads["shipped export"]
         for batch in (1, 4, 8):
             cells = []
             for label, run, callers in (("2 threads x1", two, 1), ("1 thread x1", one, 1), ("1 thread x2", one, 2)):
-                name = run.get_inputs()[0].name
-                rate = images_per_s(lambda b, r=run, n=name: r.run(None, {n: b}), x[:batch], args.seconds, callers)
+                rate = images_per_s(run.predict_on_batch, x[:batch], args.seconds, callers)
                 cells.append(f"{label} {rate:5.0f}")
             print(f"shipped export, batch {batch}, images/s: " + "; ".join(cells))
 
