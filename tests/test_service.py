@@ -106,8 +106,22 @@ def test_a_bomb_and_foreign_formats_are_refused_per_file(local_client):
     results = {r["filename"]: r for r in answer.json()["results"]}
     assert results["bomb.png"]["error"].startswith("too_large")
     assert results["poster.jpg"]["error"].startswith("unsupported_format")
+    assert [r["filename"] for r in answer.json()["results"]] == ["bomb.png", "poster.jpg", "fine.png"]
     assert "error" not in results["fine.png"]  # answered: read, uncertain, or refused by the gate with its distance
     assert results["fine.png"]["status"] == "out_of_distribution" or 0 <= results["fine.png"]["probability"] <= 1
+
+
+def test_a_file_over_the_per_file_limit_is_refused_by_name_and_the_others_answered(local_client):
+    client, _ = local_client
+    large = b"\0" * (3 << 19)  # 1.5 MiB: inside the request's 2 MiB, over a file's 1 MiB
+    scans = [("files", ("large.png", large)), ("files", ("fine.png", png_bytes(brain_image(5))))]
+    results = client.post("/v1/predict", files=scans).json()["results"]
+    assert [r["filename"] for r in results] == ["large.png", "fine.png"]
+    assert results[0]["error"] == f"too_large: more than {1 << 20} bytes, the limit for one file"
+    assert "error" not in results[1]
+    explain = client.post("/v1/explain", files={"file": ("large.png", large)})
+    assert explain.status_code == 422 and "large.png" in explain.json()["detail"]
+    assert "too_large" in explain.json()["detail"]
 
 
 def test_explain_answers_the_scan_beside_its_overlay(local_client):

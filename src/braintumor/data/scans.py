@@ -145,7 +145,8 @@ def read_scans(
 ) -> tuple[list[Series], list[tuple[int, str, str]]]:
     """Series from (source, name, bytes) entries, in the order they first appear, and (entry, name, error) for
     each entry that cannot be read. `source` is the argument or upload an entry came with; `name` is what its
-    image answer and its read error are called (the caller keeps patient names out of it)."""
+    image answer and its read error are called (the caller keeps patient names out of it). An entry (or a zip's
+    member) over `max_file_bytes` is an error, refused before it is parsed."""
     salt = series_salt()
     series: list[Series] = []
     errors: list[tuple[int, str, str]] = []
@@ -154,8 +155,10 @@ def read_scans(
     pending = [(index, *entry) for index, entry in enumerate(entries)]
     while pending:
         index, source, name, data = pending.pop(0)
-        kind = kind_of(name, data)
         try:
+            if len(data) > max_file_bytes:
+                raise ImageReadError(name, "too_large", f"more than {max_file_bytes} bytes, the limit for one file")
+            kind = kind_of(name, data)
             if kind == "zip":
                 members = zip_members(name, data, max_file_bytes)
                 pending[:0] = [(index, source, member, content) for member, content in members]

@@ -319,9 +319,6 @@ def explained_slice(uploads: list[tuple[str, bytes]], series: str | None, index:
     An `ImageReadError` names what cannot be read, chosen or drawn (a series by its salted name, never by the
     names of its files, which may carry a patient's)."""
     names = series or (uploads[0][0] if len(uploads) == 1 else f"{len(uploads)} uploaded files")
-    for name, data in uploads:
-        if len(data) > limits.max_file_bytes:
-            raise ImageReadError(name, "too_large", f"{len(data)} bytes, over the limit of {limits.max_file_bytes}")
     found, errors = read_scans([(name, name, data) for name, data in uploads], limits.max_pixels, limits.max_file_bytes)
     if series is not None:
         found = [one for one in found if one.name == series]
@@ -350,22 +347,12 @@ def classify(runner: ModelRunner, uploads: list[tuple[str, bytes]], limits: Limi
 
 def classify_uploads(runner: ModelRunner, uploads: list[tuple[str, bytes]], limits: Limits) -> tuple[list[dict], list]:
     size = int(runner.served.loaded.info["image_size"])
-    rows = []
-    kept = []
-    for index, (name, data) in enumerate(uploads):
-        if len(data) > limits.max_file_bytes:
-            error = f"too_large: {len(data)} bytes, over the limit of {limits.max_file_bytes}"
-            rows.append((index, {"filename": name, "error": error}, [index]))
-        else:
-            kept.append(index)
     series, errors = read_scans(
-        [(uploads[i][0], uploads[i][0], uploads[i][1]) for i in kept], limits.max_pixels, limits.max_file_bytes
+        [(name, name, data) for name, data in uploads], limits.max_pixels, limits.max_file_bytes
     )
     results, _ = series_results(series, runner.answers, size, name_key="filename")
-    for one, result in zip(series, results, strict=True):
-        inputs = [kept[i] for i in one.inputs]
-        rows.append((inputs[0], result, inputs))
-    rows += [(kept[i], {"filename": name, "error": error}, [kept[i]]) for i, name, error in errors]
+    rows = [(one.inputs[0], result, one.inputs) for one, result in zip(series, results, strict=True)]
+    rows += [(i, {"filename": name, "error": error}, [i]) for i, name, error in errors]
     rows.sort(key=lambda row: row[0])
     return [result for _, result, _ in rows], [inputs for _, _, inputs in rows]
 
