@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 
 from braintumor.errors import CompareError
-from braintumor.quality.compare import paired_difference
+from braintumor.quality.compare import held_out_differences, paired_difference
 
 
 def scored(seed: int, noise: float, n: int = 300) -> pd.DataFrame:
@@ -45,3 +45,21 @@ def test_other_images_cannot_be_compared():
     relabelled = a.assign(label=1 - a.label)
     with pytest.raises(CompareError, match="out_of_fold: the two revisions"):
         paired_difference(a, relabelled, 0.5, 0.5, 10, 0, "out_of_fold")
+
+
+def held_out_scores(hold_out: str, seed: int, noise: float, threshold: float, n: int = 200) -> pd.DataFrame:
+    frame = scored(seed, noise, n).rename(columns={"probability": "p_tumor"})
+    return frame.assign(hold_out=hold_out, path=hold_out + "/" + frame.path, threshold=threshold)
+
+
+def test_held_out_collections_compare_where_both_revisions_held_them_out_each_at_its_own_threshold():
+    a = pd.concat([held_out_scores("kaggle2018", 1, 0.35, 0.5), held_out_scores("kaggle2020_testing", 1, 0.2, 0.5)])
+    b = pd.concat([held_out_scores("kaggle2018", 2, 0.05, 0.9)])  # a better recipe, one collection held out
+    result = held_out_differences(a, b, 300, 0)
+    assert list(result) == ["kaggle2018"]
+    assert result["kaggle2018"]["roc_auc"]["ci95"][0] > 0
+    # at B's own threshold of 0.9, B calls no tumor below it: its recall is B's, not A's threshold's
+    tumors = b.label == 1
+    assert result["kaggle2018"]["recall"]["b"] == pytest.approx((b.p_tumor[tumors] >= 0.9).mean(), abs=1e-4)
+    with pytest.raises(CompareError, match="held out kaggle2018: the two revisions"):
+        held_out_differences(a, b.iloc[:-1], 10, 0)

@@ -293,6 +293,38 @@ def test_training_and_evidence_maps_run_on_a_second_keras_backend(tmp_path, back
         assert report["jit"] == [True, True]  # the trained model, and the same model loaded again
 
 
+RETRAIN = textwrap.dedent("""
+    import hashlib, sys
+    import numpy as np
+    from braintumor.data.datasets import load_split
+    from braintumor.model.train import fit
+    sys.path.insert(0, sys.argv[2])
+    from fixtures.split import make_split, tiny_params
+    from pathlib import Path
+    split = make_split(Path(sys.argv[1]))
+    model, _ = fit(tiny_params("small_xception", epochs=3), load_split(split, "train", "binary"),
+                   load_split(split, "val", "binary"), verbose=0)
+    print(hashlib.sha256(b"".join(np.asarray(w).tobytes() for w in model.get_weights())).hexdigest())
+""")
+
+
+@pytest.mark.slow
+def test_a_retrain_in_a_fresh_process_gives_the_same_weights_byte_for_byte(tmp_path):
+    # seeds from params reach every random draw: initialisation, shuffling, augmentation layers, dropout
+    digests = []
+    for run in ("first", "second"):
+        result = subprocess.run(
+            [sys.executable, "-c", RETRAIN, str(tmp_path / run), str(REPO / "tests")],
+            env={**os.environ, "KERAS_BACKEND": "tensorflow"},
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+        digests.append(result.stdout.strip().splitlines()[-1])
+    assert digests[0] == digests[1]
+
+
 def test_cluster_members_share_one_image_weight_and_each_stratum_still_weighs_the_same():
     # source a: healthy clusters of 1 and 3 images, tumor clusters of 1, 1 and 2; source b: one of each class
     data = {

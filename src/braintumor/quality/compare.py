@@ -7,6 +7,10 @@ replacement, and on each resample both models' recall, specificity (each at its 
 are computed on the same images; the 2.5th and 97.5th percentiles of B − A are the 95 % interval of the
 difference. An interval that holds 0 says the data cannot tell the two apart.
 
+Where both revisions ran the leave-one-collection-out stage (`dvc exp run benchmarks/dvc.yaml`), each collection
+both held out is compared the same way, each side at its own hold-out threshold: the figure a recipe change is
+meant to move, on the images the two recipes never trained on.
+
 A and B are anything `dvc.api` reads: an experiment name, a git revision, or `workspace` for the working tree.
 """
 
@@ -23,6 +27,7 @@ from braintumor import paths
 from braintumor.errors import CompareError
 
 METRICS = ("recall", "specificity", "roc_auc")
+HELD_OUT_PREDICTIONS = f"{paths.GENERALIZE_DIR}/predictions.csv"  # written by quality/generalize.py
 WORKSPACE = "workspace"
 
 
@@ -45,6 +50,35 @@ def predictions(rev: str) -> dict:
     with np.load(io.BytesIO(read(paths.OUT_OF_FOLD, rev, mode="rb"))) as oof:
         out_of_fold = pd.DataFrame({"path": oof["path"], "label": oof["label"], "probability": oof["probability"]})
     return {"threshold": float(shipped["threshold"]), "test": test, "out_of_fold": out_of_fold}
+
+
+def held_out_predictions(rev: str) -> pd.DataFrame | None:
+    """Revision `rev`'s leave-one-collection-out scores (hold_out, path, label, p_tumor, threshold), or None
+    when it never ran that stage."""
+    from dvc.exceptions import PathMissingError
+
+    try:
+        import dvc.api
+
+        text = dvc.api.read(HELD_OUT_PREDICTIONS, rev=None if rev == WORKSPACE else rev)
+    except PathMissingError:
+        return None
+    except Exception as err:  # noqa: BLE001 - as in `read`
+        raise CompareError(f"{rev}: cannot read {HELD_OUT_PREDICTIONS} ({type(err).__name__}: {err})") from err
+    return pd.read_csv(io.StringIO(text))
+
+
+def held_out_differences(a: pd.DataFrame, b: pd.DataFrame, resamples: int, seed: int) -> dict:
+    """`paired_difference` on each collection that both A's and B's generalize runs held out."""
+    out = {}
+    for name in sorted(set(a.hold_out) & set(b.hold_out)):
+        sides = [frame[frame.hold_out == name].rename(columns={"p_tumor": "probability"}) for frame in (a, b)]
+        thresholds = [float(side.threshold.iloc[0]) for side in sides]
+        columns = ["path", "label", "probability"]
+        out[name] = paired_difference(
+            sides[0][columns], sides[1][columns], *thresholds, resamples, seed, f"held out {name}"
+        )
+    return out
 
 
 def scores(y: np.ndarray, p: np.ndarray, threshold: float) -> np.ndarray:
@@ -100,6 +134,8 @@ def paired_difference(
 def compare(rev_a: str, rev_b: str, resamples: int = 2000, seed: int = 0) -> dict:
     """The paired comparison of two revisions on the test split and out of fold."""
     a, b = predictions(rev_a), predictions(rev_b)
+    held_a, held_b = held_out_predictions(rev_a), held_out_predictions(rev_b)
+    both_held_out = held_a is not None and held_b is not None
     return {
         "a": rev_a,
         "b": rev_b,
@@ -108,6 +144,7 @@ def compare(rev_a: str, rev_b: str, resamples: int = 2000, seed: int = 0) -> dic
             where: paired_difference(a[where], b[where], a["threshold"], b["threshold"], resamples, seed, where)
             for where in ("test", "out_of_fold")
         },
+        "held_out": held_out_differences(held_a, held_b, resamples, seed) if both_held_out else {},
     }
 
 
@@ -119,12 +156,16 @@ def table(result: dict) -> str:
         "| images | metric | A | B | B − A | 95 % interval of B − A |",
         "| --- | --- | --- | --- | --- | --- |",
     ]
-    for where in ("test", "out_of_fold"):
-        part = result[where]
+    parts = {where: result[where] for where in ("test", "out_of_fold")}
+    parts |= {f"held out {name}": part for name, part in result["held_out"].items()}
+    for where, part in parts.items():
         for name in METRICS:
             m = part[name]
             lines.append(
                 f"| {where} ({part['images']}, {part['healthy']} healthy) | {name} | {m['a']:.4f} | "
                 f"{m['b']:.4f} | {m['difference']:+.4f} | {m['ci95'][0]:+.4f} to {m['ci95'][1]:+.4f} |"
             )
+    if not result["held_out"]:
+        lines.append("")
+        lines.append("No collection held out by both (`dvc exp run benchmarks/dvc.yaml` in each) to compare.")
     return "\n".join(lines)
