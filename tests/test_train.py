@@ -236,6 +236,12 @@ def test_binary_task_through_the_subtype_head_ships_p_tumor(in_tmp):
     assert ((p >= 0.5) == test["label"]).mean() >= 0.8  # the synthetic lesions are learnt through the head
     with np.load(in_tmp / "artifacts/train/oof.npz") as oof:
         assert ((oof["probability"] >= 0) & (oof["probability"] <= 1)).all()
+    # evaluate, review and explain load it without the training code that defines the subtype loss
+    load = "import sys; from braintumor.model.inference import load_model; print(load_model(sys.argv[1]).name)"
+    loaded = subprocess.run(
+        [sys.executable, "-c", load, str(in_tmp / "artifacts/train/model.keras")], capture_output=True, text=True
+    )
+    assert loaded.returncode == 0 and loaded.stdout.split()[-1] == "ensemble", loaded.stderr[-2000:]
 
 
 def test_mirror_flips_left_right_exactly_after_a_save_and_load(in_tmp):

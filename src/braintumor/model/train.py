@@ -25,7 +25,7 @@ from braintumor.data.styles import style_clusters
 from braintumor.labels import BINARY_CLASSES, MULTICLASS_CLASSES, SUBTYPE_CLASS, class_names
 from braintumor.model.architectures import BACKBONES, build_model
 from braintumor.model.distribution import batches_per_epoch, data_parallel, full_batches, process_share
-from braintumor.model.inference import average_of, tumor_probability
+from braintumor.model.inference import average_of, save_model, tumor_probability
 from braintumor.params import validate_train
 from braintumor.quality.label_issues import label_issues
 
@@ -292,6 +292,14 @@ def fit_on_devices(
     return model, summary
 
 
+def without_training_state(model: keras.Model) -> keras.Model:
+    """The fitted `model` rebuilt from its config with its weights, uncompiled: the archive that ships then names
+    no optimizer or loss, and loads where the training code (the subtype head's loss) is not imported."""
+    rebuilt = model.__class__.from_config(model.get_config())
+    rebuilt.set_weights(model.get_weights())
+    return rebuilt
+
+
 def deterministic_kernels() -> None:
     """TensorFlow's deterministic op variants, so that a rerun on one machine gives the same weights: at no
     measured cost, 20 default fits gave one divergent model and 11 deterministic fits none, each digest the
@@ -538,7 +546,7 @@ def train(
             members, summaries, oof, fold_of = fit_folds(
                 params, kept, lambda fold: live_metrics(fold, "clean_learning/")
             )
-    ensemble = average_of(members, mirrored=config["mirror_average"])
+    ensemble = average_of([without_training_state(member) for member in members], mirrored=config["mirror_average"])
     if config["clean_learning"]:
         oof, fold_of = with_left_out_scored(pool, kept, oof, fold_of, ensemble, names)
     info = {
@@ -554,7 +562,7 @@ def train(
     }
     with atomic_path(model_dir) as staging:
         staging.mkdir()
-        ensemble.save(staging / "model.keras")
+        save_model(ensemble, staging / "model.keras")
         (staging / "model.json").write_text(json.dumps(info, indent=2) + "\n")
         reps = pool["representative"]
         np.savez(staging / "oof.npz", path=pool["path"][reps], label=pool["label"][reps], probability=oof, fold=fold_of)
