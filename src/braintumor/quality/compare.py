@@ -31,11 +31,17 @@ HELD_OUT_PREDICTIONS = f"{paths.GENERALIZE_DIR}/predictions.csv"  # written by q
 WORKSPACE = "workspace"
 
 
-def read(path: str, rev: str, mode: str = "r"):
+def read(path: str, rev: str, mode: str = "r", missing_ok: bool = False):
+    """The file at `path` in revision `rev`; None for a path that revision never had, when `missing_ok`."""
     import dvc.api
+    from dvc.exceptions import PathMissingError
 
     try:
         return dvc.api.read(path, rev=None if rev == WORKSPACE else rev, mode=mode)
+    except PathMissingError:
+        if missing_ok:
+            return None
+        raise CompareError(f"{rev}: has no {path}; run `dvc repro` there") from None
     except Exception as err:  # noqa: BLE001 - dvc raises many kinds; the user needs the path and the revision
         raise CompareError(
             f"{rev}: cannot read {path} ({type(err).__name__}: {err}); run `dvc repro` there, or `dvc pull` its outputs"
@@ -55,17 +61,8 @@ def predictions(rev: str) -> dict:
 def held_out_predictions(rev: str) -> pd.DataFrame | None:
     """Revision `rev`'s leave-one-collection-out scores (hold_out, path, label, p_tumor, threshold), or None
     when it never ran that stage."""
-    from dvc.exceptions import PathMissingError
-
-    try:
-        import dvc.api
-
-        text = dvc.api.read(HELD_OUT_PREDICTIONS, rev=None if rev == WORKSPACE else rev)
-    except PathMissingError:
-        return None
-    except Exception as err:  # noqa: BLE001 - as in `read`
-        raise CompareError(f"{rev}: cannot read {HELD_OUT_PREDICTIONS} ({type(err).__name__}: {err})") from err
-    return pd.read_csv(io.StringIO(text))
+    text = read(HELD_OUT_PREDICTIONS, rev, missing_ok=True)
+    return None if text is None else pd.read_csv(io.StringIO(text))
 
 
 def held_out_differences(a: pd.DataFrame, b: pd.DataFrame, resamples: int, seed: int) -> dict:
