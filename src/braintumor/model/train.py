@@ -302,9 +302,8 @@ def without_training_state(model: keras.Model) -> keras.Model:
 
 def deterministic_kernels() -> None:
     """TensorFlow's deterministic op variants, so that a rerun on one machine gives the same weights: at no
-    measured cost, 20 default fits gave one divergent model and 11 deterministic fits none, each digest the
-    default's usual one (benchmarks/training_determinism.py). For this process; other backends are left as
-    they are."""
+    measured cost, 17 default fits gave one divergent model and 11 deterministic fits none, each the default's
+    usual weights (benchmarks/training_determinism.py). For this process; other backends are left as they are."""
     if keras.backend.backend() == "tensorflow":
         import tensorflow as tf
 
