@@ -89,7 +89,7 @@ def main() -> None:
     baseline = next(iter(runs.values()))
     base_digest, base_time = baseline[0]["digest"], statistics.median(r["seconds"] for r in baseline)
     print(f"{args.images} images, {args.epochs} epochs, {args.rounds} fresh processes a configuration")
-    print("| configuration | digests | every run the same | has the first row's first digest | median s | / first row |")
+    print("| configuration | digests | every run the same | first row's digest | median s | / first row |")
     print("| --- | --- | --- | --- | --- | --- |")
     for name, results in runs.items():
         counts = collections.Counter(r["digest"] for r in results)
