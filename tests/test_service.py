@@ -167,6 +167,9 @@ def test_explain_draws_the_slice_of_the_series_it_is_asked_for(local_client):
     assert "IM0" not in unnamed.json()["detail"]  # loose DICOM names may carry a patient's: not echoed
     unknown = client.post("/v1/explain", files=uploads, data={"series": "series-0000", "slice": "0"})
     assert unknown.status_code == 422 and "series-0000" in unknown.json()["detail"]
+    with_broken = uploads + [("files", ("broken.jpg", b"\xff\xd8\xff\xe0 cut short"))]
+    unknown = client.post("/v1/explain", files=with_broken, data={"series": "series-0000", "slice": "0"})
+    assert unknown.status_code == 422 and "no series 'series-0000'" in unknown.json()["detail"]
     past = client.post("/v1/explain", files=uploads, data={"series": names[0], "slice": "3"})
     assert past.status_code == 422 and "slice 3 of 3" in past.json()["detail"]
 

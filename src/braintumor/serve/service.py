@@ -320,13 +320,13 @@ def explained_slice(uploads: list[tuple[str, bytes]], series: str | None, index:
     names of its files, which may carry a patient's)."""
     names = series or (uploads[0][0] if len(uploads) == 1 else f"{len(uploads)} uploaded files")
     found, errors = read_scans([(name, name, data) for name, data in uploads], limits.max_pixels, limits.max_file_bytes)
+    if errors and not found:  # nothing could be read: say why (an unreadable extra file is not the reason below)
+        _, name, error = errors[0]
+        reason, _, detail = error.partition(": ")
+        raise ImageReadError(name, reason, detail or error)
     if series is not None:
         found = [one for one in found if one.name == series]
     if len(found) != 1:
-        if errors and not found:
-            _, name, error = errors[0]
-            reason, _, detail = error.partition(": ")
-            raise ImageReadError(name, reason, detail or error)
         wanted = f"no series {series!r}" if series is not None else f"{len(found)} scans; name one with `series`"
         raise ImageReadError(names, "no_single_scan", f"{wanted} among the uploads")
     (scan,) = found
