@@ -27,6 +27,11 @@ CLASS_FOLDERS = {
     },
 }
 
+# What an image shows, as fetch tells it (data/modality.py) or a reviewer records it (labels/modality_review.csv):
+# brain MR, head CT, or something else (a body CT, a photograph of film...). The product reads brain MR only.
+MR, CT, OTHER_MODALITY = "mr", "ct", "other"
+MODALITIES = (MR, CT, OTHER_MODALITY)
+
 BINARY_CLASSES = ["no_tumor", "tumor"]
 MULTICLASS_CLASSES = ["glioma", "meningioma", "no_tumor", "pituitary"]
 SUBTYPE_CLASS = {"glioma": "glioma", "meningioma": "meningioma", "none": "no_tumor", "pituitary": "pituitary"}
