@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 
 from braintumor.errors import ParamError
+from braintumor.labels import MODALITIES
 
 SOURCE_NAMES = ("kaggle2018", "kaggle2020", "ixi", "local")
 IXI_PLANES = ("axial", "coronal", "sagittal")
@@ -29,6 +30,8 @@ KNOWN: dict = {
         "workers": None,
         "max_image_pixels": None,
         "overrides": None,
+        "modalities": None,
+        "modality_review": None,
         "sources": {
             "kaggle2018": {**_SOURCE, "handle": None},
             "kaggle2020": {**_SOURCE, "handle": None},
@@ -217,6 +220,14 @@ def validate_fetch(params: dict) -> dict:
     _int(params, "fetch.max_image_pixels", 1024, MAX_IMAGE_PIXELS_CEILING)
     if not isinstance(_get(params, "fetch.overrides"), str):
         raise ParamError("params.yaml: `fetch.overrides` must be the path of the label decisions file (a CSV)")
+    modalities = _get(params, "fetch.modalities")
+    if not isinstance(modalities, list) or not modalities or not set(modalities) <= set(MODALITIES):
+        raise ParamError(
+            f"params.yaml: `fetch.modalities` must be a non-empty list of {', '.join(MODALITIES)} "
+            f"(the modalities kept; got {modalities!r})"
+        )
+    if not isinstance(_get(params, "fetch.modality_review"), str):
+        raise ParamError("params.yaml: `fetch.modality_review` must be the path of the reviewed modalities (a CSV)")
     return params["fetch"]
 
 

@@ -2,8 +2,9 @@
 
 Sources (params `fetch.sources`): the two Kaggle datasets through the real `kagglehub.dataset_download`
 (offline when `KAGGLEHUB_CACHE` points at a local copy), healthy IXI slices (see `data/ixi.py`) and the user's
-own `data/` folder. Every file is decoded once here; unreadable ones are skipped and listed with a reason.
-Duplicates are kept on purpose: `dedup` finds them across sources.
+own `data/` folder. Every file is decoded once here; unreadable ones are skipped and listed with a reason, and so
+is every image whose modality (`data/modality.py`: a reviewer's word, else the pixel check) `fetch.modalities`
+does not keep. Duplicates are kept on purpose: `dedup` finds them across sources.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 from PIL import Image
 
@@ -24,6 +26,7 @@ from braintumor.atomic import atomic_path, write_csv, write_json
 from braintumor.data import ixi
 from braintumor.data.images import check_usable, foreground, open_image
 from braintumor.data.listing import printable, walk_files
+from braintumor.data.modality import modality_of, read_modality_review
 from braintumor.data.overrides import EXCLUDE, apply_overrides, read_overrides
 from braintumor.data.scans import is_clinical, kind_suffix, read_scans
 from braintumor.data.volumes import brain_run_of
@@ -34,7 +37,9 @@ from braintumor.params import validate_fetch
 
 log = logging.getLogger(__name__)
 
-MANIFEST_COLUMNS = ["path", "source", "label", "subtype", "group", "sha256", "width", "height", "mode", "original"]
+MANIFEST_COLUMNS = [
+    "path", "source", "label", "subtype", "group", "sha256", "width", "height", "mode", "original", "modality"
+]  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -110,7 +115,7 @@ def check_and_copy(candidate: Candidate, max_pixels: int) -> dict:
     try:
         data = Path(candidate.src).read_bytes()
         img = open_image(candidate.src, data=data, max_pixels=max_pixels)
-        check_usable(img)
+        modality = modality_of(check_usable(img))
     except ImageReadError as err:
         return _skip(candidate.source, candidate.src, err.reason, err.detail)
     except OSError as err:
@@ -127,7 +132,48 @@ def check_and_copy(candidate: Candidate, max_pixels: int) -> dict:
         "width": width,
         "height": height,
         "mode": img.mode,
+        "modality": modality.modality,
+        "modality_evidence": modality.evidence(),
     }
+
+
+def keep_modalities(
+    manifest: pd.DataFrame, reviewed: dict[str, tuple[str, str]], kept: list[str], review_path: str
+) -> tuple[pd.DataFrame, list[dict], dict]:
+    """(the images whose modality `kept` lists, a skipped row for each other one, what this step did). An image's
+    modality is what a reviewer recorded for its bytes, else what the pixel check read from it."""
+    decision = manifest.sha256.map(reviewed)
+    by_review = decision.notna().to_numpy()
+    final = manifest.modality.to_numpy(dtype=object, copy=True)
+    final[by_review] = [modality for modality, _ in decision[by_review]]
+    dropped = ~np.isin(final, kept)
+    skipped = []
+    for k in np.flatnonzero(dropped):
+        row = manifest.iloc[k]
+        if by_review[k]:
+            why = f"{final[k].upper()}, reviewed by {decision.iloc[k][1]}"
+        else:
+            why = (
+                f"{final[k].upper()} by its pixels ({row.modality_evidence}); a reviewer who sees brain MR "
+                f"records it in {review_path}"
+            )
+        skipped.append(
+            {
+                "source": row.source,
+                "original": row.original,
+                "reason": "not_brain_mr",
+                "detail": f"{why}; fetch.modalities keeps {', '.join(kept)}",
+            }
+        )
+    metrics = {
+        "kept": kept,
+        "images": {modality: int(n) for modality, n in Counter(final).items()},
+        "excluded": int(dropped.sum()),
+        "reviewed": int(by_review.sum()),
+        "check_overruled": int((by_review & (final != manifest.modality.to_numpy())).sum()),
+        "excluded_by_check_alone": int((~by_review & dropped).sum()),
+    }
+    return manifest.assign(modality=final)[~dropped], skipped, metrics
 
 
 def ixi_candidates(name: str, source: dict, images_dir: Path, staging: Path) -> tuple[list[Candidate], list[dict]]:
@@ -238,6 +284,7 @@ def fetch(
     """Run the fetch stage: `out_dir/images/...`, `out_dir/manifest.csv`, `out_dir/skipped.csv` and metrics."""
     config = validate_fetch(params)
     decisions = read_overrides(config["overrides"])  # a bad row stops the stage before any download
+    reviewed = read_modality_review(config["modality_review"])
     out_dir = Path(out_dir)
     with atomic_path(out_dir) as staging:
         images_dir = out_dir / "images"  # paths recorded relative to the repository root
@@ -270,11 +317,17 @@ def fetch(
                 rows.append({**result, "path": final.dest})
         shutil.rmtree(staging / "ixi-slices", ignore_errors=True)
         shutil.rmtree(staging / "series", ignore_errors=True)
-        manifest = pd.DataFrame(rows, columns=MANIFEST_COLUMNS)
+        manifest = pd.DataFrame(rows, columns=[*MANIFEST_COLUMNS, "modality_evidence"])
         manifest, excluded, applied = apply_overrides(manifest, decisions)
-        for row in applied[applied.decision == EXCLUDE].itertuples():  # the copy of an excluded image goes too
-            (staged_images / Path(row.path).relative_to(images_dir)).unlink(missing_ok=True)
-        skipped += excluded
+        checked = manifest.path
+        manifest, not_mr, modalities = keep_modalities(
+            manifest, reviewed, config["modalities"], config["modality_review"]
+        )
+        gone = [*applied.path[applied.decision == EXCLUDE], *checked[~checked.isin(manifest.path)]]
+        for path in gone:  # the copy of an excluded image goes too
+            (staged_images / Path(path).relative_to(images_dir)).unlink(missing_ok=True)
+        skipped += excluded + not_mr
+        manifest = manifest[MANIFEST_COLUMNS]
         write_csv(staging / "overrides_applied.csv", applied)
         skipped_frame = pd.DataFrame(skipped, columns=["source", "original", "reason", "detail"])
         write_csv(staging / "manifest.csv", manifest)
@@ -285,6 +338,7 @@ def fetch(
             "excluded": len(excluded),
             "unmatched": int(applied.path.isna().sum()),
         }
+        metrics["modality"] = modalities
     write_json(metrics_path, metrics)
     log.info(
         "fetch: %d images from %d sources, %d files skipped (%s)",

@@ -225,12 +225,14 @@ def model_input(path: str | Path, size: int, max_pixels: int | None = DEFAULT_MA
     return prepare(load_grayscale(path, max_pixels=max_pixels), size)
 
 
-def check_usable(img: Image.Image) -> None:
+def check_usable(img: Image.Image) -> np.ndarray:
     """Run every step later stages take on a decoded image (grayscale, the hashing window, the model crop),
-    so that an image that would fail there fails here, once, with its name; raises ValueError if one fails."""
+    so that an image that would fail there fails here, once, with its name; raises ValueError if one fails.
+    Returns the grayscale, for the checks that read pixels next."""
     gray = to_grayscale(img)
     center_on_head(gray)
     prepare(gray, 32)
+    return gray
 
 
 def pixel_digest(path: str | Path) -> str:
