@@ -59,16 +59,28 @@ def two_collection_split(root):
 
 def test_the_stage_heads_its_metrics_with_the_worst_hold_out_and_shows_its_errors(in_tmp):
     split = two_collection_split(in_tmp / "split")
+    manifest = pd.read_csv(split / "manifest.csv")  # some healthy scans of each collection are head CT
+    manifest.loc[(manifest.label == 0) & (manifest.cluster % 5 == 0), "modality"] = "ct"
+    manifest.to_csv(split / "manifest.csv", index=False)
     params = tiny_params("seed_fsm", epochs=1)
     params["split"]["image_size"] = 32
     params["generalize"] = {"hold_outs": ["kaggle2018", "kaggle2020_testing"], "folds": 2, "gallery": 4}
     metrics = generalize(params, split, in_tmp / "out", in_tmp / "m.json", in_tmp / "worst.png")
     assert json.loads((in_tmp / "m.json").read_text()) == metrics
-    aucs = {name: metrics[name]["roc_auc"] for name in ("kaggle2018", "kaggle2020_testing")}
+    aucs = {name: metrics[name]["brain_mr"]["roc_auc"] for name in ("kaggle2018", "kaggle2020_testing")}
     assert metrics["worst_roc_auc"] == min(aucs.values()) and aucs[metrics["worst_hold_out"]] == min(aucs.values())
     assert metrics["folds"] == 2
     predictions = pd.read_csv(in_tmp / "out/predictions.csv")
     assert predictions.groupby("hold_out").size().to_dict() == {n: metrics[n]["images"] for n in aucs}
+    for name, rows in predictions.groupby("hold_out"):  # all images, and the brain MR among them
+        mr = rows[rows.modality == "mr"]
+        assert 0 < len(mr) < len(rows) and metrics[name]["brain_mr"]["images"] == len(mr)
+        assert metrics[name]["brain_mr"]["no_tumor"] == (mr.label == 0).sum()
+        healthy = rows[rows.label == 0]
+        assert metrics[name]["not_brain_mr_share"] == {
+            "tumor": 0.0,
+            "no_tumor": round((healthy.modality != "mr").mean(), 4),
+        }
     assert Image.open(in_tmp / "worst.png").format == "PNG"
 
 

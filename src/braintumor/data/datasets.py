@@ -89,13 +89,14 @@ class SplitArrays(TypedDict):
     group: np.ndarray  # never straddles two splits or folds
     cluster: np.ndarray
     representative: np.ndarray  # false for the members `dedup.keep: clusters` keeps
+    modality: np.ndarray  # mr, ct or other (fetch.modalities keeps only mr by default)
 
 
 def load_split(split_dir: str | Path, name: str, task: str, lazy: bool = False) -> SplitArrays:
     """Arrays of one split for `task`: x (uint8 images, 3 channels; a `SplitImages` when `lazy`), y (class
     index), plus path/subtype/label, and each image's source, dedup group and cluster, sub-collection, and
     whether it stands for its cluster (`representative`: false for the members `dedup.keep: clusters` keeps)
-    from the split's manifest.
+    and its modality from the split's manifest.
 
     The multiclass task keeps only images whose tumor type is known."""
     with np.load(Path(split_dir) / f"{name}.npz") as data:
@@ -114,6 +115,7 @@ def load_split(split_dir: str | Path, name: str, task: str, lazy: bool = False) 
     arrays["source"], arrays["group"] = rows["source"].to_numpy(), rows["group"].to_numpy()
     arrays["cluster"] = rows["cluster"].to_numpy().astype(np.int64)
     arrays["representative"] = representatives(rows)
+    arrays["modality"] = rows["modality"].to_numpy().astype(object)
     arrays["collection"] = np.array(
         [collection_of(source, original) for source, original in zip(rows["source"], rows["original"], strict=True)],
         dtype=object,
