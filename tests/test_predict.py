@@ -221,3 +221,35 @@ def test_the_onnx_and_keras_runtimes_answer_alike_and_onnx_needs_no_tensorflow(t
     )
     out = subprocess.run([str(BIN / "python"), "-c", probe], capture_output=True, text=True, env=tool_env())
     assert out.stdout.split() == [str(sum("status" in r for r in a)), "False", "False"], out.stderr[-2000:]
+
+
+def test_what_is_no_brain_mr_slice_is_answered_not_read_and_never_scored(trained_states, tmp_path, monkeypatch):
+    from skimage.data import astronaut, shepp_logan_phantom
+
+    from braintumor.data.images import window
+    from braintumor.data.scans import read_scans
+    from braintumor.model import assessment
+
+    files = {
+        "photo.png": save(tmp_path / "photo.png", astronaut(), mode="RGB"),
+        "head_ct.png": save(tmp_path / "head_ct.png", window(shepp_logan_phantom(), 0, 1)),
+        "mr.png": save(tmp_path / "mr.png", brain_image(7, 160)),
+    }
+    scored = []
+    real_score = assessment.score
+    monkeypatch.setattr(
+        assessment,
+        "score",
+        lambda scorer, images, *a, **k: scored.append(len(images)) or real_score(scorer, images, *a, **k),
+    )
+    loaded = load(str(trained_states["seed_cnn"][0] / "models/model.keras"), "onnx")
+    results = {Path(r["path"]).name: r for r in predict(loaded, list(files.values()))[0]}
+    assert scored == [1]  # only the MR slice reached the model
+    assert results["photo.png"]["status"] == "out_of_distribution" and "colour" in results["photo.png"]["reason"]
+    assert results["head_ct.png"]["status"] == "out_of_distribution" and "head CT" in results["head_ct.png"]["reason"]
+    assert "probability" not in results["photo.png"] and "probability" not in results["head_ct.png"]
+    assert "head CT" not in results["mr.png"].get("reason", "") and "colour" not in results["mr.png"].get("reason", "")
+    series, errors = read_scans([("upload", name, path.read_bytes()) for name, path in files.items()], None)
+    refusals = {one.name: one.refusal for one in series}
+    assert not errors and refusals["mr.png"] is None  # the server's path refuses alike
+    assert "colour" in refusals["photo.png"] and "head CT" in refusals["head_ct.png"]

@@ -26,8 +26,8 @@ from braintumor.atomic import atomic_path, write_csv, write_json
 from braintumor.data import ixi
 from braintumor.data.images import check_usable, foreground, open_image
 from braintumor.data.listing import printable, walk_files
-from braintumor.data.modality import modality_of, read_modality_review
-from braintumor.data.overrides import EXCLUDE, apply_overrides, read_overrides
+from braintumor.data.modality import modality_of
+from braintumor.data.overrides import EXCLUDE, apply_overrides, read_modality_review, read_overrides
 from braintumor.data.scans import is_clinical, kind_suffix, read_scans
 from braintumor.data.volumes import brain_run_of
 from braintumor.errors import ImageReadError, SourceError

@@ -13,21 +13,15 @@ and wins over the check (`fetch.modality_review`).
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
-import pandas as pd
 from PIL import Image
 from scipy import ndimage
 
-from braintumor.data.images import foreground
-from braintumor.errors import SourceError
-from braintumor.labels import CT, MODALITIES, MR
+from braintumor.data.images import colour_refusal, foreground
+from braintumor.labels import CT, MR
 
-REVIEW_COLUMNS = ["image", "sha256", "modality", "reviewer"]
-SHA256 = re.compile(r"[0-9a-f]{64}")
 # The image is measured at this side (a thumbnail): every measure below is relative to the head's size.
 SIDE = 256
 # Bright: at least this fraction of the head's bright level (its 99.5th percentile).
@@ -100,6 +94,18 @@ def modality_of(gray: np.ndarray) -> Modality:
     return Modality(CT if is_ct else MR, thickness, cover, spread, inside_ring)
 
 
+def reading_refusal(img: Image.Image, gray: np.ndarray) -> str | None:
+    """Why an image file is not read as a brain MR slice (its colour, or a head CT's skull), or None. `predict`
+    and `serve` answer such a file "not read" without scoring it, as fetch leaves it out of the data."""
+    refusal = colour_refusal(img)
+    if refusal is not None:
+        return refusal
+    answer = modality_of(gray)
+    if answer.modality == MR:
+        return None
+    return f"a head CT slice by its pixels ({answer.evidence()}); only brain MR is read"
+
+
 def _largest_blob(mask: np.ndarray) -> np.ndarray:
     """The largest connected part of `mask` with its holes filled: the head without labels or annotations."""
     labels, count = ndimage.label(mask)
@@ -107,27 +113,3 @@ def _largest_blob(mask: np.ndarray) -> np.ndarray:
         return mask
     sizes = np.bincount(labels.ravel())[1:]
     return ndimage.binary_fill_holes(labels == 1 + int(np.argmax(sizes)))
-
-
-def read_modality_review(path: str | Path) -> dict[str, tuple[str, str]]:
-    """sha256 -> (modality, reviewer) of every file a reviewer looked at; a missing file means none. A bad row
-    stops fetch before any work, naming its line."""
-    path = Path(path)
-    if not path.is_file():
-        return {}
-    table = pd.read_csv(path, dtype=str, keep_default_na=False)
-    if list(table.columns) != REVIEW_COLUMNS:
-        raise SourceError(f"{path}: the header must be `{','.join(REVIEW_COLUMNS)}` (got `{','.join(table.columns)}`)")
-    reviewed: dict[str, tuple[str, str]] = {}
-    for line, row in enumerate(table.itertuples(index=False), start=2):
-        where = f"{path}, line {line}"
-        if not SHA256.fullmatch(row.sha256):
-            raise SourceError(f"{where}: sha256 {row.sha256!r} is not the file's SHA-256 (64 hex digits)")
-        if row.modality not in MODALITIES:
-            raise SourceError(f"{where}: modality {row.modality!r} must be one of {', '.join(MODALITIES)}")
-        if not row.reviewer.strip():
-            raise SourceError(f"{where}: name the reviewer")
-        if reviewed.get(row.sha256, (row.modality,))[0] != row.modality:
-            raise SourceError(f"{where}: {row.image} has the bytes of a file reviewed as {reviewed[row.sha256][0]}")
-        reviewed[row.sha256] = (row.modality, row.reviewer)
-    return reviewed

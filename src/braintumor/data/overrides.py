@@ -1,4 +1,5 @@
-"""A person's label decisions, applied by the fetch stage: `labels/overrides.csv` (`fetch.overrides`).
+"""A person's decisions, applied by the fetch stage: labels in `labels/overrides.csv` (`fetch.overrides`), and
+what modality a file shows in `labels/modality_review.csv` (`fetch.modality_review`, `read_modality_review`).
 
 The pipeline never relabels an image by itself: the review stage ranks suspects, a reviewer decides, and
 each decision is a row of this version-controlled file:
@@ -22,7 +23,7 @@ from pathlib import Path
 import pandas as pd
 
 from braintumor.errors import SourceError
-from braintumor.labels import CLASS_FOLDERS
+from braintumor.labels import CLASS_FOLDERS, MODALITIES
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +31,7 @@ COLUMNS = ["image", "label", "reason", "reviewer"]
 LABELS = CLASS_FOLDERS["local"]  # label name -> (label, subtype)
 EXCLUDE = "exclude"
 SHA256 = re.compile(r"[0-9a-f]{64}")
+REVIEW_COLUMNS = ["image", "sha256", "modality", "reviewer"]  # labels/modality_review.csv
 APPLIED_COLUMNS = ["image", "decision", "reason", "reviewer", "path", "label_was", "subtype_was"]
 
 
@@ -92,3 +94,27 @@ def apply_overrides(manifest: pd.DataFrame, overrides: pd.DataFrame) -> tuple[pd
     ]
     applied = pd.DataFrame(record, columns=APPLIED_COLUMNS).astype({"label_was": "Int64"})
     return manifest[~excluded], skipped, applied
+
+
+def read_modality_review(path: str | Path) -> dict[str, tuple[str, str]]:
+    """sha256 -> (modality, reviewer) of every file a reviewer looked at; a missing file means none. A bad row
+    stops fetch before any work, naming its line."""
+    path = Path(path)
+    if not path.is_file():
+        return {}
+    table = pd.read_csv(path, dtype=str, keep_default_na=False)
+    if list(table.columns) != REVIEW_COLUMNS:
+        raise SourceError(f"{path}: the header must be `{','.join(REVIEW_COLUMNS)}` (got `{','.join(table.columns)}`)")
+    reviewed: dict[str, tuple[str, str]] = {}
+    for line, row in enumerate(table.itertuples(index=False), start=2):
+        where = f"{path}, line {line}"
+        if not SHA256.fullmatch(row.sha256):
+            raise SourceError(f"{where}: sha256 {row.sha256!r} is not the file's SHA-256 (64 hex digits)")
+        if row.modality not in MODALITIES:
+            raise SourceError(f"{where}: modality {row.modality!r} must be one of {', '.join(MODALITIES)}")
+        if not row.reviewer.strip():
+            raise SourceError(f"{where}: name the reviewer")
+        if reviewed.get(row.sha256, (row.modality,))[0] != row.modality:
+            raise SourceError(f"{where}: {row.image} has the bytes of a file reviewed as {reviewed[row.sha256][0]}")
+        reviewed[row.sha256] = (row.modality, row.reviewer)
+    return reviewed

@@ -28,7 +28,8 @@ from pathlib import Path
 import numpy as np
 
 from braintumor.data.dicom import DicomImage, is_dicom, read_dicom
-from braintumor.data.images import MAX_COLOURFULNESS, colour_refusal, open_image, to_grayscale
+from braintumor.data.images import MAX_COLOURFULNESS, open_image, to_grayscale
+from braintumor.data.modality import reading_refusal
 from braintumor.data.volumes import brain_slices, read_nifti
 from braintumor.errors import ImageReadError, VolumeTooLarge
 
@@ -184,7 +185,8 @@ def read_scans(
                 series[-1].inputs = [index]
             else:
                 img = open_image(name, data=data, max_pixels=max_pixels)
-                series.append(Series(name, "image", source, [to_grayscale(img)], colour_refusal(img), inputs=[index]))
+                gray = to_grayscale(img)
+                series.append(Series(name, "image", source, [gray], reading_refusal(img, gray), inputs=[index]))
         except ImageReadError as err:
             errors.append((index, err.path, f"{err.reason}: {err.detail}"))
         except Exception as err:  # noqa: BLE001 - one bad file never fails the others

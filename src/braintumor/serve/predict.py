@@ -21,8 +21,9 @@ from urllib.parse import urlparse
 
 import numpy as np
 
-from braintumor.data.images import DEFAULT_MAX_PIXELS, colour_refusal, open_image, prepare, to_grayscale
+from braintumor.data.images import DEFAULT_MAX_PIXELS, open_image, prepare, to_grayscale
 from braintumor.data.listing import walk_files
+from braintumor.data.modality import reading_refusal
 from braintumor.data.scans import Series, kind_suffix, read_scans
 from braintumor.errors import ImageReadError, ModelLoadError
 
@@ -260,8 +261,8 @@ def predict(
 ) -> tuple[list[dict], list[Shown]]:
     """One result per file, in order: {"path", "status", "probability", "label", ...} (`Assessor.answers`), or
     {"path", "error"} for a file that cannot be read as an image (the others are still predicted); and the
-    scored inputs, for their evidence maps. A colour image is answered `out_of_distribution` from its colour,
-    unscored."""
+    scored inputs, for their evidence maps. A colour image or a head CT slice is answered `out_of_distribution`
+    from its pixels, unscored."""
     from braintumor.model.assessment import score
 
     size = int(loaded.info["image_size"])
@@ -273,11 +274,12 @@ def predict(
                     path, "not_a_file", "missing, a broken link, a folder that cannot be listed, or not a regular file"
                 )
             img = open_image(path, max_pixels=max_pixels)
-            refusal = colour_refusal(img)
+            gray = to_grayscale(img)
+            refusal = reading_refusal(img, gray)
             if refusal is not None:
                 results.append({"path": str(path), **refused(refusal)})
                 continue
-            arrays.append(prepare(to_grayscale(img), size))
+            arrays.append(prepare(gray, size))
             rows.append(len(results))
             results.append({"path": str(path)})
         except Exception as err:  # noqa: BLE001 - any unreadable file is reported, never fatal for the rest
