@@ -3,11 +3,14 @@
 Files from packages already installed, per kind: scikit-image's sample photographs (as PNG, in colour where
 they are), its Shepp-Logan head phantom apart, pydicom's bundled DICOM files (CT, ultrasound, nuclear medicine,
 secondary captures, segmentations; MR samples apart), blank, noise and text images made here, and slices of
-nilearn's MNI152 brain template in each plane. Each file goes through what an upload goes through
-(`scans.read_scans`: the colour and DICOM Modality checks, the shared rendering) and the model's own answer
+nilearn's MNI152 brain template in each plane; and, where the kagglehub cache is reachable, the distinct files of
+the Kaggle mirror that a reviewer saw as head CT (labels/modality_review.csv: the pixel check's thresholds were set
+on these, so their refusal is an in-sample figure). Each file goes through what an upload goes through
+(`scans.read_scans`: the colour, head-CT and DICOM Modality checks, the shared rendering) and the model's own answer
 (`Assessor.answers`; a multi-frame object's verdict by `series_verdict`). Reported per kind: the share answered
 `out_of_distribution` (`refused`), the share the feature gate alone refuses (`gate_refused`), and the ROC AUC of
-the gate distance (the nearest frame's) against the test split's scans, whose refused share is reported too.
+the gate distance (the nearest frame's) against the test split's scans, whose refused share (their files read
+as an upload) is reported too.
 
     python benchmarks/ood_gate.py [--model models/model.keras] [--out metrics/ood_gate.json]
 """
@@ -122,11 +125,32 @@ def mni152_planes(slices: int = 9) -> dict[str, dict[str, bytes]]:
     return planes
 
 
+def mirror_head_ct(review: Path) -> dict[str, bytes]:
+    """The distinct files a reviewer saw as head CT in the Kaggle mirror (labels/modality_review.csv), as bytes;
+    empty when the kagglehub cache is not reachable."""
+    import pandas as pd
+
+    from braintumor.data.fetch import kaggle_root
+    from braintumor.errors import SourceError
+    from braintumor.params import load_params
+
+    reviewed = pd.read_csv(review, dtype=str, keep_default_na=False)
+    reviewed = reviewed[reviewed.modality == "ct"].drop_duplicates("sha256")
+    sources = load_params()["fetch"]["sources"]
+    try:
+        roots = {name: kaggle_root(name, sources[name]["handle"]) for name in set(reviewed.image.str.split("/").str[0])}
+    except SourceError as err:
+        log.info("ood_gate: no mirror head CT (%s)", err)
+        return {}
+    return {image: (roots[image.split("/")[0]] / image.split("/", 1)[1]).read_bytes() for image in reviewed.image}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="models/model.keras", help="a model reference `braintumor predict` takes")
     parser.add_argument("--split", default="artifacts/split", help="the split stage's output (its test split)")
     parser.add_argument("--out", default="metrics/ood_gate.json")
+    parser.add_argument("--review", type=Path, default=Path("labels/modality_review.csv"), help="reviewed modalities")
     args = parser.parse_args(argv)
     configure_logging()
     from braintumor.model.assessment import OUT_OF_DISTRIBUTION, score
@@ -156,11 +180,13 @@ def main(argv: list[str] | None = None) -> int:
 
     test = load_split(args.split, "test", loaded.info["task"])
     in_distribution = np.array([a["gate_distance"] for a in answers(test["x"])])
+    test_refused = np.array([answered(str(path), Path(path).read_bytes())[0] for path in test["path"]])
     non_mr, mr = dicom_samples()
     photos, phantom = photographs()
     kinds = {
         "photographs (scikit-image)": photos,
         "head phantom (Shepp-Logan)": phantom,
+        "head CT (Kaggle mirror, reviewed)": mirror_head_ct(args.review),
         "non-MR DICOM (pydicom samples)": non_mr,
         **synthetic(),
         **mni152_planes(),
@@ -168,10 +194,16 @@ def main(argv: list[str] | None = None) -> int:
     }
     result = {
         "model": args.model,
-        "test_split": {"images": len(in_distribution), "refused": round(float((in_distribution > 1).mean()), 4)},
+        "test_split": {
+            "images": len(in_distribution),
+            "refused": round(float(test_refused.mean()), 4),
+            "gate_refused": round(float((in_distribution > 1).mean()), 4),
+        },
         "kinds": {},
     }
     for kind, files in kinds.items():
+        if not files:
+            continue
         read = {name: found for name, data in files.items() if (found := answered(name, data)) is not None}
         refused = np.array([r for r, _ in read.values()])
         d = np.array([distance for _, distance in read.values()])
