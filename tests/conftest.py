@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import shutil
 import zlib
 from pathlib import Path
@@ -37,6 +38,17 @@ def brain_image(seed: int, size: int = 96) -> np.ndarray:
     texture = ndimage.gaussian_filter(rng.random((size, size)), sigma=size / 16)
     texture = (texture - texture.min()) / (texture.max() - texture.min())
     return np.where(head, 60 + 190 * texture, 0).astype(np.uint8)
+
+
+def local_only_params() -> dict:
+    """The shipped params with only the local `data/` source on, and one worker: a fetch the tests can feed."""
+    from braintumor.params import load_params
+
+    params = copy.deepcopy(load_params(REPO / "params.yaml"))
+    params["fetch"]["workers"] = 1
+    for name, source in params["fetch"]["sources"].items():
+        source["enabled"] = name == "local"
+    return params
 
 
 def save(path: Path, pixels: np.ndarray, mode: str = "L", fmt: str | None = None) -> Path:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import os
 
 import numpy as np
@@ -15,19 +14,14 @@ from braintumor.data.dedup import dedup
 from braintumor.data.fetch import fetch
 from braintumor.data.images import open_image
 from braintumor.errors import ImageReadError
-from braintumor.params import load_params
 from braintumor.serve.predict import image_files
 
-from conftest import EPS, REPO, bomb_png, brain_image, save
+from conftest import EPS, bomb_png, brain_image, local_only_params, save
 
 
 @pytest.fixture
 def params():
-    params = copy.deepcopy(load_params(REPO / "params.yaml"))
-    params["fetch"]["workers"] = 1
-    for name, source in params["fetch"]["sources"].items():
-        source["enabled"] = name == "local"
-    return params
+    return local_only_params()
 
 
 def skipped_reasons() -> dict[str, tuple[str, str]]:

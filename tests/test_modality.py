@@ -1,7 +1,6 @@
 """Brain MR only: the pixel check tells head CT from brain MR, fetch keeps what `fetch.modalities` lists and lists
 the rest with the evidence, and a reviewer's recorded modality wins over the check."""
 
-import copy
 import hashlib
 
 import numpy as np
@@ -17,9 +16,9 @@ from braintumor.data.fetch import fetch
 from braintumor.data.images import window
 from braintumor.data.modality import modality_of
 from braintumor.errors import ParamError, SourceError
-from braintumor.params import load_params, validate_fetch
+from braintumor.params import validate_fetch
 
-from conftest import REPO, brain_image, save
+from conftest import brain_image, local_only_params, save
 
 
 def head_slice(ring: float, ring_level: float, ring_noise: float, gap: float, brain: float, seed: int = 0):
@@ -85,11 +84,7 @@ def test_each_piece_of_a_skull_s_evidence_decides():
 
 @pytest.fixture
 def params():
-    params = copy.deepcopy(load_params(REPO / "params.yaml"))
-    params["fetch"]["workers"] = 1
-    for name, source in params["fetch"]["sources"].items():
-        source["enabled"] = name == "local"
-    return params
+    return local_only_params()
 
 
 def review(path, rows):

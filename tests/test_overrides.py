@@ -1,6 +1,5 @@
 """A reviewer's label decisions (labels/overrides.csv): validated, applied by fetch, each one recorded."""
 
-import copy
 import hashlib
 import json
 
@@ -9,9 +8,8 @@ import pytest
 
 from braintumor.data.fetch import fetch
 from braintumor.errors import SourceError
-from braintumor.params import load_params
 
-from conftest import REPO, brain_image, save
+from conftest import brain_image, local_only_params, save
 
 
 @pytest.fixture
@@ -19,10 +17,7 @@ def local(in_tmp):
     """Three local scans, one of them twice (same bytes in two class folders)."""
     for folder, seed in (("tumor", 1), ("no_tumor", 2), ("no_tumor", 3), ("glioma", 3)):
         save(in_tmp / f"data/{folder}/s{seed}.png", brain_image(seed))
-    params = copy.deepcopy(load_params(REPO / "params.yaml"))
-    params["fetch"]["workers"] = 1
-    for name, source in params["fetch"]["sources"].items():
-        source["enabled"] = name == "local"
+    params = local_only_params()
     params["fetch"]["overrides"] = str(in_tmp / "labels/overrides.csv")
     (in_tmp / "labels").mkdir()
     return params
