@@ -34,6 +34,7 @@ def test_a_reviewer_s_decisions_relabel_exclude_and_are_recorded(in_tmp, local):
         "local/tumor/s1.png,no_tumor,no lesion on review,A. Reviewer",
         f"{copied},exclude,scan appears twice with two labels,B. Reviewer",
         "local/tumor/missing.png,tumor,typo in the path,C. Reviewer",
+        "local/no_tumor/gone.png,exclude,decided on a file no longer there,D. Reviewer",
     )
     metrics = fetch(local)
 
@@ -47,11 +48,12 @@ def test_a_reviewer_s_decisions_relabel_exclude_and_are_recorded(in_tmp, local):
     ).all()
     assert not list((in_tmp / "artifacts/fetch/images/local").rglob("s3.png"))
     applied = pd.read_csv(in_tmp / "artifacts/fetch/overrides_applied.csv", keep_default_na=False)
-    assert len(applied) == 4 and applied.loc[applied.image == "local/tumor/missing.png", "path"].item() == ""
+    assert len(applied) == 5 and applied.loc[applied.image == "local/tumor/missing.png", "path"].item() == ""
+    assert applied.loc[applied.image == "local/no_tumor/gone.png", "path"].item() == ""
     assert applied.loc[applied.decision == "no_tumor", ["label_was", "subtype_was"]].values.tolist() == [
         ["1", "unknown"]
     ]
-    assert metrics["overrides"] == {"relabelled": 1, "excluded": 2, "unmatched": 1}
+    assert metrics["overrides"] == {"relabelled": 1, "excluded": 2, "unmatched": 2}
     assert json.loads((in_tmp / "metrics/fetch.json").read_text())["per_source"]["local"]["no_tumor"] == 2
 
 

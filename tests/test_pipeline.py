@@ -77,8 +77,12 @@ def test_repro_runs_all_stages_then_nothing_then_only_what_a_param_touches(repo)
     assert sorted(stages[5:7]) == ["explain", "review"]  # both follow evaluate
 
     fetched = json.loads((repo / "metrics/fetch.json").read_text())
-    assert fetched["per_source"]["kaggle2018"]["images"] == 12 * 4
-    assert fetched["per_source"]["kaggle2020"]["images"] == 12 * 8
+    for name, folders in (("kaggle2018", 4), ("kaggle2020", 8)):  # every file kept or listed with its reason
+        counts = fetched["per_source"][name]
+        assert counts["images"] + sum(counts["skipped"].values()) == 12 * folders
+        assert set(counts["skipped"]) <= {"not_brain_mr", "excluded_by_review"}
+    # the first twelve of Testing/no_tumor hold head CT (image(1).jpg, image(103).jpg, ...): left out as not MR
+    assert fetched["per_source"]["kaggle2020"]["skipped"]["not_brain_mr"] >= 1
     dedup = json.loads((repo / "metrics/dedup.json").read_text())
     # the 2018 archive ships every image twice: at least one exact duplicate per pair
     assert dedup["exact_duplicates"] >= 24

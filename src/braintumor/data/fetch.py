@@ -323,7 +323,8 @@ def fetch(
         manifest, not_mr, modalities = keep_modalities(
             manifest, reviewed, config["modalities"], config["modality_review"]
         )
-        gone = [*applied.path[applied.decision == EXCLUDE], *checked[~checked.isin(manifest.path)]]
+        excluded_paths = applied.path[(applied.decision == EXCLUDE) & applied.path.notna()]  # matched rows only
+        gone = [*excluded_paths, *checked[~checked.isin(manifest.path)]]
         for path in gone:  # the copy of an excluded image goes too
             (staged_images / Path(path).relative_to(images_dir)).unlink(missing_ok=True)
         skipped += excluded + not_mr
