@@ -49,10 +49,8 @@ def test_bad_files_are_recorded_and_the_later_stages_still_run(in_tmp, params):
 
     reasons = skipped_reasons()
     assert reasons["bomb.png"][0] == "too_large" and "10000 x 10000" in reasons["bomb.png"][1]
-    assert reasons["poster.jpg"] == (
-        "unsupported_format",
-        "EPS image; only JPEG, PNG, BMP, GIF, TIFF, WEBP are decoded",
-    )
+    kind, detail = reasons["poster.jpg"]  # names what the file is and what would be read instead
+    assert kind == "unsupported_format" and "EPS" in detail and all(f in detail for f in ("JPEG", "PNG"))
     assert reasons["garbage.jpg"][0] == "not_an_image" and "BytesIO" not in reasons["garbage.jpg"][1]
     assert reasons["scan-\\xff\\xfe.png"][0] == "file_name_not_utf8"
     manifest = pd.read_csv("artifacts/fetch/manifest.csv", keep_default_na=False)
@@ -74,7 +72,8 @@ def test_pixels_a_later_step_cannot_use_are_a_skipped_row(in_tmp, params, monkey
 
     monkeypatch.setattr(images, "to_grayscale", fails_on_odd)
     fetch(params)
-    assert skipped_reasons()["odd.png"] == ("unusable_pixels", "ValueError: image mode X has no grayscale conversion")
+    kind, detail = skipped_reasons()["odd.png"]  # the reason code, and the failure itself for whoever fixes it
+    assert kind == "unusable_pixels" and "image mode X has no grayscale conversion" in detail
 
 
 def test_links_fifos_and_unlistable_folders_each_get_a_row(in_tmp, params, tmp_path_factory, monkeypatch):

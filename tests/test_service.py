@@ -118,7 +118,7 @@ def test_a_file_over_the_per_file_limit_is_refused_by_name_and_the_others_answer
     scans = [("files", ("large.png", large)), ("files", ("fine.png", png_bytes(brain_image(5))))]
     results = client.post("/v1/predict", files=scans).json()["results"]
     assert [r["filename"] for r in results] == ["large.png", "fine.png"]
-    assert results[0]["error"] == f"too_large: more than {1 << 20} bytes, the limit for one file"
+    assert results[0]["error"].startswith("too_large") and str(1 << 20) in results[0]["error"]  # names the limit
     assert "error" not in results[1]
     explain = client.post("/v1/explain", files={"file": ("large.png", large)})
     assert explain.status_code == 422 and "large.png" in explain.json()["detail"]
