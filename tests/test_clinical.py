@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import random
+import shutil
+import subprocess
 import zipfile
 from pathlib import Path
 
@@ -240,8 +243,50 @@ def patient_study(mni, tmp_path_factory) -> Path:
     return export
 
 
-def test_predict_answers_per_series_and_leaks_no_patient_data(trained_states, patient_study, capsys, caplog, tmp_path):
+def planted_in(text: str | bytes, study: Path) -> list[str]:
+    """The identifiers planted in `study` that `text` holds: header values, the names the export chose (its
+    patient folder, series folders and files) and the DICOM UIDs."""
+    uids = {pydicom.dcmread(p, stop_before_pixels=True).SeriesInstanceUID for p in study.rglob("*.dcm")}
+    values = [*PATIENT.values(), "Doe_Jane", "T1_AX", "T2_AX", *uids]
+    if isinstance(text, bytes):
+        return [v for v in values if v.encode() in text]
+    return [v for v in values if v in text]
+
+
+def test_the_leak_check_catches_a_planted_name_in_a_log_line(
+    trained_states, patient_study, capsys, caplog, monkeypatch
+):
+    """A broken variant of predict that logs each DICOM file it reads: the check of the tests below fails on it."""
+    from braintumor.serve import predict
+
+    real = predict.clinical_entries
+
+    def entries_logged(listed):
+        for _, file in listed:
+            logging.getLogger("braintumor.serve.predict").info("reading %s", file)
+        return real(listed)
+
+    monkeypatch.setattr(predict, "clinical_entries", entries_logged)
     model = str(trained_states["seed_cnn"][0] / "models/model.keras")
+    assert cli.main(["predict", "--json", "--model", model, str(patient_study)]) == 0
+    out = capsys.readouterr()
+    assert planted_in(caplog.text, patient_study) and not planted_in(out.out, patient_study)
+
+
+@pytest.fixture(scope="module")
+def ungated_model(trained_states, tmp_path_factory) -> str:
+    """A copy of the seed_cnn state's shipped model without its out-of-distribution gate: a model trained for
+    seconds on synthetic images refuses the MNI152 slices, and a refused series has no evidence maps to check."""
+    models = tmp_path_factory.mktemp("ungated") / "models"
+    shutil.copytree(trained_states["seed_cnn"][0] / "models", models)
+    info = json.loads((models / "model.json").read_text())
+    del info["gate"]
+    (models / "model.json").write_text(json.dumps(info))
+    return str(models / "model.keras")
+
+
+def test_predict_answers_per_series_and_leaks_no_patient_data(ungated_model, patient_study, capsys, caplog, tmp_path):
+    model = ungated_model
     code = cli.main(["predict", "--json", "--model", model, "--explain", str(tmp_path), str(patient_study)])
     out = capsys.readouterr()
     records = [json.loads(line) for line in out.out.splitlines()]
@@ -251,16 +296,15 @@ def test_predict_answers_per_series_and_leaks_no_patient_data(trained_states, pa
     for record in (r for r in records if r["slices"] > 1):
         assert record["kind"] == "dicom" and record["series"].startswith("series-")
         assert len(record["slice_results"]) == record["slices"] == record["files"]
-        assert record["status"] in ("read", "uncertain", "out_of_distribution")
+        assert record["status"] in ("read", "uncertain")  # no gate: the MR series are read
         assert record == {**record, **series_answer(record["slice_results"])}  # the verdict is the rule's
     maps = sorted(p.name for p in tmp_path.glob("*.png"))  # the evidence maps of the slices that drove each verdict
     driving = [f"{r['series']}-slice{k}" for r in records for k in r["driving_slices"]]
-    assert [name[5:-4] for name in maps] == driving
-    everything = out.out + out.err + caplog.text + " ".join(maps)
-    for value in (*PATIENT.values(), "Doe_Jane", "T1_AX", "T2_AX"):
-        assert value not in everything, value
-    uids = {pydicom.dcmread(p, stop_before_pixels=True).SeriesInstanceUID for p in patient_study.rglob("*.dcm")}
-    assert not any(uid in everything for uid in uids)
+    assert driving and len(maps) == len(driving)
+    assert all(any(name.endswith(f"-{slice_}.png") for name in maps) for slice_ in driving)
+    assert "predict: 0 images and 3 series" in caplog.text  # the check below sees the INFO lines
+    assert not planted_in(out.out + out.err + caplog.text + " ".join(maps), patient_study)
+    assert not any(planted_in(path.read_bytes(), patient_study) for path in tmp_path.glob("*.png"))
 
 
 def test_series_names_depend_on_the_local_salt(mni, monkeypatch):
@@ -306,9 +350,50 @@ def test_the_service_answers_a_zipped_study_and_loose_dicom_per_series_and_keeps
     assert [r["slices"] for r in results[:2]] == [12, 6] and results[2]["filename"] == "scan.png"
     logged = [json.loads(line) for line in audit.read_text().splitlines()][-1]["scans"]
     assert [len(s.get("inputs_sha256", [s.get("input_sha256")])) for s in logged] == [1, 6, 1, 1]
-    everything = answer.text + audit.read_text() + caplog.text
-    for value in (*PATIENT.values(), "Doe_Jane", "T1_AX"):
-        assert value not in everything, value
+    assert not planted_in(answer.text + audit.read_text() + caplog.text, patient_study)
+
+
+def test_real_processes_write_no_patient_data_anywhere(ungated_model, patient_study, tmp_path):
+    """`braintumor predict` and `braintumor serve` as a user runs them, verbose: their terminal output, the audit
+    log, the evidence maps and every other file they write (in their folder, home or temporary folder)."""
+    import requests
+
+    from fixtures.servers import BIN, free_port, serving, tool_env
+
+    work, home, scratch = (tmp_path / name for name in ("work", "home", "tmp"))
+    for folder in (work, home, scratch):
+        folder.mkdir()
+    env = tool_env(HOME=str(home), TMPDIR=str(scratch))
+    model = ungated_model
+    command = [str(BIN / "braintumor"), "--verbose", "predict", "--json", "--model", model, "--explain", "maps"]
+    predicted = subprocess.run(
+        [*command, str(patient_study)], cwd=work, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert predicted.returncode == 0 and len(predicted.stdout.splitlines()) == 3, predicted.stderr[-2000:]
+    assert "predict: 0 images and 3 series" in predicted.stderr and list((work / "maps").glob("*.png"))
+
+    patient = patient_study / "Doe_Jane_PID-7731-XQ"
+    archive = io.BytesIO()
+    with zipfile.ZipFile(archive, "w") as out:  # the export's own names inside the archive
+        for path in sorted(patient.rglob("*.dcm")):
+            out.write(path, path.relative_to(patient_study).as_posix())
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    serve = [str(BIN / "braintumor"), "--verbose", "serve", "--model", model, "--port", str(port)]
+    with serving([*serve, "--audit-log", "audit.jsonl"], f"{url}/readyz", work / "serve.log", env, cwd=work):
+        answer = requests.post(f"{url}/v1/predict", files=[("files", ("study.zip", archive.getvalue()))], timeout=300)
+        assert answer.status_code == 200 and len(answer.json()["results"]) == 3, answer.text
+        one = next(patient.glob("T1_AX/*.dcm"))
+        explained = requests.post(f"{url}/v1/explain", files={"file": ("slice.dcm", one.read_bytes())}, timeout=300)
+        assert explained.status_code == 200
+    assert "warmed up" in (work / "serve.log").read_text()  # the server's INFO lines were captured (no access log)
+
+    assert not planted_in(predicted.stdout + predicted.stderr + answer.text, patient_study)
+    written = [path for folder in (work, home, scratch) for path in folder.rglob("*") if path.is_file()]
+    assert {"serve.log", "audit.jsonl"} <= {path.name for path in written}
+    for path in written:
+        assert not planted_in(path.relative_to(tmp_path).as_posix(), patient_study), path
+        assert not planted_in(path.read_bytes(), patient_study), path
 
 
 def test_a_study_pulled_from_a_real_dicomweb_server_reads_as_the_files_do(

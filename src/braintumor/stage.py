@@ -42,7 +42,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def configure_logging() -> None:
+    """The package's INFO lines on stderr. Its logger's level is set apart: `basicConfig` does nothing where a
+    host (pytest, an application server) has configured logging first, and INFO lines would vanish there."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.getLogger("braintumor").setLevel(logging.INFO)
 
 
 def execute(name: str, function: Callable[[dict], object], params_path: str) -> int:
