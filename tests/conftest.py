@@ -18,8 +18,9 @@ KAGGLE2018 = "navoneel/brain-mri-images-for-brain-tumor-detection/versions/1"
 KAGGLE2020 = "sartajbhuvaji/brain-tumor-classification-mri/versions/2"
 
 pytest_plugins = ["fixtures.servers"]  # MLflow server and trained-state fixtures
-# Tests that use these start a server process or train models first: `make test-fast` leaves them out.
-SLOW_FIXTURES = {"mlflow_server", "trained_states"}
+# Tests that use these start a server (MLflow's, or test_ixi's HTTP servers) or train models first:
+# `make test-fast` leaves them out.
+SLOW_FIXTURES = {"mlflow_server", "trained_states", "server", "slow_server"}
 
 
 def pytest_collection_modifyitems(items):

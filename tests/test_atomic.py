@@ -51,8 +51,21 @@ def test_a_failing_write_keeps_the_previous_output(tmp_path):
     assert not leftovers(target)
 
 
-def test_staging_folders_are_ignored_by_git_and_dvc():
+def test_staging_folders_are_ignored_by_git_and_dvc(tmp_path, monkeypatch):
+    """A killed stage's staging folder must not show up as a change to commit or to track."""
+    import pathspec
+
     from conftest import REPO
 
-    for name in (".gitignore", ".dvcignore"):
-        assert ".*.partial-*" in (REPO / name).read_text().split("\n"), name
+    target = tmp_path / "artifacts" / "train"
+    monkeypatch.setattr(atomic.shutil, "rmtree", lambda *args, **kwargs: None)  # killed before its clean-up
+    with pytest.raises(RuntimeError), atomic_path(target) as tmp:
+        tmp.mkdir()
+        (tmp / "model.keras").write_text("half")
+        raise RuntimeError("killed")
+    (staging,) = leftovers(target)
+    relative = staging.relative_to(tmp_path).as_posix()
+    for name in (".gitignore", ".dvcignore"):  # both read their files with git's rules
+        spec = pathspec.GitIgnoreSpec.from_lines((REPO / name).read_text().splitlines())
+        assert spec.match_file(relative + "/model.keras"), name
+        assert not spec.match_file("artifacts/train/model.keras"), name  # and a finished output is not ignored

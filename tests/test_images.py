@@ -86,14 +86,20 @@ def test_histogram_percentiles_equal_numpy_s(shape):
         assert percentiles(gray, q).tolist() == np.percentile(gray, q).tolist()  # the very same floats
 
 
-def test_head_window_equals_the_direct_moment_computation():
-    """The marginal moments and edge-aware copy give the window of the plain definition (all foreground
-    coordinates, a zero-padded frame)."""
-    for seed in range(8):
-        pixels = np.pad(brain_image(seed, 60 + 7 * seed), ((seed * 3, 11), (0, seed * 5)))
-        ys, xs = np.nonzero(pixels > np.percentile(pixels, 1) + 0.1 * np.ptp(np.percentile(pixels, [1, 99])) + 2)
-        cy, cx = ys.mean(), xs.mean()
-        half = max(4, int(round(HASH_WINDOW_RADII * np.sqrt(((ys - cy) ** 2 + (xs - cx) ** 2).mean()))))
-        top, left = int(round(cy)), int(round(cx))
-        expected = np.pad(pixels, half)[top : top + 2 * half, left : left + 2 * half]
-        assert np.array_equal(center_on_head(pixels), expected)
+def disc(radius: int, frame: tuple[int, int], centre: tuple[int, int]) -> np.ndarray:
+    yy, xx = np.mgrid[: frame[0], : frame[1]]
+    return np.where((yy - centre[0]) ** 2 + (xx - centre[1]) ** 2 <= radius**2, 200, 0).astype(np.uint8)
+
+
+def test_the_hash_window_follows_the_head_wherever_it_sits_and_grows_with_it():
+    """A copy moved or padded within its frame hashes alike only if its window is the same: the window is
+    centred on the head, its side set by the head's size (a uniform disc has radius √2 radii of gyration)."""
+    window = center_on_head(disc(15, (64, 64), (32, 32)))
+    assert np.array_equal(center_on_head(disc(15, (90, 140), (50, 97))), window)  # moved, in a larger frame
+    assert window.shape[0] == window.shape[1]
+    assert abs(window.shape[0] - 2 * HASH_WINDOW_RADII * 15 / np.sqrt(2)) <= 2
+    twice = center_on_head(disc(30, (128, 128), (64, 64)))
+    assert abs(twice.shape[0] - 2 * window.shape[0]) <= 2
+    edge = disc(15, (64, 64), (8, 32))  # cut by the top of the frame: zeros beyond it, nothing of the head lost
+    cut = center_on_head(edge)
+    assert (cut > 0).sum() == (edge > 0).sum() and not cut[0].any()

@@ -169,6 +169,7 @@ def test_predict_command_pulls_the_champion_in_a_fresh_process(mlflow_server, re
     ]
 
 
+@pytest.mark.slow  # a Python process
 def test_predict_command_without_a_reachable_model_says_what_to_set(scans, tmp_path):
     env = {"PATH": f"{BIN}{os.pathsep}/usr/bin:/bin", "HOME": str(tmp_path)}
     result = subprocess.run(

@@ -10,12 +10,14 @@ import json
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 from mlflow import MlflowClient
 from PIL import Image
 
 from braintumor import cli
+from braintumor.data.images import prepare
 from braintumor.errors import AccessError
 from braintumor.registry.register import CHAMPION, register
 from braintumor.serve.access import (
@@ -130,10 +132,13 @@ def test_explain_answers_the_scan_beside_its_overlay(local_client):
     answer = client.post("/v1/explain", files={"file": ("a.png", png_bytes(brain_image(4)))})
     assert answer.status_code == 200 and answer.headers["content-type"] == "image/png"
     panel = Image.open(io.BytesIO(answer.content))
-    assert panel.height == 256 and panel.width >= 2 * 256  # the scan and its overlay side by side
-    left, right = panel.crop((0, 0, 256, 256)), panel.crop((panel.width - 256, 0, panel.width, 256))
-    assert left.convert("RGB").getextrema()[0] == left.convert("RGB").getextrema()[2]  # gray scan
-    assert left.tobytes() != right.tobytes()  # coloured overlay
+    side = panel.height  # the scan and its overlay side by side, each a square
+    assert panel.width >= 2 * side
+    left = np.asarray(panel.convert("RGB").crop((0, 0, side, side))).astype(int)
+    right = np.asarray(panel.convert("RGB").crop((panel.width - side, 0, panel.width, side))).astype(int)
+    assert (left[..., 0] == left[..., 2]).all() and (right[..., 0] != right[..., 2]).any()  # gray scan, colour map
+    seen = prepare(brain_image(4), side)[..., 0].astype(float)  # the scan that was sent, as the model reads it
+    assert np.corrcoef(left[..., 0].ravel(), seen.ravel())[0, 1] > 0.9
     bad = client.post("/v1/explain", files={"file": ("x.png", b"nope")})
     assert bad.status_code == 422 and "x.png" in bad.json()["detail"]
 

@@ -44,6 +44,7 @@ def test_batches_cover_every_image_once_an_epoch_in_a_seeded_order():
     assert len(held_out[0]) == 2 and np.array_equal(held_out[2][1], [8, 9])
 
 
+@pytest.mark.slow  # two trainings
 def test_a_model_fed_from_the_files_learns_as_one_fed_from_arrays(tmp_path):
     split = make_split(tmp_path / "split")
     test = load_split(split, "test", "binary")
@@ -70,6 +71,7 @@ def test_prediction_in_chunks_equals_one_call(tmp_path, monkeypatch):
     assert np.array_equal(tumor_probability(model, lazy, ["no_tumor", "tumor"], batch_size=16), whole)
 
 
+@pytest.mark.slow  # a two-fold training
 def test_the_train_stage_streams_folds_with_members_and_the_subtype_head(in_tmp):
     make_split(in_tmp / "artifacts/split", size=32, members=6)
     params = tiny_params("seed_fsm", epochs=1, loader="stream", subtypes=True, member_weight="cluster")

@@ -11,7 +11,7 @@ from braintumor.errors import ModelLoadError
 from braintumor.model import calibration as cal
 from braintumor.model.assessment import OUT_OF_DISTRIBUTION, READ, UNCERTAIN, Assessor, Scores, score
 from braintumor.model.gate import GATE_FILE, FeatureGate
-from braintumor.model.inference import average_of
+from braintumor.model.inference import average_of, members_of
 from braintumor.model.scoring import feature_widths, scoring_model
 
 
@@ -113,8 +113,18 @@ def test_the_scoring_model_gives_the_shipped_output_each_member_view_and_the_gat
     assert np.abs(scores.raw - shipped).max() < 1e-6
     assert scores.members.shape == (7, 4)  # two members, two views each
     assert np.abs(scores.members.mean(axis=1) - shipped).max() < 1e-6
-    # per member: mean and spread of the Add output (8) and of the last features (16)
-    assert [f.shape[1] for f in scores.features] == [8, 8, 16, 16] * 2
+    # per member, on the image as given: mean and spread over the image of its residual sum, then of its last map
+    members, _ = members_of(model)
+    expected = []
+    for member in members:
+        add = next(layer for layer in member.layers if isinstance(layer, keras.layers.Add))
+        pool = next(layer for layer in member.layers if isinstance(layer, keras.layers.GlobalAveragePooling2D))
+        for tensor in (add.output, pool.input):
+            maps = keras.Model(member.inputs, tensor).predict(images.astype("float32"), verbose=0)
+            expected += [maps.mean(axis=(1, 2)), maps.std(axis=(1, 2))]
+    assert len(scores.features) == len(expected)
+    for got, want in zip(scores.features, expected, strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
 
 
 def test_a_saved_gate_loads_only_for_its_network_and_its_digest(tmp_path):
