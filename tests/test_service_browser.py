@@ -3,6 +3,7 @@ a real headless Chromium (Debian's package, driven by Playwright), and a bounded
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
 import zipfile
@@ -13,6 +14,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import requests
+from PIL import Image
 
 from braintumor.data.datasets import load_split
 from braintumor.serve.access import add_key
@@ -32,14 +34,16 @@ def scans(trained_states, tmp_path_factory) -> list[Path]:
     root = tmp_path_factory.mktemp("page-scans")
     workspace = trained_states["seed_cnn"][0]
     test = load_split(workspace / "artifacts/split", "test", "binary")
-    candidates = [save(root / f"scan-{k}.png", test["x"][k][..., 0]) for k in range(12)]
+    candidates = [save(root / f"scan-{k}.png", pixels[..., 0]) for k, pixels in enumerate(test["x"])]
     answers, _ = predict(load(str(workspace / "models/model.keras")), candidates)
-    files = [path for path, a in zip(candidates, answers, strict=True) if a["status"] != "out_of_distribution"][:3]
-    assert len(files) == 3, answers
+    readable = [k for k, a in enumerate(answers) if a["status"] != "out_of_distribution"]
+    assert len(readable) >= 5, answers  # three scans, and two slices of the series that the page can step through
+    files = [candidates[k] for k in readable[:3]]
+    in_series = readable[3:5] + [k for k in range(len(candidates)) if k not in readable[:5]][:4]
     broken = root / "broken.jpg"
     broken.write_bytes(b"\xff\xd8\xff\xe0 cut short")
     noise = save(root / "noise.png", np.random.default_rng(0).integers(0, 256, (200, 200)).astype(np.uint8))
-    return files + [broken, noise, zipped_series(root / "study.zip", [test["x"][k][..., 0] for k in range(12, 18)])]
+    return files + [broken, noise, zipped_series(root / "study.zip", [test["x"][k][..., 0] for k in in_series])]
 
 
 def zipped_series(path: Path, slices: list[np.ndarray]) -> Path:
@@ -118,7 +122,7 @@ def server(trained_states, scans, tmp_path_factory):
         )
 
 
-def test_the_page_ranks_scans_lists_bad_files_and_shows_the_overlay(server, scans, tmp_path):
+def test_the_page_ranks_scans_lists_bad_files_and_shows_the_overlay(server, scans):
     if not Path(CHROMIUM).is_file():
         pytest.fail(f"Chromium not found at {CHROMIUM}: install Debian's `chromium` package (.ci/run does)")
     from playwright.sync_api import sync_playwright
@@ -170,26 +174,52 @@ def test_the_page_ranks_scans_lists_bad_files_and_shows_the_overlay(server, scan
         assert page.locator("#slices li.driving").count() == len(server.study["driving_slices"])
         shown = "() => { const i = document.querySelector('#overlay'); return i.naturalWidth > 0 && i.src !== %r; }"
         page.wait_for_function(shown % "", timeout=60_000)  # the slice that drove the reading, with its evidence
-        first = page.locator("#slices li.shown")
         read = [s["slice"] for s in server.study["slice_results"] if s["status"] != "out_of_distribution"]
         driving = server.study["driving_slices"]
-        assert page.locator("#slices li.readable").count() == len(read)  # the gate's refusals get no overlay
-        assert first.count() == 1 and int(first.get_attribute("data-slice")) == (driving or read)[0]
-        assert f"Slice {(driving or read)[0] + 1} shown" in page.locator("#detail-reading").inner_text()
-        if len(read) > 1:  # this tiny model's gate may read a single slice of the six
-            other = page.locator(f"#slices li[data-slice='{[k for k in read if k != (driving or read)[0]][0]}']")
-            before = page.locator("#overlay").get_attribute("src")
-            other.click()
-            page.wait_for_function(shown % before, timeout=60_000)
-            assert page.locator("#slices li.shown").get_attribute("data-slice") == other.get_attribute("data-slice")
+        assert page.locator("#slices li.readable").count() == len(read) >= 2  # the gate's refusals get no overlay
+        series = study.get_attribute("data-series")
+        zipped = [("files", ("study.zip", scans[-1].read_bytes()))]
+        for k in [(driving or read)[0]] + [k for k in read if k != (driving or read)[0]][:1]:  # then another slice
+            item = page.locator(f"#slices li[data-slice='{k}']")
+            if "shown" not in (item.get_attribute("class") or ""):
+                before = page.locator("#overlay").get_attribute("src")
+                item.click()
+                page.wait_for_function(shown % before, timeout=60_000)
+            assert page.locator("#slices li.shown").count() == 1 and "shown" in item.get_attribute("class")
+            answer = next(s for s in server.study["slice_results"] if s["slice"] == k)
+            assert item.inner_text().startswith(f"slice {k + 1}: {answer['probability'] * 100:.1f}")
+            assert f"Slice {k + 1} shown" in page.locator("#detail-reading").inner_text()
+            assert_same_panel(panel_shown(page), explained(server, zipped, series=series, slice=k))
         plain = page.locator("#queue tbody tr[data-filename]:not([data-series])").first
         before = page.locator("#overlay").get_attribute("src")
         plain.click()
         page.wait_for_function(shown % before, timeout=60_000)
-        assert page.locator("#detail-title").inner_text() == plain.get_attribute("data-filename")
-        page.screenshot(path=str(tmp_path / "triage.png"), full_page=True)
+        name = plain.get_attribute("data-filename")
+        assert page.locator("#detail-title").inner_text() == name
+        sent = next(path for path in scans if path.name == name)
+        assert_same_panel(panel_shown(page), explained(server, [("file", (name, sent.read_bytes()))]))
         browser.close()
-    assert (tmp_path / "triage.png").stat().st_size > 10_000
+
+
+def panel_shown(page) -> np.ndarray:
+    """The pixels of the panel the page shows (the overlay image's own bytes, read back through the DOM)."""
+    read = "async () => Array.from(new Uint8Array(await (await fetch(document.querySelector('#overlay').src))"
+    read += ".arrayBuffer()))"
+    return np.asarray(Image.open(io.BytesIO(bytes(page.evaluate(read)))).convert("RGB"))
+
+
+def explained(server, files: list, **form) -> np.ndarray:
+    """The panel /v1/explain answers for `files` (and the series' slice in `form`)."""
+    answer = requests.post(
+        f"{server.url}/v1/explain", files=files, data=form, headers={"X-API-Key": server.key}, timeout=120
+    )
+    assert answer.status_code == 200, answer.text
+    return np.asarray(Image.open(io.BytesIO(answer.content)).convert("RGB"))
+
+
+def assert_same_panel(shown: np.ndarray, expected: np.ndarray) -> None:
+    assert shown.shape == expected.shape
+    assert np.abs(shown.astype(int) - expected.astype(int)).mean() < 1  # the same scan and map, not another's
 
 
 def test_a_bounded_load_gets_no_server_error(server, scans):
