@@ -28,12 +28,12 @@ def test_a_model_against_itself_differs_by_nothing():
 
 def test_a_clearly_better_model_has_an_interval_above_zero_and_a_jittered_copy_does_not():
     noisy, clean = scored(1, 0.35), scored(2, 0.05)
-    better = paired_difference(noisy, clean, 0.5, 0.5, 500, 0, "test")
+    better = paired_difference(noisy, clean, 0.5, 0.5, 200, 0, "test")
     assert better["roc_auc"]["difference"] > 0 and better["roc_auc"]["ci95"][0] > 0
     assert better["specificity"]["ci95"][0] > 0
     jitter = np.random.default_rng(9).normal(0, 0.02, len(noisy))
     jittered = noisy.assign(probability=np.clip(noisy.probability + jitter, 0, 1))  # the same model, retrained
-    same = paired_difference(noisy, jittered, 0.5, 0.5, 500, 0, "test")
+    same = paired_difference(noisy, jittered, 0.5, 0.5, 200, 0, "test")
     for name in ("recall", "specificity", "roc_auc"):
         assert same[name]["ci95"][0] <= 0 <= same[name]["ci95"][1], name
 

@@ -3,6 +3,7 @@
 import copy
 import io
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -23,9 +24,8 @@ def jpeg_reencoded(path, quality=70):
     return buffer.getvalue()
 
 
-@pytest.fixture
-def fetched(in_tmp, monkeypatch):
-    """Three sources with planted duplicates, fetched for real (see the expectations in the tests)."""
+def fetch_sources(in_tmp: Path, monkeypatch) -> dict:
+    """Three sources with planted duplicates, fetched for real into `in_tmp` (the working folder): the params."""
     big = {i: save(in_tmp / f"src/{i}.png", brain_image(i, 256)) for i in range(7)}
     small_s0 = in_tmp / "src/small0.jpg"
     Image.open(big[0]).resize((128, 128)).convert("RGB").save(small_s0, quality=90)
@@ -54,9 +54,26 @@ def fetched(in_tmp, monkeypatch):
     return params
 
 
-def test_each_cluster_keeps_its_largest_image_with_its_known_subtype(in_tmp, fetched):
-    dedup(fetched)
-    kept = pd.read_csv("artifacts/dedup/manifest.csv", keep_default_na=False)
+@pytest.fixture
+def fetched(in_tmp, monkeypatch):
+    """The planted sources fetched in this test's folder, for tests that change params or run dedup twice."""
+    return fetch_sources(in_tmp, monkeypatch)
+
+
+@pytest.fixture(scope="module")
+def deduped(tmp_path_factory):
+    """The planted sources fetched and deduplicated once, for the tests that only read the outputs:
+    (the folder, dedup's metrics)."""
+    root = tmp_path_factory.mktemp("deduped")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(root)
+        metrics = dedup(fetch_sources(root, patch))
+    return root, metrics
+
+
+def test_each_cluster_keeps_its_largest_image_with_its_known_subtype(deduped):
+    root, _ = deduped
+    kept = pd.read_csv(root / "artifacts/dedup/manifest.csv", keep_default_na=False)
     names = dict(zip(kept.path.str.rsplit("/", n=1).str[-1], kept.subtype, strict=True))
     # s0: the 256 px 2020 scan beats its 128 px 2018 copies and passes on its subtype
     assert names == {
@@ -70,9 +87,9 @@ def test_each_cluster_keeps_its_largest_image_with_its_known_subtype(in_tmp, fet
     assert kept.group.is_unique
 
 
-def test_copies_and_label_conflicts_are_listed_with_their_reason(in_tmp, fetched):
-    dedup(fetched)
-    dropped = pd.read_csv("artifacts/dedup/duplicates.csv", keep_default_na=False)
+def test_copies_and_label_conflicts_are_listed_with_their_reason(deduped):
+    root, _ = deduped
+    dropped = pd.read_csv(root / "artifacts/dedup/duplicates.csv", keep_default_na=False)
     reasons = sorted(zip(dropped.path.str.split("/images/").str[-1], dropped.reason, strict=True))
     assert reasons == [
         # of two identical copies, the first by path is the near duplicate of s0, the second an exact one
@@ -86,9 +103,9 @@ def test_copies_and_label_conflicts_are_listed_with_their_reason(in_tmp, fetched
     assert copies.representative.str.endswith("s0.png").all() and (copies.phash_distance > 0).all()
 
 
-def test_metrics_count_what_was_kept_and_dropped(in_tmp, fetched):
-    metrics = dedup(fetched)
-    assert metrics == json.loads((in_tmp / "metrics/dedup.json").read_text())
+def test_metrics_count_what_was_kept_and_dropped(deduped):
+    root, metrics = deduped
+    assert metrics == json.loads((root / "metrics/dedup.json").read_text())
     counts = (
         "images_in",
         "exact_duplicates",
@@ -119,8 +136,8 @@ def test_metrics_count_what_was_kept_and_dropped(in_tmp, fetched):
     }
 
 
-def test_the_kept_images_hashes_and_the_review_plot_are_written(in_tmp, fetched):
-    dedup(fetched)
+def test_the_kept_images_hashes_and_the_review_plot_are_written(deduped, monkeypatch):
+    monkeypatch.chdir(deduped[0])
     kept = pd.read_csv("artifacts/dedup/manifest.csv", keep_default_na=False)
     hashes = np.load("artifacts/dedup/hashes.npz")  # the kept images' own hashes, in the manifest's order
     again, _ = hash_images(kept.path.tolist(), int(hashes["hash_size"]), workers=1)
