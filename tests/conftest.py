@@ -30,6 +30,21 @@ def pytest_collection_modifyitems(items):
             item.add_marker(pytest.mark.slow)
 
 
+@pytest.fixture(autouse=True)
+def model_cache(tmp_path_factory, monkeypatch) -> Path:
+    """Each test pulls registered models into a cache of its own, never the user's `~/.cache`, and starts
+    with no registry in the environment: MLflow's `set_tracking_uri` and `set_registry_uri` write theirs into
+    `os.environ`, where the next test would find another test's server."""
+    from braintumor.registry.pull import CACHE_ENV
+
+    for name in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
+        monkeypatch.setenv(name, "")  # recorded, so that whatever a test leaves is undone after it
+        monkeypatch.delenv(name)
+    folder = tmp_path_factory.mktemp("model-cache")
+    monkeypatch.setenv(CACHE_ENV, str(folder))
+    return folder
+
+
 def brain_image(seed: int, size: int = 96) -> np.ndarray:
     """A dark frame with a bright textured ellipse: distinct seeds give images that no hash confuses."""
     rng = np.random.default_rng(seed)

@@ -16,8 +16,10 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import pandas as pd
+if TYPE_CHECKING:  # a frame is written through its own method: no pandas import for the paths that need none
+    import pandas as pd
 
 STAGING = ".partial-"
 

@@ -32,6 +32,7 @@ from braintumor.atomic import write_json
 from braintumor.errors import RegistryError
 from braintumor.params import validate_register
 from braintumor.registry.model_card import model_card
+from braintumor.registry.pull import project_root, redact
 from braintumor.registry.tracking import (
     CARD_FILE,
     DATA_TAG,
@@ -40,8 +41,6 @@ from braintumor.registry.tracking import (
     configure,
     data_fingerprint,
     log_run,
-    project_root,
-    redact,
 )
 
 log = logging.getLogger(__name__)

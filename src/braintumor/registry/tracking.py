@@ -15,7 +15,6 @@ import json
 import logging
 import os
 import platform
-import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -27,6 +26,7 @@ import pandas as pd
 from braintumor import paths
 from braintumor.data.datasets import representatives, split_images
 from braintumor.errors import RegistryError
+from braintumor.registry.pull import project_root
 
 log = logging.getLogger(__name__)
 
@@ -39,17 +39,6 @@ MODEL_URI_TAG = "braintumor.model_uri"
 TRUST_TAG = "braintumor.trust"
 CARRIED = ("calibration", "gate", "onnx")
 CARD_FILE = "model_card.md"
-
-
-def project_root() -> Path:
-    """The repository root: `DVC_ROOT` inside `dvc exp run` (which may run in a temporary copy), else cwd."""
-    return Path(os.environ.get("DVC_ROOT") or Path.cwd()).resolve()
-
-
-def redact(text: str) -> str:
-    """`text` (a URI, or a message that quotes one) without the user and password a URI may carry:
-    `https://user:token@host/...` becomes `https://host/...`."""
-    return re.sub(r"(?<=://)[^/\s@]+@", "", text)
 
 
 def local_store(root: Path | None = None) -> tuple[str, str]:

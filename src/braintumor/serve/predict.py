@@ -113,18 +113,21 @@ def onnx_runtime(info: dict, path: Path, where: str, runtime: str, threads: int 
     return scorer
 
 
-def _from_mlflow_folder(folder: Path, runtime: str = "auto", onnx_threads: int | None = None) -> LoadedModel:
+def from_mlflow_folder(folder: Path, runtime: str = "auto", onnx_threads: int | None = None) -> LoadedModel:
     """The Keras archive of an MLflow model folder, read the way `mlflow.keras` lays it out, without its loader
-    (which takes safe mode from the environment and loads exported SavedModels with TensorFlow)."""
-    from mlflow.models import Model
+    (which takes safe mode from the environment and loads exported SavedModels with TensorFlow) and without
+    importing MLflow: MLmodel is YAML, read safely."""
+    import yaml
 
     where = f"{folder / 'MLmodel'}"
     try:
-        description = Model.load(folder / "MLmodel")
-    except Exception as err:  # noqa: BLE001 - a malformed MLmodel file, of any kind
+        description = yaml.safe_load((folder / "MLmodel").read_text())
+    except (OSError, yaml.YAMLError, UnicodeDecodeError) as err:
         raise ModelLoadError(f"{where}: not a readable MLflow model description ({err})") from err
-    flavor = description.flavors.get("keras")
-    if flavor is None:
+    if not isinstance(description, dict) or not isinstance(description.get("flavors"), dict):
+        raise ModelLoadError(f"{where}: not an MLflow model description (no flavors)")
+    flavor = description["flavors"].get("keras")
+    if not isinstance(flavor, dict):
         raise ModelLoadError(f"{where}: no `keras` flavor (this project logs Keras 3 models only)")
     if flavor.get("save_exported_model"):
         raise ModelLoadError(
@@ -138,8 +141,8 @@ def _from_mlflow_folder(folder: Path, runtime: str = "auto", onnx_threads: int |
     archive = (data / "model.keras") if data.is_dir() else data.with_name(data.name + ".keras")
     if not archive.resolve().is_relative_to(root) or not archive.is_file():
         raise ModelLoadError(f"{where}: no Keras archive at {archive}")
-    info = description.metadata or {}
-    if "threshold" not in info:
+    info = description.get("metadata") or {}
+    if not isinstance(info, dict) or "threshold" not in info:
         raise ModelLoadError(
             f"{where}: the MLflow model has no threshold in its metadata; it was not logged by `braintumor register`"
         )
@@ -151,7 +154,7 @@ def load(reference: str, runtime: str = "auto", onnx_threads: int | None = None)
     Runtime (`onnx_threads` a call) or Keras as `runtime` says (see `_from_keras_file`)."""
     scheme = urlparse(reference).scheme
     if scheme and scheme not in SCHEMES:
-        from braintumor.registry.tracking import redact
+        from braintumor.registry.pull import redact
 
         raise ModelLoadError(
             f"{redact(reference)}: the {scheme}: scheme is not loaded; give a models:/ or runs:/ URI of "
@@ -173,15 +176,17 @@ def load(reference: str, runtime: str = "auto", onnx_threads: int | None = None)
             return _from_keras_file(path, info if isinstance(info, dict) else {}, str(sidecar), runtime, onnx_threads)
         if path.is_dir():
             if (path / "MLmodel").is_file():
-                return _from_mlflow_folder(path, runtime, onnx_threads)
+                return from_mlflow_folder(path, runtime, onnx_threads)
             if (path / "model.keras").is_file():
                 return load(str(path / "model.keras"), runtime, onnx_threads)
             raise ModelLoadError(f"{path}: neither an MLflow model folder nor a folder with model.keras")
         raise ModelLoadError(f"{reference}: no such model file or folder, and not a models:/ or runs:/ URI")
+    from braintumor.registry.pull import REFERENCE, pull, redact
+
+    if REFERENCE.match(reference):  # the light path: no MLflow import, a local verified copy
+        return from_mlflow_folder(pull(reference).folder, runtime, onnx_threads)
     import mlflow
     from mlflow.exceptions import MlflowException
-
-    from braintumor.registry.tracking import redact
 
     connect_tracking()
     with tempfile.TemporaryDirectory(prefix="braintumor-model-") as scratch:  # the model ends up in memory
@@ -193,19 +198,19 @@ def load(reference: str, runtime: str = "auto", onnx_threads: int | None = None)
                 f"{redact(mlflow.get_tracking_uri())}; set MLFLOW_TRACKING_URI to the server or "
                 "database that holds the model)"
             ) from err
-        return _from_mlflow_folder(folder, runtime, onnx_threads)
+        return from_mlflow_folder(folder, runtime, onnx_threads)
 
 
 def connect_tracking() -> None:
     """Point MLflow at `MLFLOW_TRACKING_URI`, else at the project's embedded store when run inside the project."""
     import mlflow
 
-    from braintumor.registry.tracking import local_store, project_root
+    from braintumor.registry.pull import project_root
 
-    if not os.environ.get("MLFLOW_TRACKING_URI") and (project_root() / "mlflow" / "mlflow.db").is_file():
-        store = local_store()[0]
-        mlflow.set_tracking_uri(store)
-        mlflow.set_registry_uri(store)
+    store = project_root() / "mlflow" / "mlflow.db"
+    if not os.environ.get("MLFLOW_TRACKING_URI") and store.is_file():
+        mlflow.set_tracking_uri(f"sqlite:///{store}")
+        mlflow.set_registry_uri(f"sqlite:///{store}")
 
 
 def listed_files(paths: list[str]) -> list[tuple[str, Path]]:

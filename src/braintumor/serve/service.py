@@ -44,14 +44,14 @@ from starlette.concurrency import run_in_threadpool
 
 from braintumor.data.images import DEFAULT_MAX_PIXELS, prepare
 from braintumor.data.scans import read_scans
-from braintumor.errors import ImageReadError, ModelLoadError
+from braintumor.errors import ImageReadError
+from braintumor.registry.pull import REFERENCE, current_version, pull
 from braintumor.serve.access import KEY_HEADER, ApiKey, AuditLog, RateLimit, find_key, scan_record
-from braintumor.serve.predict import LoadedModel, connect_tracking, load, series_results
+from braintumor.serve.predict import LoadedModel, from_mlflow_folder, load, series_results
 
 log = logging.getLogger(__name__)
 
 WEB = Path(__file__).with_name("web")
-REGISTRY_REFERENCE = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))$")
 TEST_METRICS = ("recall", "specificity", "accuracy", "roc_auc")
 STUDY_UID = re.compile(r"[0-9.]{1,64}")
 BATCH = 32  # images per model call
@@ -102,48 +102,22 @@ class ServedModel:
 def resolve(reference: str, runtime: str = "auto") -> ServedModel:
     """Load `reference` (on `runtime`: see `predict.load`; ONNX Runtime one thread a call, as `ModelRunner`
     runs a call a core). A registry reference is pinned to the version it names now (an alias is looked up
-    first), so that the version reported is the one loaded."""
-    match = REGISTRY_REFERENCE.match(reference)
+    first), so that the version reported is the one loaded; its files come from the local verified cache."""
+    match = REFERENCE.match(reference)
     if not match:
         loaded = load(reference, runtime, onnx_threads=1)
         return ServedModel(loaded, metrics=dict(loaded.info.get("test_metrics", {})))
-    from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
-
-    from braintumor.registry.tracking import redact
-
-    connect_tracking()
-    client = MlflowClient()
-    name, alias = match["name"], match["alias"]
-    try:
-        version = (
-            client.get_model_version_by_alias(name, alias)
-            if alias
-            else client.get_model_version(name, match["version"])
-        )
-        run = client.get_run(version.run_id)
-    except MlflowException as err:
-        raise ModelLoadError(f"{reference}: {redact(err.message)}") from err
-    loaded = load(f"models:/{name}/{version.version}", runtime, onnx_threads=1)
+    pulled = pull(reference)
+    version = pulled.version
     return ServedModel(
-        loaded,
-        name,
-        str(version.version),
-        alias,
-        {key: run.data.metrics.get(key) for key in TEST_METRICS},
-        version.description or "",
+        from_mlflow_folder(pulled.folder, runtime, onnx_threads=1),
+        version.name,
+        version.version,
+        match["alias"],
+        {key: version.metrics.get(key) for key in TEST_METRICS},
+        version.description,
         version.run_id,
     )
-
-
-def alias_version(reference: str) -> str | None:
-    """The version a `models:/NAME@ALIAS` reference points at now (None for any other reference)."""
-    match = REGISTRY_REFERENCE.match(reference)
-    if not match or not match["alias"]:
-        return None
-    from mlflow import MlflowClient
-
-    return str(MlflowClient().get_model_version_by_alias(match["name"], match["alias"]).version)
 
 
 class MicroBatcher:
@@ -286,7 +260,7 @@ class FollowedAlias:
     def reload(self) -> bool:
         """Load the version the alias names now, if it is not the one served; True when swapped."""
         with self.swap_lock:
-            wanted = alias_version(self.reference)
+            wanted = current_version(self.reference)
             if wanted is None or wanted == self.current.served.version:
                 return False
             fresh = self._ready(resolve(self.reference, self.runtime))
@@ -309,7 +283,8 @@ class FollowedAlias:
                 )
 
     def start_polling(self) -> None:
-        if self.poll_seconds > 0 and alias_version(self.reference) is not None:
+        match = REFERENCE.match(self.reference)
+        if self.poll_seconds > 0 and match and match["alias"]:
             threading.Thread(target=self.poll, name="alias-poll", daemon=True).start()
 
 
