@@ -380,9 +380,14 @@ def test_real_processes_write_no_patient_data_anywhere(ungated_model, patient_st
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     serve = [str(BIN / "braintumor"), "--verbose", "serve", "--model", model, "--port", str(port)]
-    with serving([*serve, "--audit-log", "audit.jsonl"], f"{url}/readyz", work / "serve.log", env, cwd=work):
+    serve += ["--audit-log", "audit.jsonl", "--keep-feedback-scans", "kept"]
+    with serving(serve, f"{url}/readyz", work / "serve.log", env, cwd=work):
         answer = requests.post(f"{url}/v1/predict", files=[("files", ("study.zip", archive.getvalue()))], timeout=300)
         assert answer.status_code == 200 and len(answer.json()["results"]) == 3, answer.text
+        for result in answer.json()["results"]:  # a reader's verdict on each: the series' pixels are kept
+            verdict = {"request_id": answer.json()["request_id"], "scan_sha256": result["scan_sha256"]}
+            verdict["verdict"] = "not_brain_mr" if result["status"] == "out_of_distribution" else "tumor"
+            assert requests.post(f"{url}/v1/feedback", json=verdict, timeout=60).status_code == 201
         one = next(patient.glob("T1_AX/*.dcm"))
         explained = requests.post(f"{url}/v1/explain", files={"file": ("slice.dcm", one.read_bytes())}, timeout=300)
         assert explained.status_code == 200
@@ -390,7 +395,7 @@ def test_real_processes_write_no_patient_data_anywhere(ungated_model, patient_st
 
     assert not planted_in(predicted.stdout + predicted.stderr + answer.text, patient_study)
     written = [path for folder in (work, home, scratch) for path in folder.rglob("*") if path.is_file()]
-    assert {"serve.log", "audit.jsonl"} <= {path.name for path in written}
+    assert {"serve.log", "audit.jsonl", "feedback.db", "slice-000.png"} <= {path.name for path in written}
     for path in written:
         assert not planted_in(path.relative_to(tmp_path).as_posix(), patient_study), path
         assert not planted_in(path.read_bytes(), patient_study), path
@@ -422,7 +427,10 @@ def test_a_study_pulled_from_a_real_dicomweb_server_reads_as_the_files_do(
         assert "no such study" in capsys.readouterr().err
     assert cli.main(["predict", "--json", "--model", model, *map(str, files)]) == 0
     local = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
-    strip = lambda records: sorted(({k: v for k, v in r.items() if k != "source"} for r in records), key=str)  # noqa: E731
+    # the service also names each scan by its digest, for readers' verdicts (the command line has none)
+    strip = lambda records: sorted(  # noqa: E731
+        ({k: v for k, v in r.items() if k not in ("source", "scan_sha256")} for r in records), key=str
+    )
     assert len(pulled) == 2 and strip(pulled) == strip(local)
     assert answer.status_code == 200 and strip(answer.json()["results"]) == strip(local)
     assert unknown.status_code == 502 and "no such study" in unknown.json()["detail"]

@@ -3,6 +3,7 @@ a real headless Chromium (Debian's package, driven by Playwright), and a bounded
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import shutil
@@ -18,6 +19,7 @@ from PIL import Image
 
 from braintumor.data.datasets import load_split
 from braintumor.serve.access import add_key
+from braintumor.serve.feedback import FeedbackStore
 from braintumor.serve.predict import load, predict, predict_series
 
 from conftest import save
@@ -90,7 +92,7 @@ def server(trained_states, scans, tmp_path_factory):
     uncertain |= {"series"} if study["status"] == "uncertain" else set()
     read = sum(a["status"] != "out_of_distribution" for a in answers) + (study["status"] != "out_of_distribution")
     assert any(a["probability"] == middle and a["status"] == "uncertain" for a in answers)
-    key = add_key(root / "keys.json", "reader", ["predict", "explain"])
+    key = add_key(root / "keys.json", "reader", ["predict", "explain", "feedback"])
     port = free_port()
     args = [
         str(BIN / "braintumor"),
@@ -115,6 +117,7 @@ def server(trained_states, scans, tmp_path_factory):
             url=f"http://127.0.0.1:{port}",
             key=key,
             audit=root / "audit.jsonl",
+            feedback=f"sqlite:///{root / 'feedback.db'}",  # the default store, beside the audit log
             log=root / "serve.log",
             read=read,
             uncertain=uncertain,
@@ -198,6 +201,18 @@ def test_the_page_ranks_scans_lists_bad_files_and_shows_the_overlay(server, scan
         assert page.locator("#detail-title").inner_text() == name
         sent = next(path for path in scans if path.name == name)
         assert_same_panel(panel_shown(page), explained(server, [("file", (name, sent.read_bytes()))]))
+
+        page.keyboard.press("n")  # the reader's verdict, from the keyboard, on the selected scan
+        page.wait_for_selector("#queue tbody tr[data-verdict='no_tumor']")
+        assert page.locator("#queue tbody tr[data-verdict]").get_attribute("data-filename") == name
+        assert "Recorded: No tumor" in page.locator("#verdict-note").inner_text()
+        (kept,) = FeedbackStore(server.feedback).verdicts()
+        assert (kept["key_id"], kept["verdict"]) == ("reader", "no_tumor")
+        assert kept["scan_sha256"] == hashlib.sha256(sent.read_bytes()).hexdigest()
+        page.keyboard.press("j")  # and on to the next scan
+        page.wait_for_function(
+            "n => document.querySelector('#queue tbody tr.selected').dataset.filename !== n", arg=name
+        )
         browser.close()
 
 
@@ -254,6 +269,8 @@ def test_no_key_no_answer_and_nothing_identifying_is_kept(server, scans):
     assert answer.status_code == 200 and answer.json()["not_for_diagnosis"] is True
     records = [json.loads(line) for line in server.audit.read_text().splitlines()]
     assert any(r["request_id"] == answer.json()["request_id"] and r["key_id"] == "reader" for r in records)
-    for kept in (server.audit.read_text(), server.log.read_text()):
+    store = Path(server.feedback.removeprefix("sqlite:///"))  # answers and verdicts, with its write-ahead log
+    database = "".join(part.read_bytes().decode("latin-1") for part in store.parent.glob(store.name + "*"))
+    for kept in (server.audit.read_text(), server.log.read_text(), database):
         for secret in ("DOE_JOHN", "scan-0", "noise.png", server.key, '"POST /v1/predict'):  # nor access lines
             assert secret not in kept

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from braintumor.data.images import DEFAULT_MAX_PIXELS
+from braintumor.serve.access import SCOPES
 from braintumor.stage import VERBOSE, add_arguments, configure_logging, execute, quiet_native_output
 
 log = logging.getLogger("braintumor")
@@ -122,6 +123,18 @@ def add_serve(sub) -> None:
         help="append-only JSON lines, one per request, nothing identifying (default: %(default)s)",
     )
     serve.add_argument(
+        "--feedback-db",
+        metavar="URL",
+        help="SQLAlchemy URL of the database that keeps answers and readers' verdicts (default: SQLite "
+        "feedback.db beside the audit log; postgresql://... for a site's server, shared by replicas)",
+    )
+    serve.add_argument(
+        "--keep-feedback-scans",
+        metavar="DIR",
+        help="keep the model input (pixels only) of each scan a reader calls tumor or no tumor, in DIR "
+        "(default: no pixels are kept; the page says so)",
+    )
+    serve.add_argument(
         "--dicomweb", metavar="URL", help="a DICOMweb server that POST /v1/studies/{uid}/predict pulls studies from"
     )
     serve.add_argument(
@@ -144,7 +157,7 @@ def add_keys(sub) -> None:
     keys.add_argument(
         "--scope",
         action="append",
-        choices=["predict", "explain", "reload"],
+        choices=list(SCOPES),
         help="what the key may do (repeat; default: predict and explain)",
     )
 
@@ -202,6 +215,7 @@ def run_serve(args) -> int:
     quiet_libraries()
     from braintumor.errors import AccessError, ModelLoadError
     from braintumor.serve.access import AuditLog, RateLimit, check_exposure, read_keys
+    from braintumor.serve.feedback import FeedbackStore, KeptScans
     from braintumor.serve.service import Access, Limits, serve
 
     limits = Limits(
@@ -214,6 +228,9 @@ def run_serve(args) -> int:
         keys = read_keys(Path(args.keys)) if args.keys else None
         check_exposure(args.host, keys)
         access = Access(keys, RateLimit(args.rate_limit, args.burst), AuditLog(Path(args.audit_log)))
+        beside_audit = Path(args.audit_log).resolve().with_name("feedback.db")
+        feedback = FeedbackStore(args.feedback_db or f"sqlite:///{beside_audit}")
+        kept_scans = KeptScans(Path(args.keep_feedback_scans)) if args.keep_feedback_scans else None
         serve(
             args.model,
             args.host,
@@ -224,6 +241,8 @@ def run_serve(args) -> int:
             args.dicomweb,
             args.runtime,
             args.batch_wait_ms,
+            feedback,
+            kept_scans,
         )
     except (ModelLoadError, AccessError) as err:
         print(f"braintumor serve: error: {err}", file=sys.stderr)

@@ -2,8 +2,8 @@
 and an append-only audit log that holds nothing identifying.
 
 Keys are random tokens (`braintumor keys add`), shown once and stored as SHA-256 digests in a JSON file, each with
-an id and its scopes (predict, explain, reload). A plain digest suffices because a key is 256 random bits, not a
-password: nothing can be guessed from it. A request carries its key in the `X-API-Key` header; the digest is
+an id and its scopes (predict, explain, reload, feedback). A plain digest suffices because a key is 256 random
+bits, not a password: nothing can be guessed from it. A request carries its key in the `X-API-Key` header; the digest is
 compared with every stored one in constant time. A key never reaches a log: the audit log names the key's id.
 
 The audit log is JSON lines, one per request: request id, time, key id, endpoint, model name/version/digest,
@@ -25,7 +25,7 @@ from pathlib import Path
 from braintumor.atomic import atomic_path
 from braintumor.errors import AccessError
 
-SCOPES = ("predict", "explain", "reload")
+SCOPES = ("predict", "explain", "reload", "feedback")
 KEY_HEADER = "X-API-Key"
 
 
@@ -159,6 +159,13 @@ class AuditLog:
         self.file.close()
 
 
+def scan_digest(inputs: list[bytes], series: bool) -> str:
+    """The digest an answer names its scan by: its upload's SHA-256, or for a series the SHA-256 of its files'
+    sorted digests (the same files in any order and any grouping of requests give the same digest)."""
+    digests = sorted(hashlib.sha256(data).hexdigest() for data in inputs)
+    return hashlib.sha256("\n".join(digests).encode()).hexdigest() if series else digests[0]
+
+
 def scan_record(inputs: list[bytes], result: dict) -> dict:
     """What the audit log keeps of one answer: the digest of its upload (of each, for a series), the series'
     salted name, and the answer's numbers; never a file name or anything read from a DICOM header."""
@@ -166,6 +173,7 @@ def scan_record(inputs: list[bytes], result: dict) -> dict:
     record = {"input_sha256": digests[0]} if "series" not in result else {"series": result["series"]}
     if "series" in result:
         record["inputs_sha256"] = digests
+        record["scan_sha256"] = scan_digest(inputs, series=True)
     if "error" in result:
         record["status"] = "error"
         record["error"] = result["error"].split(":", 1)[0]  # the reason code; the detail may echo the name

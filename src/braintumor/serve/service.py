@@ -46,7 +46,8 @@ from braintumor.data.images import DEFAULT_MAX_PIXELS, prepare
 from braintumor.data.scans import read_scans
 from braintumor.errors import ImageReadError
 from braintumor.registry.pull import REFERENCE, current_version, pull
-from braintumor.serve.access import KEY_HEADER, ApiKey, AuditLog, RateLimit, find_key, scan_record
+from braintumor.serve.access import KEY_HEADER, ApiKey, AuditLog, RateLimit, find_key, scan_digest, scan_record
+from braintumor.serve.feedback import FeedbackStore, KeptScans, feedback_routes
 from braintumor.serve.predict import LoadedModel, from_mlflow_folder, load, series_results
 
 log = logging.getLogger(__name__)
@@ -312,24 +313,25 @@ def explained_slice(uploads: list[tuple[str, bytes]], series: str | None, index:
     return prepare(scan.slices[index], size)
 
 
-def classify(runner: ModelRunner, uploads: list[tuple[str, bytes]], limits: Limits) -> tuple[list[dict], list]:
+def classify(runner: ModelRunner, uploads: list[tuple[str, bytes]], limits: Limits) -> tuple[list, list, list]:
     """One result per uploaded image and per series (DICOM files grouped across uploads, NIfTI volumes, zipped
-    studies; `predict.series_results`), ordered by the upload each first came in, or {"filename", "error"}; and
-    for each result the indices of the uploads it came from (for the audit log)."""
+    studies; `predict.series_results`), ordered by the upload each first came in, or {"filename", "error"}; for
+    each result the indices of the uploads it came from (for the audit log), and the model inputs it was scored
+    on (none for an unreadable or refused scan)."""
     with runner.batcher.request():
         return classify_uploads(runner, uploads, limits)
 
 
-def classify_uploads(runner: ModelRunner, uploads: list[tuple[str, bytes]], limits: Limits) -> tuple[list[dict], list]:
+def classify_uploads(runner: ModelRunner, uploads: list[tuple[str, bytes]], limits: Limits) -> tuple[list, list, list]:
     size = int(runner.served.loaded.info["image_size"])
     series, errors = read_scans(
         [(name, name, data) for name, data in uploads], limits.max_pixels, limits.max_file_bytes
     )
-    results, _ = series_results(series, runner.answers, size, name_key="filename")
-    rows = [(one.inputs[0], result, one.inputs) for one, result in zip(series, results, strict=True)]
-    rows += [(i, {"filename": name, "error": error}, [i]) for i, name, error in errors]
+    results, prepared = series_results(series, runner.answers, size, name_key="filename")
+    rows = [(one.inputs[0], *row, one.inputs) for one, *row in zip(series, results, prepared, strict=True)]
+    rows += [(i, {"filename": name, "error": error}, None, [i]) for i, name, error in errors]
     rows.sort(key=lambda row: row[0])
-    return [result for _, result, _ in rows], [inputs for _, _, inputs in rows]
+    return [row[1] for row in rows], [row[3] for row in rows], [row[2] for row in rows]
 
 
 def side_by_side(image: np.ndarray, evidence: np.ndarray, side: int = 256) -> bytes:
@@ -444,12 +446,15 @@ def create_app(
     dicomweb: str | None = None,
     runtime: str = "auto",
     batch_wait_ms: float = 4.0,
+    feedback: FeedbackStore | None = None,
+    kept_scans: KeptScans | None = None,
 ) -> FastAPI:
     """The app for one model reference, loaded and warmed up before this returns; `access` None: no keys, no
     rate limit, no audit log (a loopback server for one user); `dicomweb`: the DICOMweb server that
     `POST /v1/studies/{uid}/predict` pulls studies from (None: that endpoint answers 404); `runtime`: ONNX
     Runtime or Keras (see `predict.load`); `batch_wait_ms`: how long a request waits for others to share its
-    model call (0: no sharing)."""
+    model call (0: no sharing); `feedback`: where answers and readers' verdicts are kept (None: no verdicts);
+    `kept_scans`: where the model inputs of scans that get a tumor / no tumor verdict are kept (None: nowhere)."""
     access = access or Access()
     followed = FollowedAlias(reference, poll_seconds, runtime, batch_wait_ms / 1000)
 
@@ -460,6 +465,8 @@ def create_app(
         followed.stop.set()
         if access.audit is not None:
             access.audit.close()
+        if feedback is not None:
+            feedback.close()
 
     app = FastAPI(
         title="Brain-tumor MRI triage",
@@ -486,6 +493,8 @@ def create_app(
             "class_names": served.loaded.info["class_names"],
             "test_metrics": served.metrics,
             "model_card": served.card,
+            "feedback": feedback is not None,
+            "keeps_scans": feedback is not None and kept_scans is not None,
             "limits": {
                 "max_body_bytes": limits.max_body_bytes,
                 "max_file_bytes": limits.max_file_bytes,
@@ -505,23 +514,21 @@ def create_app(
         return {"request_id": request_id, "reloaded": swapped, "model": followed.current.served.describe()}
 
     async def answered(uploads: list[tuple[str, bytes]], request_id: str, key_id: str, endpoint: str, started: float):
-        """Classify `uploads` off the event loop, audit each answer with the digests of its uploads, and answer."""
+        """Classify `uploads` off the event loop, name each scan by its digest, audit each answer with the digests
+        of its uploads (and keep it for verdicts), and answer."""
         runner = followed.current
-        results, inputs = await run_in_threadpool(classify, runner, uploads, limits)
-        access.record(
-            request_id,
-            key_id,
-            endpoint,
-            runner.served,
-            started,
-            [([uploads[i][1] for i in used], result) for used, result in zip(inputs, results, strict=True)],
-        )
-        return {
-            "request_id": request_id,
-            "not_for_diagnosis": True,
-            "model": runner.served.describe(),
-            "results": results,
-        }
+        results, inputs, prepared = await run_in_threadpool(classify, runner, uploads, limits)
+        scans = [([uploads[i][1] for i in used], result) for used, result in zip(inputs, results, strict=True)]
+        for (data, result), images in zip(scans, prepared, strict=True):
+            if "error" not in result:
+                result["scan_sha256"] = scan_digest(data, series="series" in result)
+                if kept_scans is not None and images is not None and len(images):
+                    kept_scans.hold(request_id, result["scan_sha256"], images[..., 0])
+        access.record(request_id, key_id, endpoint, runner.served, started, scans)
+        model = runner.served.describe()
+        if feedback is not None:
+            await run_in_threadpool(feedback.record_answers, request_id, key_id, model, results)
+        return {"request_id": request_id, "not_for_diagnosis": True, "model": model, "results": results}
 
     @app.post("/v1/predict")
     async def predict(
@@ -596,6 +603,7 @@ def create_app(
             },
         )
 
+    app.include_router(feedback_routes(feedback, access.caller, kept_scans))
     app.mount("/", StaticFiles(directory=WEB, html=True), name="page")
     app.add_middleware(BodyLimit, limit=limits.max_body_bytes)
     return app
@@ -611,6 +619,8 @@ def serve(
     dicomweb: str | None = None,
     runtime: str = "auto",
     batch_wait_ms: float = 4.0,
+    feedback: FeedbackStore | None = None,
+    kept_scans: KeptScans | None = None,
 ) -> None:
     """Load and warm the model, then answer HTTP until stopped (`braintumor serve`).
 
@@ -624,11 +634,13 @@ def serve(
         dicomweb: a DICOMweb server to pull studies from (`POST /v1/studies/{uid}/predict`), or None.
         runtime: "auto" (ONNX Runtime when the model has an export), "onnx" or "keras".
         batch_wait_ms: how long a request waits for others to share its model call.
+        feedback: where answers and readers' verdicts are kept, or None.
+        kept_scans: where the scans that get a verdict are kept, or None.
     """
     import uvicorn
 
     started = time.perf_counter()
-    app = create_app(reference, limits, poll_seconds, access, dicomweb, runtime, batch_wait_ms)
+    app = create_app(reference, limits, poll_seconds, access, dicomweb, runtime, batch_wait_ms, feedback, kept_scans)
     served = app.state.followed.current.served
     log.info(
         "serve: %s (version %s) loaded and warmed up in %.1f s; http://%s:%d/",

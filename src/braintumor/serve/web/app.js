@@ -9,6 +9,10 @@ let batchSize = 16;
 let threshold = null;   // the model's, drawn as a line between suspected and cleared scans
 let maxFiles = 64;      // files per request: loose DICOM files of one upload travel together, up to this
 let reading = "";       // the selected scan's reading, which the overlay's note follows
+let feedback = false;   // whether the server keeps readers' verdicts (POST /v1/feedback)
+let selected = null;    // the queue item shown in the detail panel
+const VERDICTS = { t: "tumor", n: "no_tumor", x: "not_brain_mr", c: "cant_tell" };
+const VERDICT_TEXT = { tumor: "Tumor", no_tumor: "No tumor", not_brain_mr: "Not a brain MR", cant_tell: "Can't tell" };
 
 const $ = (selector) => document.querySelector(selector);
 
@@ -39,6 +43,10 @@ async function describeModel() {
     `threshold ${percent(m.threshold)} (${calibration})` + (figures ? `; ${figures}.` : ".") +
     (m.gate ? " Scans that do not look like brain MR slices are not read." : "");
   maxFiles = info.limits.max_files;
+  feedback = Boolean(info.feedback);
+  $("#verdict-keeps").textContent = !feedback ? "" : info.keeps_scans
+    ? "This server keeps the pixels (nothing else) of each scan you read as tumor or no tumor, to retrain on."
+    : "This server keeps your readings, not the scans.";
   $("#limits").textContent = `JPEG, PNG, BMP, GIF, TIFF or WebP images, DICOM files, NIfTI volumes or a zipped ` +
     `study; up to ${Math.round(info.limits.max_file_bytes / 1048576)} MB a file.`;
 }
@@ -60,6 +68,7 @@ function render() {
         `<td>Uncertain: read first<div class="reason"></div></td>`;
       row.querySelector(".name").textContent = item.filename;
       row.querySelector(".reason").textContent = item.reason;
+      markVerdict(row, item);
       row.addEventListener("click", () => select(item, row));
       body.appendChild(row);
       return;
@@ -80,6 +89,7 @@ function render() {
     row.innerHTML = `<td>${index + 1}</td><td class="name"></td><td>${percent(item.probability)}${bar}</td>` +
       `<td>${item.label ? "Tumor suspected" : "No tumor found"}</td>`;
     row.querySelector(".name").textContent = item.filename;
+    markVerdict(row, item);
     row.addEventListener("click", () => select(item, row));
     body.appendChild(row);
   });
@@ -92,9 +102,51 @@ function render() {
   $("#errors").hidden = failures.length === 0;
 }
 
+function markVerdict(row, item) {
+  if (item === selected) row.classList.add("selected");
+  if (!item.verdict) return;
+  row.dataset.verdict = item.verdict;
+  row.dataset.verdictText = `your reading: ${VERDICT_TEXT[item.verdict]}`;
+}
+
+// A reader's verdict on the selected scan, tied to the answer it is about (its request id and scan digest).
+async function giveVerdict(verdict) {
+  if (!feedback || !selected) return;
+  const item = selected;
+  const answer = await fetch("/v1/feedback", {
+    method: "POST",
+    headers: { ...headers(), "Content-Type": "application/json" },
+    body: JSON.stringify({ request_id: item.requestId, scan_sha256: item.scan, verdict }),
+  });
+  if (answer.ok) {
+    item.verdict = verdict;
+    $("#verdict-note").textContent = `Recorded: ${VERDICT_TEXT[verdict]}.`;
+    render();
+  } else {
+    $("#verdict-note").textContent = `Not recorded: ${(await answer.json().catch(() => ({}))).detail}`;
+  }
+  showVerdict(item);
+}
+
+function showVerdict(item) {
+  document.querySelectorAll("#verdict button").forEach((button) =>
+    button.classList.toggle("chosen", button.dataset.verdict === item.verdict));
+}
+
+function step(offset) {
+  const rows = Array.from(document.querySelectorAll("#queue tbody tr[data-filename]"));
+  const at = rows.findIndex((row) => row.classList.contains("selected"));
+  const next = rows[Math.min(rows.length - 1, Math.max(0, at + offset))];
+  if (next) next.click();
+}
+
 async function select(item, row) {
   document.querySelectorAll("#queue tbody tr.selected").forEach((r) => r.classList.remove("selected"));
   row.classList.add("selected");
+  selected = item;
+  $("#verdict").hidden = !feedback;
+  $("#verdict-note").textContent = item.verdict ? `Recorded: ${VERDICT_TEXT[item.verdict]}.` : "";
+  showVerdict(item);
   $("#detail").hidden = false;
   $("#detail-title").textContent = item.filename;
   const verdict = item.status === "uncertain" ? `uncertain, read first (${item.reason})`
@@ -200,6 +252,7 @@ async function upload(files) {
       } else queue.push({ file: part.find((file) => file.name === result.filename), files: part, filename: name,
                           status: result.status, probability: result.probability, label: result.label,
                           reason: result.reason, version: data.model.version, series: result.series,
+                          requestId: data.request_id, scan: result.scan_sha256,
                           slices: result.slice_results, driving: result.driving_slices });
     });
     render();
@@ -227,4 +280,15 @@ drop.addEventListener("drop", (event) => {
   upload(event.dataTransfer.files);
 });
 $("#files").addEventListener("change", (event) => { upload(event.target.files); event.target.value = ""; });
+document.querySelectorAll("#verdict button").forEach((button) =>
+  button.addEventListener("click", () => giveVerdict(button.dataset.verdict)));
+// Keyboard first: a reader has seconds per scan.
+document.addEventListener("keydown", (event) => {
+  if (event.target.closest("input, textarea, select") || event.ctrlKey || event.metaKey || event.altKey) return;
+  if (VERDICTS[event.key]) giveVerdict(VERDICTS[event.key]);
+  else if (event.key === "j" || event.key === "ArrowDown") step(1);
+  else if (event.key === "k" || event.key === "ArrowUp") step(-1);
+  else return;
+  event.preventDefault();
+});
 describeModel();
