@@ -162,6 +162,67 @@ def add_keys(sub) -> None:
     )
 
 
+def add_feedback(sub) -> None:
+    feedback = sub.add_parser(
+        "feedback",
+        help="readers' verdicts into reviewed data: export proposals, accept or reject them",
+        description="export: the proposals the readers' verdicts support, into --proposals. accept / reject: a "
+        "reviewer's decision on proposals (ids, or --all), recorded with the reviewer's name.",
+    )
+    feedback.add_argument("action", choices=["export", "accept", "reject"])
+    feedback.add_argument("ids", nargs="*", help="proposal ids (accept, reject)")
+    feedback.add_argument("--all", action="store_true", help="every standing proposal (accept, reject)")
+    feedback.add_argument("--reviewer", default="", help="who decides (accept, reject): kept with each decision")
+    feedback.add_argument("--feedback-db", metavar="URL", default="sqlite:///feedback.db", help="the verdict store")
+    feedback.add_argument("--kept", metavar="DIR", help="the server's --keep-feedback-scans folder")
+    feedback.add_argument("--manifest", default="artifacts/fetch/manifest.csv", help="the images already in the data")
+    feedback.add_argument("--proposals", default="labels/proposals.csv")
+    feedback.add_argument("--decisions", default="labels/feedback_decisions.csv")
+    feedback.add_argument("--data", default="data", help="the local source, where accepted scans go")
+    feedback.add_argument("--overrides", default="labels/overrides.csv", help="where accepted relabels go")
+
+
+def run_feedback(args) -> int:
+    from braintumor.errors import SourceError
+    from braintumor.serve.feedback import FeedbackStore
+    from braintumor.serve.feedback_review import decide, export
+
+    kept = Path(args.kept) if args.kept else None
+    try:
+        if args.action == "export":
+            counts = export(
+                FeedbackStore(args.feedback_db), kept, Path(args.manifest), Path(args.proposals), Path(args.decisions)
+            )
+            print(
+                f"feedback export: {counts['scans']} scans with verdicts: {counts['add']} to add, "
+                f"{counts['relabel']} to relabel, {counts['exclude']} to exclude, proposed in {args.proposals}; "
+                f"{counts['disagreements']} where readers disagree, {counts['cant_tell']} can't tell, "
+                f"{counts['tumor_series']} series read as tumor (slices not said), {counts['not_kept']} not kept"
+            )
+            return 0
+        if not args.ids and not args.all:
+            print("braintumor feedback: error: name proposal ids, or --all", file=sys.stderr)
+            return 2
+        decision = "accepted" if args.action == "accept" else "rejected"
+        done = decide(
+            None if args.all else args.ids,
+            decision,
+            args.reviewer,
+            Path(args.proposals),
+            Path(args.decisions),
+            kept,
+            Path(args.data),
+            Path(args.overrides),
+        )
+    except SourceError as err:
+        print(f"braintumor feedback: error: {err}", file=sys.stderr)
+        return 2
+    print(f"feedback {args.action}: {len(done)} proposals {decision} by {args.reviewer}; recorded in {args.decisions}")
+    if decision == "accepted" and done:
+        print("next: `dvc add data` if scans were added, then `dvc repro`")
+    return 0
+
+
 def run_keys(args) -> int:
     from braintumor.errors import AccessError
     from braintumor.serve.access import add_key, read_keys, revoke_key
@@ -345,6 +406,7 @@ def main(argv: list[str] | None = None) -> int:
     add_predict(sub)
     add_serve(sub)
     add_keys(sub)
+    add_feedback(sub)
     add_compare(sub)
     args = parser.parse_args(argv)
     if args.verbose:
@@ -356,6 +418,8 @@ def main(argv: list[str] | None = None) -> int:
         return run_predict(args)
     if args.command == "serve":
         return run_serve(args)
+    if args.command == "feedback":
+        return run_feedback(args)
     if args.command == "keys":
         return run_keys(args)
     if args.command == "compare":

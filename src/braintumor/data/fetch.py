@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import logging
+import re
 import shutil
 from collections import Counter
 from dataclasses import asdict, dataclass, replace
@@ -40,6 +41,10 @@ log = logging.getLogger(__name__)
 MANIFEST_COLUMNS = [
     "path", "source", "label", "subtype", "group", "sha256", "width", "height", "mode", "original", "modality"
 ]  # fmt: skip
+
+
+SITE_PREFIX = "site-"  # data/site-<name>/<class>/...: a site's scans (`braintumor feedback accept`)
+SCAN_FOLDER = re.compile(r"[0-9a-f]{64}")  # a folder of one scan's slices, named by the scan's digest
 
 
 @dataclass(frozen=True)
@@ -74,17 +79,22 @@ def find_candidates(
 ) -> tuple[list[Candidate], list[dict]]:
     """Files under `root`, labelled by the nearest enclosing class folder; every other entry gets a skipped row.
 
-    With `strict_folders` (the user's `data/`), a first-level folder that is not a class name is an error,
-    since a typo would otherwise drop a whole class.
+    With `strict_folders` (the user's `data/`), a first-level folder that is neither a class name nor a site's
+    folder (`site-<name>/`, holding class folders: what `braintumor feedback accept` writes) is an error, since a
+    typo would otherwise drop a whole class. The slices of one scan, in a folder named by the scan's digest,
+    share a group (one patient's slices never straddle the split).
     """
     classes = CLASS_FOLDERS[name]
     if strict_folders:
-        for child in sorted(root.iterdir()):
-            if child.is_dir() and child.name not in classes and not child.name.startswith("."):
-                raise SourceError(
-                    f"{printable(child)}: unknown class folder in the local source; name it one of "
-                    f"{', '.join(classes)} (or move it out of {root})"
-                )
+        for child in sorted(c for c in root.iterdir() if c.is_dir() and not c.name.startswith(".")):
+            site = child.name.startswith(SITE_PREFIX)
+            inside = sorted(c for c in child.iterdir() if c.is_dir() and not c.name.startswith(".")) if site else []
+            for folder in inside if site else [child]:
+                if folder.name not in classes:
+                    raise SourceError(
+                        f"{printable(folder)}: unknown class folder in the local source; name it one of "
+                        f"{', '.join(classes)} (or move it out of {root})"
+                    )
     files, problems = walk_files(root)
     candidates, skipped = [], [_skip(name, path, reason, detail) for path, reason, detail in problems]
     for path in files:
@@ -101,7 +111,9 @@ def find_candidates(
             continue
         label, subtype = classes[rel.parts[folder]]
         dest = images_dir / name / rel
-        candidates.append(Candidate(name, str(path), str(dest), label, subtype, "", str(rel)))
+        scan = next((part for part in rel.parts[folder + 1 : -1] if SCAN_FOLDER.fullmatch(part)), None)
+        group = f"scan-{scan[:16]}" if scan else ""
+        candidates.append(Candidate(name, str(path), str(dest), label, subtype, group, str(rel)))
     return candidates, skipped
 
 
