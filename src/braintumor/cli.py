@@ -129,6 +129,9 @@ def add_serve(sub) -> None:
         "feedback.db beside the audit log; postgresql://... for a site's server, shared by replicas)",
     )
     serve.add_argument(
+        "--no-metrics", action="store_true", help="no GET /metrics (Prometheus; behind the `metrics` key scope)"
+    )
+    serve.add_argument(
         "--keep-feedback-scans",
         metavar="DIR",
         help="keep the model input (pixels only) of each scan a reader calls tumor or no tumor, in DIR "
@@ -304,6 +307,7 @@ def run_serve(args) -> int:
             args.batch_wait_ms,
             feedback,
             kept_scans,
+            not args.no_metrics,
         )
     except (ModelLoadError, AccessError) as err:
         print(f"braintumor serve: error: {err}", file=sys.stderr)

@@ -2,7 +2,7 @@
 and an append-only audit log that holds nothing identifying.
 
 Keys are random tokens (`braintumor keys add`), shown once and stored as SHA-256 digests in a JSON file, each with
-an id and its scopes (predict, explain, reload, feedback). A plain digest suffices because a key is 256 random
+an id and its scopes (predict, explain, reload, feedback, metrics). A plain digest suffices because a key is 256 random
 bits, not a password: nothing can be guessed from it. A request carries its key in the `X-API-Key` header; the digest is
 compared with every stored one in constant time. A key never reaches a log: the audit log names the key's id.
 
@@ -25,7 +25,7 @@ from pathlib import Path
 from braintumor.atomic import atomic_path
 from braintumor.errors import AccessError
 
-SCOPES = ("predict", "explain", "reload", "feedback")
+SCOPES = ("predict", "explain", "reload", "feedback", "metrics")
 KEY_HEADER = "X-API-Key"
 
 

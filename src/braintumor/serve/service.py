@@ -48,6 +48,7 @@ from braintumor.errors import ImageReadError
 from braintumor.registry.pull import REFERENCE, current_version, pull
 from braintumor.serve.access import KEY_HEADER, ApiKey, AuditLog, RateLimit, find_key, scan_digest, scan_record
 from braintumor.serve.feedback import FeedbackStore, KeptScans, feedback_routes
+from braintumor.serve.metrics import ServiceMetrics
 from braintumor.serve.predict import LoadedModel, from_mlflow_folder, load, series_results
 
 log = logging.getLogger(__name__)
@@ -396,20 +397,24 @@ class Access:
         header = APIKeyHeader(name=KEY_HEADER, auto_error=False, description="an API key from `braintumor keys add`")
 
         def check(presented: str | None = Security(header)) -> str:
-            if self.keys is None:
-                return "anonymous"
-            key = find_key(self.keys, presented)
-            if key is None:
-                raise HTTPException(
-                    401,
-                    f"missing or unknown API key: send yours in the {KEY_HEADER} header",
-                    headers={"WWW-Authenticate": "APIKey"},
-                )
-            if scope not in key.scopes:
-                raise HTTPException(403, f"key {key.id!r} may not {scope} (its scopes: {', '.join(key.scopes)})")
-            return key.id
+            return self.identify(presented, scope)
 
         return check
+
+    def identify(self, presented: str | None, scope: str) -> str:
+        """The id of the key `presented`; 401 without a known key, 403 when the key lacks `scope`."""
+        if self.keys is None:
+            return "anonymous"
+        key = find_key(self.keys, presented)
+        if key is None:
+            raise HTTPException(
+                401,
+                f"missing or unknown API key: send yours in the {KEY_HEADER} header",
+                headers={"WWW-Authenticate": "APIKey"},
+            )
+        if scope not in key.scopes:
+            raise HTTPException(403, f"key {key.id!r} may not {scope} (its scopes: {', '.join(key.scopes)})")
+        return key.id
 
     def spend(self, key_id: str, scans: int) -> None:
         """Count `scans` against the key's rate; 429 with Retry-After when it is spent."""
@@ -448,15 +453,18 @@ def create_app(
     batch_wait_ms: float = 4.0,
     feedback: FeedbackStore | None = None,
     kept_scans: KeptScans | None = None,
+    with_metrics: bool = True,
 ) -> FastAPI:
     """The app for one model reference, loaded and warmed up before this returns; `access` None: no keys, no
     rate limit, no audit log (a loopback server for one user); `dicomweb`: the DICOMweb server that
     `POST /v1/studies/{uid}/predict` pulls studies from (None: that endpoint answers 404); `runtime`: ONNX
     Runtime or Keras (see `predict.load`); `batch_wait_ms`: how long a request waits for others to share its
     model call (0: no sharing); `feedback`: where answers and readers' verdicts are kept (None: no verdicts);
-    `kept_scans`: where the model inputs of scans that get a tumor / no tumor verdict are kept (None: nowhere)."""
+    `kept_scans`: where the model inputs of scans that get a tumor / no tumor verdict are kept (None: nowhere);
+    `with_metrics`: `GET /metrics` for Prometheus (`serve/metrics.py`)."""
     access = access or Access()
     followed = FollowedAlias(reference, poll_seconds, runtime, batch_wait_ms / 1000)
+    metrics = ServiceMetrics() if with_metrics else None
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -526,6 +534,8 @@ def create_app(
                     kept_scans.hold(request_id, result["scan_sha256"], images[..., 0])
         access.record(request_id, key_id, endpoint, runner.served, started, scans)
         model = runner.served.describe()
+        if metrics is not None:
+            metrics.observe(results, key_id, model.get("version"))
         if feedback is not None:
             await run_in_threadpool(feedback.record_answers, request_id, key_id, model, results)
         return {"request_id": request_id, "not_for_diagnosis": True, "model": model, "results": results}
@@ -604,6 +614,9 @@ def create_app(
         )
 
     app.include_router(feedback_routes(feedback, access.caller, kept_scans))
+    if metrics is not None:
+        app.include_router(metrics.routes(access.identify, lambda: followed.current.served.describe()))
+        app.middleware("http")(metrics.middleware())
     app.mount("/", StaticFiles(directory=WEB, html=True), name="page")
     app.add_middleware(BodyLimit, limit=limits.max_body_bytes)
     return app
@@ -621,6 +634,7 @@ def serve(
     batch_wait_ms: float = 4.0,
     feedback: FeedbackStore | None = None,
     kept_scans: KeptScans | None = None,
+    with_metrics: bool = True,
 ) -> None:
     """Load and warm the model, then answer HTTP until stopped (`braintumor serve`).
 
@@ -636,11 +650,14 @@ def serve(
         batch_wait_ms: how long a request waits for others to share its model call.
         feedback: where answers and readers' verdicts are kept, or None.
         kept_scans: where the scans that get a verdict are kept, or None.
+        with_metrics: serve `GET /metrics` (Prometheus).
     """
     import uvicorn
 
     started = time.perf_counter()
-    app = create_app(reference, limits, poll_seconds, access, dicomweb, runtime, batch_wait_ms, feedback, kept_scans)
+    app = create_app(
+        reference, limits, poll_seconds, access, dicomweb, runtime, batch_wait_ms, feedback, kept_scans, with_metrics
+    )
     served = app.state.followed.current.served
     log.info(
         "serve: %s (version %s) loaded and warmed up in %.1f s; http://%s:%d/",
