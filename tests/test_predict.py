@@ -260,3 +260,26 @@ def test_what_is_no_brain_mr_slice_is_answered_not_read_and_never_scored(trained
     refusals = {one.name: one.refusal for one in series}
     assert not errors and refusals["mr.png"] is None  # the server's path refuses alike
     assert "colour" in refusals["photo.png"] and "head CT" in refusals["head_ct.png"]
+
+
+def test_blank_noise_and_text_are_answered_not_read(trained_states, tmp_path):
+    """Images with no head in them: the gate (or the reader, for a picture with no content) refuses each; none
+    gets a probability. (A tiny model's gate, fitted on synthetic scans: the shipped one is measured by
+    benchmarks/ood_gate.py.)"""
+    from PIL import Image, ImageDraw
+
+    text = Image.new("L", (160, 160))
+    ImageDraw.Draw(text).multiline_text((8, 40), "PATIENT REPORT\nslice 12 of 40\nnot for diagnosis", fill=255)
+    files = {
+        "blank.png": save(tmp_path / "blank.png", np.zeros((128, 128), np.uint8)),
+        "gray.png": save(tmp_path / "gray.png", np.full((128, 128), 128, np.uint8)),
+        "noise.png": save(
+            tmp_path / "noise.png", np.random.default_rng(1).integers(0, 256, (128, 128)).astype(np.uint8)
+        ),
+        "text.png": save(tmp_path / "text.png", np.asarray(text)),
+    }
+    results = predict(load(str(trained_states["seed_cnn"][0] / "models/model.keras")), list(files.values()))[0]
+    for result in results:
+        name = Path(result["path"]).name
+        assert "probability" not in result, name
+        assert result.get("status") == "out_of_distribution" or "error" in result, name

@@ -8,6 +8,7 @@ import importlib
 import json
 import logging
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -163,6 +164,75 @@ def add_keys(sub) -> None:
         choices=list(SCOPES),
         help="what the key may do (repeat; default: predict and explain)",
     )
+
+
+def add_watch(sub) -> None:
+    watch = sub.add_parser(
+        "watch",
+        help="per site and period: volume, refusals, drift and estimated performance, from the audit log",
+        description="Exit status 1 when an alert fired (for cron or CI), 2 on an error.",
+    )
+    add_model_arguments(watch, "the served model, whose answers on its test split are the reference")
+    watch.add_argument("--audit-log", default="audit.jsonl", help="the server's audit log (rotated copies too)")
+    watch.add_argument("--split", default="artifacts/split", help="the split holding the reference's test.npz")
+    watch.add_argument("--period", choices=["day", "week"], default="week")
+    watch.add_argument("--feedback-db", metavar="URL", help="readers' verdicts (default: feedback.db beside the log)")
+    watch.add_argument("--out", default="watch", help="folder for watch.json and one PNG per site")
+
+
+def run_watch(args) -> int:
+    quiet_libraries()
+    from braintumor.atomic import write_json
+    from braintumor.errors import ModelLoadError
+    from braintumor.serve.feedback import FeedbackStore
+    from braintumor.serve.predict import load
+    from braintumor.serve.watch import plot_site, reference_of, watch
+
+    audit = Path(args.audit_log)
+    if not audit.is_file():
+        print(f"braintumor watch: error: {audit}: no such audit log (give --audit-log)", file=sys.stderr)
+        return 2
+    try:
+        reference = reference_of(load(args.model, args.runtime), Path(args.split))
+    except (ModelLoadError, FileNotFoundError) as err:
+        print(f"braintumor watch: error: {err}", file=sys.stderr)
+        return 2
+    beside = audit.resolve().with_name("feedback.db")
+    store = args.feedback_db or (f"sqlite:///{beside}" if beside.is_file() else None)
+    verdicts = {}
+    if store:
+        said = {}
+        for verdict in FeedbackStore(store).verdicts():  # each reader's latest; a scan only where they agree
+            said.setdefault(verdict["scan_sha256"], {})[verdict["key_id"]] = verdict["verdict"]
+        verdicts = {scan: next(iter(set(v.values()))) for scan, v in said.items() if len(set(v.values())) == 1}
+        verdicts = {scan: v for scan, v in verdicts.items() if v in ("tumor", "no_tumor")}
+    report = watch(audit, reference, args.period, verdicts)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "watch.json", report)
+    by_site: dict[str, list[dict]] = {}
+    for entry in report["sites"]:
+        by_site.setdefault(entry["site"], []).append(entry)
+    for site, entries in by_site.items():
+        plot_site(entries, reference, out / f"site-{re.sub(r'[^A-Za-z0-9_.-]', '_', site)}.png")
+        last = entries[-1]
+        estimated = last.get("estimated", {})
+        figures = ""
+        if estimated:
+            recall, specificity = estimated["recall_ci95"], estimated["specificity_ci95"]
+            figures = (
+                f", est. recall {estimated['recall']:.2f} ({recall[0]:.2f}-{recall[1]:.2f}), specificity "
+                f"{estimated['specificity']:.2f} ({specificity[0]:.2f}-{specificity[1]:.2f})"
+            )
+        print(
+            f"watch: site {site}, {last['period']}: {last['scans']} scans, refused {last['refusal_rate']:.0%}, "
+            f"uncertain {last['uncertain_rate']:.0%}{figures}; alerts: {', '.join(last['alerts']) or 'none'}"
+        )
+    print(
+        f"watch: {len(by_site)} sites, {len(report['sites'])} site-periods, {report['alerts']} with alerts; "
+        f"{report['unreadable_lines']} unreadable log lines skipped; {out / 'watch.json'}"
+    )
+    return 1 if report["alerts"] else 0
 
 
 def add_feedback(sub) -> None:
@@ -411,6 +481,7 @@ def main(argv: list[str] | None = None) -> int:
     add_serve(sub)
     add_keys(sub)
     add_feedback(sub)
+    add_watch(sub)
     add_compare(sub)
     args = parser.parse_args(argv)
     if args.verbose:
@@ -422,6 +493,8 @@ def main(argv: list[str] | None = None) -> int:
         return run_predict(args)
     if args.command == "serve":
         return run_serve(args)
+    if args.command == "watch":
+        return run_watch(args)
     if args.command == "feedback":
         return run_feedback(args)
     if args.command == "keys":

@@ -1,0 +1,234 @@
+"""`braintumor watch`: how the model is doing where it is used, per site (key id) and period, from the audit log.
+
+For each site and day or week: the volume; the refusal and uncertain rates; whether the calibrated P(tumor) and
+the gate distances of the scans read still look like the model's reference (its answers on its own test split),
+as a Kolmogorov-Smirnov statistic with a threshold placed by resampling the reference (a site that looks like
+the reference alerts at the stated false-alarm rate); recall, specificity and the positive rate estimated from
+the calibrated probabilities alone (confidence-based performance estimation, the form NannyML calls CBPE), with
+intervals; and the measured ones where readers' verdicts exist. A refusal rate above the reference's by more
+than its resampled spread is an alert too.
+
+The log is read as it is being written: a torn last line (or any line that is not JSON) is skipped and counted,
+never fatal; rotated logs (`audit.jsonl.1`, ...) are read whole beside the current one. Nothing identifying is
+read or written: key ids, counts and numbers only.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+READ = ("read", "uncertain")
+FALSE_ALARM = 0.01  # the share of reference-like samples of a site's size that alert, per statistic
+MIN_SCANS = 20  # fewer scans read in a period: no drift statistic (too few to say)
+
+
+@dataclass
+class Reference:
+    """The model's answers on scans like those it was validated on: calibrated P(tumor) and gate distances of
+    the scans read, the share refused, and the operating threshold."""
+
+    probability: np.ndarray
+    gate_distance: np.ndarray
+    refused: float
+    threshold: float
+
+
+def audit_lines(path: Path) -> tuple[list[dict], int]:
+    """The records of `path` and its rotated copies (`path.N`, the highest N the oldest), and how many lines
+    could not be read (a torn last line of a log being written, anything that is not a JSON record)."""
+    rotated = [p for p in path.parent.glob(path.name + ".*") if p.suffix[1:].isdigit()]
+    files = sorted(rotated, key=lambda p: int(p.suffix[1:]), reverse=True) + [path]
+    records, torn = [], 0
+    for file in files:
+        if not file.is_file():
+            continue
+        for line in file.read_text(encoding="utf-8", errors="replace").splitlines():
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError:
+                torn += 1
+                continue
+            if isinstance(record, dict) and isinstance(record.get("scans"), list) and "time" in record:
+                records.append(record)
+            else:
+                torn += 1
+    return records, torn
+
+
+def reference_of(loaded, split: Path) -> Reference:
+    """The reference of a loaded model (`serve.predict.load`): its answers on the test split it was evaluated
+    on (`artifacts/split/test.npz`, what `dvc repro` leaves)."""
+    from braintumor.data.datasets import load_split
+    from braintumor.model.assessment import score
+
+    images = load_split(split, "test", "binary")["x"]
+    answers = loaded.assessor.answers(score(loaded.scorer, images, loaded.info["class_names"]))
+    read = [a for a in answers if a["status"] in READ]
+    return Reference(
+        np.array([a["probability"] for a in read]),
+        np.array([a["gate_distance"] for a in read if "gate_distance" in a]),
+        1 - len(read) / len(answers),
+        float(loaded.threshold),
+    )
+
+
+def plot_site(entries: list[dict], reference: Reference, path: Path) -> None:
+    """One picture per site: volume and rates per period, and the KS statistics against their limits."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    periods = [e["period"] for e in entries]
+    fig, (rates, drift) = plt.subplots(1, 2, figsize=(11, 3.6))
+    rates.bar(periods, [e["scans"] for e in entries], color="#cfd8dc", label="scans")
+    twin = rates.twinx()
+    twin.plot(periods, [e["refusal_rate"] for e in entries], "o-", color="#c62828", label="refused")
+    twin.plot(periods, [e["uncertain_rate"] for e in entries], "s-", color="#ef6c00", label="uncertain")
+    twin.axhline(reference.refused, color="#c62828", ls=":", lw=1)
+    twin.set_ylim(0, 1)
+    rates.set_title(f"site {entries[0]['site']}: volume and rates")
+    twin.legend(loc="upper right", fontsize=8)
+    for name, colour in (("p_tumor", "#1565c0"), ("gate_distance", "#6a1b9a")):
+        shown = [e for e in entries if f"{name}_ks" in e]
+        drift.plot([e["period"] for e in shown], [e[f"{name}_ks"] for e in shown], "o-", color=colour, label=name)
+        drift.plot([e["period"] for e in shown], [e[f"{name}_ks_limit"] for e in shown], ":", color=colour)
+    drift.set_title(f"drift: KS against the reference (dotted: {FALSE_ALARM:.0%} false-alarm limit)")
+    drift.legend(fontsize=8)
+    for axis in (rates, drift):
+        axis.tick_params(axis="x", labelrotation=45, labelsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def period_of(time: str, period: str) -> str:
+    moment = datetime.datetime.fromisoformat(time)
+    if period == "day":
+        return moment.date().isoformat()
+    year, week, _ = moment.isocalendar()
+    return f"{year}-W{week:02d}"
+
+
+def ks_statistic(sample: np.ndarray, reference: np.ndarray) -> float:
+    """The largest gap between the two empirical distribution functions."""
+    if len(sample) == 0:
+        return 0.0
+    grid = np.sort(np.concatenate([sample, reference]))
+    cdf = lambda values: np.searchsorted(np.sort(values), grid, side="right") / len(values)  # noqa: E731
+    return float(np.abs(cdf(sample) - cdf(reference)).max())
+
+
+def ks_threshold(reference: np.ndarray, size: int, rng: np.random.Generator, draws: int = 400) -> float:
+    """The KS statistic that samples of `size` drawn from the reference itself exceed with probability
+    FALSE_ALARM."""
+    stats = [ks_statistic(rng.choice(reference, size), reference) for _ in range(draws)]
+    return float(np.quantile(stats, 1 - FALSE_ALARM))
+
+
+def estimated_performance(p: np.ndarray, threshold: float, rng: np.random.Generator, draws: int = 400) -> dict:
+    """Recall, specificity and positive rate expected from calibrated probabilities alone, and a 95 % interval
+    from labels drawn as the probabilities say (each scan a tumor with its own P)."""
+    called = p >= threshold
+
+    def figures(y: np.ndarray) -> tuple[float, float]:
+        recall = (called & y).sum() / max(y.sum(), 1)
+        specificity = (~called & ~y).sum() / max((~y).sum(), 1)
+        return recall, specificity
+
+    expected_recall = float((p * called).sum() / max(p.sum(), 1e-9))
+    expected_specificity = float(((1 - p) * ~called).sum() / max((1 - p).sum(), 1e-9))
+    drawn = np.array([figures(rng.random(len(p)) < p) for _ in range(draws)])
+    low, high = np.percentile(drawn, [2.5, 97.5], axis=0)
+    return {
+        "recall": round(expected_recall, 4),
+        "recall_ci95": [round(float(low[0]), 4), round(float(high[0]), 4)],
+        "specificity": round(expected_specificity, 4),
+        "specificity_ci95": [round(float(low[1]), 4), round(float(high[1]), 4)],
+        "positive_rate": round(float(called.mean()), 4),
+    }
+
+
+def measured_performance(scans: list[dict], verdicts: dict[str, str], threshold: float) -> dict | None:
+    """Recall and specificity against readers' verdicts (tumor / no tumor) where they exist."""
+    pairs = [(s["probability"] >= threshold, verdicts[s["scan"]] == "tumor") for s in scans if s["scan"] in verdicts]
+    if not pairs:
+        return None
+    called, tumor = (np.array(v) for v in zip(*pairs, strict=True))
+    out = {"verdicts": len(pairs)}
+    if tumor.any():
+        out["recall"] = round(float((called & tumor).sum() / tumor.sum()), 4)
+    if (~tumor).any():
+        out["specificity"] = round(float((~called & ~tumor).sum() / (~tumor).sum()), 4)
+    return out
+
+
+def watch(
+    audit: Path, reference: Reference, period: str = "week", verdicts: dict[str, str] | None = None, seed: int = 0
+) -> dict:
+    """Per site and period: volume, rates, drift statistics and alerts, estimated and measured performance."""
+    records, torn = audit_lines(audit)
+    rng = np.random.default_rng(seed)
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for record in records:
+        if record.get("endpoint", "predict") not in ("predict", "predict_study"):
+            continue
+        key = (str(record.get("key_id")), period_of(record["time"], period))
+        for scan in record["scans"]:
+            scan = {**scan, "scan": scan.get("scan_sha256") or scan.get("input_sha256")}
+            groups.setdefault(key, []).append(scan)
+    refused_spread = lambda n: 3 * math.sqrt(reference.refused * (1 - reference.refused) / max(n, 1))  # noqa: E731
+    sites = []
+    for (site, when), scans in sorted(groups.items()):
+        read = [s for s in scans if s.get("status") in READ and s.get("probability") is not None]
+        refused = sum(s.get("status") not in READ for s in scans)
+        p = np.array([s["probability"] for s in read], dtype=float)
+        gate = np.array([s["gate_distance"] for s in read if s.get("gate_distance") is not None], dtype=float)
+        entry = {
+            "site": site,
+            "period": when,
+            "scans": len(scans),
+            "read": len(read),
+            "refusal_rate": round(refused / len(scans), 4),
+            "uncertain_rate": round(sum(s.get("status") == "uncertain" for s in scans) / len(scans), 4),
+        }
+        alerts = []
+        if entry["refusal_rate"] > reference.refused + refused_spread(len(scans)):
+            alerts.append("refusals")
+        for name, values, ref in (
+            ("p_tumor", p, reference.probability),
+            ("gate_distance", gate, reference.gate_distance),
+        ):
+            if len(values) >= MIN_SCANS and len(ref):
+                statistic, limit = ks_statistic(values, ref), ks_threshold(ref, len(values), rng)
+                entry[f"{name}_ks"], entry[f"{name}_ks_limit"] = round(statistic, 4), round(limit, 4)
+                if statistic > limit:
+                    alerts.append(f"{name}_drift")
+        if len(p):
+            entry["estimated"] = estimated_performance(p, reference.threshold, rng)
+        measured = measured_performance(read, verdicts or {}, reference.threshold)
+        if measured:
+            entry["measured"] = measured
+        entry["alerts"] = alerts
+        sites.append(entry)
+    return {
+        "period": period,
+        "false_alarm_rate_per_statistic": FALSE_ALARM,
+        "records": len(records),
+        "unreadable_lines": torn,
+        "reference": {
+            "scans_read": len(reference.probability),
+            "refusal_rate": round(reference.refused, 4),
+            "threshold": reference.threshold,
+        },
+        "sites": sites,
+        "alerts": sum(bool(s["alerts"]) for s in sites),
+    }

@@ -1,0 +1,128 @@
+"""`braintumor watch`: per site and period, drift against the model's reference at a known false-alarm rate,
+performance estimated from calibrated probabilities (and measured where verdicts exist), a refusal-rate alert,
+and a log read while it is being written."""
+
+from __future__ import annotations
+
+import datetime
+import io
+import json
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from braintumor import cli
+from braintumor.serve.access import AuditLog
+from braintumor.serve.service import Access, create_app
+from braintumor.serve.watch import Reference, watch
+
+from fixtures.split import synthetic_scan
+
+START = datetime.datetime(2026, 11, 30, 9, tzinfo=datetime.UTC)  # a Monday
+
+
+def reference(rng: np.random.Generator) -> Reference:
+    """A model's reference: mostly confident answers, gate distances well inside 1, 2 % refused."""
+    p = np.clip(np.concatenate([rng.beta(8, 1.5, 700), rng.beta(1.2, 8, 300)]), 0, 1)
+    return Reference(p, rng.gamma(4, 0.08, 1000), 0.02, 0.5)
+
+
+def records(site: str, p: np.ndarray, gate: np.ndarray, refused: int = 0, week: int = 0) -> list[dict]:
+    scans = [
+        {"input_sha256": f"{site}{k:060d}", "status": "read", "probability": float(v), "gate_distance": float(g)}
+        for k, (v, g) in enumerate(zip(p, gate, strict=True))
+    ]
+    scans += [
+        {"input_sha256": f"{site}r{k:059d}", "status": "out_of_distribution", "gate_distance": 3.0}
+        for k in range(refused)
+    ]
+    time = (START + datetime.timedelta(weeks=week)).isoformat()
+    return [
+        {"request_id": f"{k:032x}", "time": time, "key_id": site, "endpoint": "predict", "scans": [scan]}
+        for k, scan in enumerate(scans)
+    ]
+
+
+def write(path, rows: list[dict]) -> None:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+
+def test_a_reference_like_site_rarely_alerts_a_shifted_one_always_and_refusals_alert(tmp_path):
+    rng = np.random.default_rng(0)
+    ref = reference(rng)
+    flagged = {"A": 0, "B": 0}
+    for draw in range(20):  # 20 weeks of 200 scans from each site
+        pick = rng.integers(0, 1000, 200)
+        rows = records("A", ref.probability[pick], ref.gate_distance[pick], refused=4, week=draw)
+        shifted = np.clip(rng.beta(2, 2, 200), 0, 1)  # an unseen collection: less confident answers
+        rows += records("B", shifted, rng.gamma(4, 0.12, 200), refused=4, week=draw)
+        write(tmp_path / "audit.jsonl", rows)
+        report = watch(tmp_path / "audit.jsonl", ref, seed=draw)
+        for entry in report["sites"]:
+            flagged[entry["site"]] += bool(entry["alerts"])
+    assert flagged["B"] == 20 and flagged["A"] <= 1  # 2 statistics at 1 % and the refusal check: ~3 % expected
+
+    write(tmp_path / "audit.jsonl", records("C", ref.probability[:100], ref.gate_distance[:100], refused=40))
+    (site,) = watch(tmp_path / "audit.jsonl", ref)["sites"]
+    assert "refusals" in site["alerts"] and site["refusal_rate"] == pytest.approx(40 / 140, abs=1e-4)
+
+
+def test_estimated_specificity_matches_the_measured_one_on_a_shifted_site(tmp_path):
+    rng = np.random.default_rng(1)
+    p = np.clip(rng.beta(2, 2, 400), 0, 1)  # calibrated: each scan a tumor with its own P
+    tumor = rng.random(400) < p
+    rows = records("B", p, rng.gamma(4, 0.1, 400))
+    write(tmp_path / "audit.jsonl", rows)
+    verdicts = {
+        row["scans"][0]["input_sha256"]: "tumor" if t else "no_tumor" for row, t in zip(rows, tumor, strict=True)
+    }
+    (site,) = watch(tmp_path / "audit.jsonl", reference(rng), verdicts=verdicts)["sites"]
+    low, high = site["estimated"]["specificity_ci95"]
+    assert low <= site["measured"]["specificity"] <= high
+    assert abs(site["estimated"]["specificity"] - site["measured"]["specificity"]) <= 0.10
+    assert site["measured"]["verdicts"] == 400
+
+
+def test_a_torn_last_line_is_skipped_and_rotated_logs_are_read_whole(tmp_path):
+    rng = np.random.default_rng(2)
+    ref = reference(rng)
+    write(tmp_path / "audit.jsonl.1", records("A", ref.probability[:30], ref.gate_distance[:30], week=0))
+    write(tmp_path / "audit.jsonl", records("A", ref.probability[30:60], ref.gate_distance[30:60], week=1))
+    with open(tmp_path / "audit.jsonl", "a") as log:
+        log.write('{"request_id": "abc", "time": "2026-')  # the writer was here
+    report = watch(tmp_path / "audit.jsonl", ref)
+    assert report["unreadable_lines"] == 1 and report["records"] == 60
+    assert [(s["period"], s["scans"]) for s in report["sites"]] == [("2026-W49", 30), ("2026-W50", 30)]
+
+
+def test_the_command_watches_what_the_service_logged(trained_states, tmp_path):
+    """The real service writes the audit log; `braintumor watch` reads it against the model's test split."""
+    workspace = trained_states["seed_cnn"][0]
+    model = str(workspace / "models/model.keras")
+    with TestClient(create_app(model, access=Access(audit=AuditLog(tmp_path / "audit.jsonl")))) as client:
+        for k in range(30):
+            image = io.BytesIO()
+            Image.fromarray(synthetic_scan(100 + k, k % 2 == 0, 64)[..., 0]).save(image, format="PNG")
+            answer = client.post("/v1/predict", files=[("files", (f"Doe_{k}.png", image.getvalue()))])
+            assert answer.status_code == 200
+    code = cli.main(
+        [
+            "watch",
+            "--model",
+            model,
+            "--split",
+            str(workspace / "artifacts/split"),
+            "--audit-log",
+            str(tmp_path / "audit.jsonl"),
+            "--out",
+            str(tmp_path / "watch"),
+        ]
+    )
+    report = json.loads((tmp_path / "watch/watch.json").read_text())
+    assert code == (1 if report["alerts"] else 0)
+    (site,) = report["sites"]
+    assert site["site"] == "anonymous" and site["scans"] == 30 and report["reference"]["scans_read"] > 0
+    assert (tmp_path / "watch/site-anonymous.png").is_file()
+    assert "Doe_" not in (tmp_path / "watch/watch.json").read_text()
