@@ -107,6 +107,8 @@ def test_the_command_watches_what_the_service_logged(trained_states, tmp_path):
             Image.fromarray(synthetic_scan(100 + k, k % 2 == 0, 64)[..., 0]).save(image, format="PNG")
             answer = client.post("/v1/predict", files=[("files", (f"Doe_{k}.png", image.getvalue()))])
             assert answer.status_code == 200
+        health = client.get("/v1/site-health").json()  # what the page's strip shows
+        assert (health["site"], health["scans"]) == ("anonymous", 30)
     code = cli.main(
         [
             "watch",
@@ -126,3 +128,21 @@ def test_the_command_watches_what_the_service_logged(trained_states, tmp_path):
     assert site["site"] == "anonymous" and site["scans"] == 30 and report["reference"]["scans_read"] > 0
     assert (tmp_path / "watch/site-anonymous.png").is_file()
     assert "Doe_" not in (tmp_path / "watch/watch.json").read_text()
+
+
+def test_the_site_health_strip_alerts_on_refusals_once_a_site_has_enough_scans():
+    from braintumor.serve.watch import SiteHealth
+
+    health = SiteHealth()
+    health.observe([{"status": "read"}] * 10 + [{"status": "out_of_distribution"}] * 5, "site-a")
+    assert health.summary("site-a", 0.01)["alerts"] == []  # 15 scans: too few to say
+    health.observe([{"status": "read"}] * 10 + [{"status": "uncertain"}] * 5, "site-a")
+    summary = health.summary("site-a", 0.01)
+    assert (summary["scans"], summary["refusal_rate"], summary["uncertain_rate"]) == (
+        30,
+        round(5 / 30, 4),
+        round(5 / 30, 4),
+    )
+    assert len(summary["alerts"]) == 1 and "not read" in summary["alerts"][0]
+    health.observe([{"status": "read"}] * 30, "site-b")
+    assert health.summary("site-b", 0.01)["alerts"] == [] and health.summary("site-c", 0.01)["scans"] == 0

@@ -2,9 +2,10 @@
 and an append-only audit log that holds nothing identifying.
 
 Keys are random tokens (`braintumor keys add`), shown once and stored as SHA-256 digests in a JSON file, each with
-an id and its scopes (predict, explain, reload, feedback, metrics). A plain digest suffices because a key is 256 random
-bits, not a password: nothing can be guessed from it. A request carries its key in the `X-API-Key` header; the digest is
-compared with every stored one in constant time. A key never reaches a log: the audit log names the key's id.
+an id and its scopes (predict, explain, reload, feedback, metrics, health). A plain digest suffices because a key
+is 256 random bits, not a password: nothing can be guessed from it. A request carries its key in the `X-API-Key`
+header; the digest is compared with every stored one in constant time. A key never reaches a log: the audit log
+names the key's id.
 
 The audit log is JSON lines, one per request: request id, time, key id, endpoint, model name/version/digest,
 latency, and per scan its SHA-256, status, calibrated P(tumor) and gate distance. No file names, no image
@@ -25,7 +26,7 @@ from pathlib import Path
 from braintumor.atomic import atomic_path
 from braintumor.errors import AccessError
 
-SCOPES = ("predict", "explain", "reload", "feedback", "metrics")
+SCOPES = ("predict", "explain", "reload", "feedback", "metrics", "health")
 KEY_HEADER = "X-API-Key"
 
 

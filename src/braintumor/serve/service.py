@@ -50,6 +50,7 @@ from braintumor.serve.access import KEY_HEADER, ApiKey, AuditLog, RateLimit, fin
 from braintumor.serve.feedback import FeedbackStore, KeptScans, feedback_routes
 from braintumor.serve.metrics import ServiceMetrics
 from braintumor.serve.predict import LoadedModel, from_mlflow_folder, load, series_results
+from braintumor.serve.watch import SiteHealth
 
 log = logging.getLogger(__name__)
 
@@ -465,6 +466,7 @@ def create_app(
     access = access or Access()
     followed = FollowedAlias(reference, poll_seconds, runtime, batch_wait_ms / 1000)
     metrics = ServiceMetrics() if with_metrics else None
+    health = SiteHealth()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -511,6 +513,12 @@ def create_app(
             },
         }
 
+    @app.get("/v1/site-health")
+    def site_health(key_id: str = Depends(access.caller("health"))):
+        """This week's volume, refusal and uncertain rates of the caller's site (its key id), and any alert."""
+        gate = followed.current.served.loaded.info.get("gate") or {}
+        return health.summary(key_id, gate.get("out_of_fold_refused"))
+
     @app.post("/v1/reload")
     def reload(key_id: str = Depends(access.caller("reload"))):
         started, request_id = time.perf_counter(), uuid.uuid4().hex
@@ -536,6 +544,7 @@ def create_app(
         model = runner.served.describe()
         if metrics is not None:
             metrics.observe(results, key_id, model.get("version"))
+        health.observe(results, key_id)
         if feedback is not None:
             await run_in_threadpool(feedback.record_answers, request_id, key_id, model, results)
         return {"request_id": request_id, "not_for_diagnosis": True, "model": model, "results": results}

@@ -18,6 +18,7 @@ from __future__ import annotations
 import datetime
 import json
 import math
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -232,3 +233,44 @@ def watch(
         "sites": sites,
         "alerts": sum(bool(s["alerts"]) for s in sites),
     }
+
+
+class SiteHealth:
+    """This week's answers per site (key id), counted as the service gives them, for the page's strip: volume,
+    refusal and uncertain rates, and a refusal alert against the share of the model's own held-out images its
+    gate refused (`model.json` gate `out_of_fold_refused`), once a site has MIN_SCANS scans this week."""
+
+    def __init__(self):
+        self.counts: dict[tuple[str, str], list[int]] = {}  # (key id, week): [scans, refused, uncertain]
+        self.lock = threading.Lock()
+
+    def observe(self, results: list[dict], key_id: str) -> None:
+        week = period_of(datetime.datetime.now(datetime.UTC).isoformat(), "week")
+        with self.lock:
+            counts = self.counts.setdefault((key_id, week), [0, 0, 0])
+            for result in results:
+                counts[0] += 1
+                counts[1] += result.get("status") not in READ
+                counts[2] += result.get("status") == "uncertain"
+
+    def summary(self, key_id: str, reference_refused: float | None) -> dict:
+        week = period_of(datetime.datetime.now(datetime.UTC).isoformat(), "week")
+        with self.lock:
+            scans, refused, uncertain = self.counts.get((key_id, week), [0, 0, 0])
+        out = {
+            "site": key_id,
+            "week": week,
+            "scans": scans,
+            "refusal_rate": round(refused / scans, 4) if scans else None,
+            "uncertain_rate": round(uncertain / scans, 4) if scans else None,
+            "reference_refusal_rate": reference_refused,
+            "alerts": [],
+        }
+        if reference_refused is not None and scans >= MIN_SCANS:
+            spread = 3 * math.sqrt(max(reference_refused * (1 - reference_refused), 1e-4) / scans)
+            if refused / scans > reference_refused + spread:
+                out["alerts"].append(
+                    f"refusals: {refused / scans:.0%} of this week's scans not read, against "
+                    f"{reference_refused:.1%} of the model's held-out images"
+                )
+        return out

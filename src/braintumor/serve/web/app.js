@@ -47,8 +47,21 @@ async function describeModel() {
   $("#verdict-keeps").textContent = !feedback ? "" : info.keeps_scans
     ? "This server keeps the pixels (nothing else) of each scan you read as tumor or no tumor, to retrain on."
     : "This server keeps your readings, not the scans.";
+  siteHealth();
   $("#limits").textContent = `JPEG, PNG, BMP, GIF, TIFF or WebP images, DICOM files, NIfTI volumes or a zipped ` +
     `study; up to ${Math.round(info.limits.max_file_bytes / 1048576)} MB a file.`;
+}
+
+// This week at the reader's site (their key), for keys with the `health` scope: is the model on its ground?
+async function siteHealth() {
+  const answer = await fetch("/v1/site-health", { headers: headers() });
+  if (!answer.ok) { $("#health").hidden = true; return; }
+  const h = await answer.json();
+  const rates = h.scans ? `, ${percent(h.refusal_rate)} not read, ${percent(h.uncertain_rate)} uncertain` : "";
+  $("#health").textContent = `This week (${h.week}) at site ${h.site}: ${h.scans} scans${rates}.` +
+    (h.alerts.length ? ` Alert: ${h.alerts.join("; ")}.` : "");
+  $("#health").classList.toggle("alert", h.alerts.length > 0);
+  $("#health").hidden = false;
 }
 
 const rank = (item) => (item.status === "uncertain" ? 0 : 1);
@@ -257,6 +270,7 @@ async function upload(files) {
     });
     render();
   }
+  siteHealth();
   const suspected = queue.filter((item) => item.label).length;
   const uncertain = queue.filter((item) => item.status === "uncertain").length;
   $("#status").textContent = `${queue.length} scans read, ${suspected} with a suspected tumor, ` +
