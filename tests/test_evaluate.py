@@ -4,6 +4,7 @@ import json
 import shutil
 
 import numpy as np
+import pandas as pd
 import pytest
 from PIL import Image
 
@@ -75,3 +76,25 @@ def test_evaluate_and_explain_stages_end_to_end(trained_states, in_tmp):
     index = json.loads((in_tmp / "plots/explain/index.json").read_text())
     assert index and all((in_tmp / "plots/explain" / panel["file"]).is_file() for panel in index)
     assert {panel["group"] for panel in index} <= {"correct_tumor", "correct_no_tumor", "misclassified"}
+
+
+def test_sites_are_scored_on_their_own_test_scans_and_the_reference_ships_quantiles():
+    from braintumor.quality.evaluate import answer_reference, per_site
+
+    originals = ["site-a/tumor/1.png", "site-a/no_tumor/2.png", "site-a/tumor/3.png", "tumor/4.png", "yes/Y5.jpg"]
+    manifest = pd.DataFrame(
+        {
+            "path": [f"p{k}" for k in range(5)],
+            "source": ["local", "local", "local", "local", "kaggle2018"],
+            "original": originals,
+        }
+    )
+    y, p = np.array([1, 0, 1, 1, 1]), np.array([0.9, 0.2, 0.3, 0.8, 0.7])
+    sites = per_site(manifest, np.array(manifest.path), y, p, 0.5)
+    assert list(sites) == ["site-a"]  # the plain class folders and other sources are no site
+    assert sites["site-a"]["images"] == 3 and sites["site-a"]["recall"] == 0.5 and sites["site-a"]["specificity"] == 1
+    answers = [{"status": "read", "probability": q, "gate_distance": q / 2} for q in np.linspace(0, 1, 99)]
+    reference = answer_reference(answers + [{"status": "out_of_distribution", "gate_distance": 3.0}])
+    assert reference["images"] == 100 and reference["refused"] == 0.01
+    assert len(reference["p_tumor_quantiles"]) == 101 and reference["p_tumor_quantiles"][50] == 0.5
+    assert reference["gate_distance_quantiles"][-1] == 0.5  # of the scans read only

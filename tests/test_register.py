@@ -356,3 +356,29 @@ def test_the_data_fingerprint_counts_the_scored_images_only(tmp_path):
     fingerprint = data_fingerprint(tmp_path / "representatives.csv")
     assert data_fingerprint(tmp_path / "clusters.csv") == fingerprint  # the members are trained on, never scored
     assert data_fingerprint(tmp_path / "relabelled.csv") != fingerprint
+
+
+def fake_run(run_id: str, metrics: dict, start: int = 0):
+    """What `decide` reads of an MLflow run."""
+    from types import SimpleNamespace
+
+    from braintumor.registry.register import TARGET_RECALL
+    from braintumor.registry.tracking import DATA_TAG
+
+    return SimpleNamespace(
+        info=SimpleNamespace(run_id=run_id, start_time=start),
+        data=SimpleNamespace(metrics=metrics, tags={DATA_TAG: "same data"}, params={TARGET_RECALL: "0.98"}),
+    )
+
+
+def test_a_candidate_that_finds_fewer_tumors_at_a_site_is_not_promoted_silently():
+    from braintumor.registry.register import decide
+
+    figures = {"threshold_selection.out_of_fold.accuracy": 0.9, "recall": 0.95, "accuracy": 0.9}
+    champion = fake_run("a", {**figures, "per_site.site-x.recall": 1.0, "per_site.site-x.specificity": 0.8})
+    better_overall = {**figures, "recall": 0.97, "per_site.site-x.recall": 0.9, "per_site.site-x.specificity": 0.9}
+    promote, why = decide(fake_run("b", better_overall, 1), champion, "keep")
+    assert not promote and "site-x (recall 1.000 -> 0.900)" in why
+    same_at_site = {**better_overall, "per_site.site-x.recall": 1.0}
+    promote, why = decide(fake_run("c", same_at_site, 1), champion, "keep")
+    assert promote and "beats" in why

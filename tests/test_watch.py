@@ -109,19 +109,10 @@ def test_the_command_watches_what_the_service_logged(trained_states, tmp_path):
             assert answer.status_code == 200
         health = client.get("/v1/site-health").json()  # what the page's strip shows
         assert (health["site"], health["scans"]) == ("anonymous", 30)
-    code = cli.main(
-        [
-            "watch",
-            "--model",
-            model,
-            "--split",
-            str(workspace / "artifacts/split"),
-            "--audit-log",
-            str(tmp_path / "audit.jsonl"),
-            "--out",
-            str(tmp_path / "watch"),
-        ]
-    )
+    info = json.loads((workspace / "models/model.json").read_text())
+    assert len(info["reference"]["p_tumor_quantiles"]) == 101  # evaluate ships the reference with the model
+    out = tmp_path / "watch"
+    code = cli.main(["watch", "--model", model, "--audit-log", str(tmp_path / "audit.jsonl"), "--out", str(out)])
     report = json.loads((tmp_path / "watch/watch.json").read_text())
     assert code == (1 if report["alerts"] else 0)
     (site,) = report["sites"]

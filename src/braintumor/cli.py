@@ -174,7 +174,10 @@ def add_watch(sub) -> None:
     )
     add_model_arguments(watch, "the served model, whose answers on its test split are the reference")
     watch.add_argument("--audit-log", default="audit.jsonl", help="the server's audit log (rotated copies too)")
-    watch.add_argument("--split", default="artifacts/split", help="the split holding the reference's test.npz")
+    watch.add_argument(
+        "--split",
+        help="for a model that ships no reference (model.json `reference`): the split whose test scans are it",
+    )
     watch.add_argument("--period", choices=["day", "week"], default="week")
     watch.add_argument("--feedback-db", metavar="URL", help="readers' verdicts (default: feedback.db beside the log)")
     watch.add_argument("--out", default="watch", help="folder for watch.json and one PNG per site")
@@ -193,7 +196,7 @@ def run_watch(args) -> int:
         print(f"braintumor watch: error: {audit}: no such audit log (give --audit-log)", file=sys.stderr)
         return 2
     try:
-        reference = reference_of(load(args.model, args.runtime), Path(args.split))
+        reference = reference_of(load(args.model, args.runtime), Path(args.split) if args.split else None)
     except (ModelLoadError, FileNotFoundError) as err:
         print(f"braintumor watch: error: {err}", file=sys.stderr)
         return 2

@@ -31,6 +31,7 @@ from sklearn import metrics as skm
 from braintumor import paths
 from braintumor.atomic import atomic_path, write_csv, write_json
 from braintumor.data.datasets import load_split, load_splits
+from braintumor.labels import collection_of
 from braintumor.model import calibration as cal
 from braintumor.model.assessment import (
     OUT_OF_DISTRIBUTION,
@@ -188,6 +189,7 @@ def evaluate(
             source: binary_metrics(y[sources == source], p[sources == source], threshold)
             for source in sorted(set(sources))
         },
+        "per_site": per_site(manifest, test["path"], y, p, threshold),
     }
     if info["task"] == "multiclass":
         probs = model.predict(test["x"].astype("float32"), verbose=0)
@@ -249,6 +251,7 @@ def evaluate(
                         "out_of_fold_refused": result["gate"]["out_of_fold_refused"],
                     },
                     "test_metrics": {k: result[k] for k in ("recall", "accuracy", "specificity", "roc_auc")},
+                    "reference": answer_reference(assessor.answers(test_scores)),
                     **({"onnx": onnx} if onnx else {}),
                 },
                 indent=2,
@@ -280,6 +283,35 @@ def evaluate(
         result["at_0.5"]["accuracy"],
     )
     return result
+
+
+def per_site(manifest: pd.DataFrame, paths: np.ndarray, y: np.ndarray, p: np.ndarray, threshold: float) -> dict:
+    """Test metrics of each site whose scans are in the test split: the user's `data/site-<name>/` folders
+    (what `braintumor feedback accept` writes), by the collection their path names."""
+    rows = manifest.set_index("path").loc[paths.astype(object)]
+    sites = np.array(
+        [collection_of(s, o) if s == "local" else "" for s, o in zip(rows.source, rows.original, strict=True)]
+    )
+    return {
+        site: {"images": int((sites == site).sum()), **binary_metrics(y[sites == site], p[sites == site], threshold)}
+        for site in sorted(set(sites))
+        if site.startswith("site-")
+    }
+
+
+def answer_reference(answers: list[dict]) -> dict:
+    """What the model answers on its test split, shipped in model.json so that `braintumor watch` and the
+    page's strip compare a site with it without the split: 101 quantiles of the calibrated P(tumor) and of the
+    gate distances of the scans read, and the share refused."""
+    read = [a for a in answers if a["status"] != OUT_OF_DISTRIBUTION]
+    quantiles = np.linspace(0, 1, 101)
+    distances = [a["gate_distance"] for a in read if "gate_distance" in a]
+    return {
+        "images": len(answers),
+        "refused": round(1 - len(read) / len(answers), 4),
+        "p_tumor_quantiles": [round(float(q), 6) for q in np.quantile([a["probability"] for a in read], quantiles)],
+        "gate_distance_quantiles": [round(float(q), 6) for q in np.quantile(distances, quantiles)] if distances else [],
+    }
 
 
 def image_grid(count: int, width: float, height: float) -> tuple[plt.Figure, np.ndarray]:

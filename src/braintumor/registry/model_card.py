@@ -12,6 +12,22 @@ def _read(path: Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
+def site_table(sites: dict) -> str:
+    """The test figures of each site with scans in the test split (`data/site-<name>/`), at the threshold."""
+    if not sites:
+        return ""
+    rows = "\n".join(
+        f"| {name} | {s['images']} | {s['recall']:.4f} | {s['specificity']:.4f} | {s['roc_auc']:.4f} |"
+        for name, s in sites.items()
+    )
+    return f"""
+### Per site (its own scans in the test split; register will not give up a site's recall silently)
+| site | test images | recall | specificity | ROC AUC |
+| --- | --- | --- | --- | --- |
+{rows}
+"""
+
+
 def model_card(
     model_dir: Path = Path(paths.MODEL_DIR), metrics_dir: Path = Path(paths.METRICS_DIR), fingerprint: str = ""
 ) -> str:
@@ -89,7 +105,7 @@ Threshold **{result.get("threshold", float("nan")):.6f}**, placed on out-of-fold
 | ROC AUC | {interval("roc_auc")} | |
 | PR AUC | {result.get("pr_auc", float("nan")):.4f} | |
 | Brier score | {result.get("brier", float("nan")):.4f} | |
-
+{site_table(result.get("per_site", {}))}
 ## Training
 The mean of {training.get("folds", "?")} {info.get("model", "?")} models{mirrored}, each trained on the other
 folds of train+val and early-stopped on its own, with Keras {info.get("keras_version", "?")} on the

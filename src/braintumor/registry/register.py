@@ -146,6 +146,12 @@ def decide(candidate, champion, champion_on_new_data: str) -> tuple[bool, str]:
             f"the champion was evaluated {other}, so the two do not compare; "
             "set register.champion_on_new_data: replace to let the candidate take over"
         )
+    lost = lost_sites(candidate, champion)
+    if lost:
+        return False, (
+            f"the candidate finds fewer tumors than the champion at {'; '.join(lost)} (same test images); a site "
+            "the champion serves is not given up silently: move the alias by hand if that is intended"
+        )
     ours, theirs = (dict(zip(COMPARED.values(), ranking(run), strict=True)) for run in (candidate, champion))
     if ranking(candidate) > ranking(champion):
         return True, f"candidate {ours} beats champion {theirs}"
@@ -159,6 +165,27 @@ def decide(candidate, champion, champion_on_new_data: str) -> tuple[bool, str]:
     ):
         return True, f"candidate {ours} is level with the champion in figures and contents, and newer"
     return False, f"champion {theirs} is at least as good as {ours}"
+
+
+def site_figures(run) -> dict[str, dict[str, float]]:
+    """{site: {recall, specificity}} from a run's `per_site.<site>.<metric>` metrics (evaluate's per-site
+    figures, logged by `tracking.log_run`)."""
+    figures: dict[str, dict[str, float]] = {}
+    for key, value in run.data.metrics.items():
+        parts = key.split(".")
+        if len(parts) == 3 and parts[0] == "per_site" and parts[2] in ("recall", "specificity"):
+            figures.setdefault(parts[1], {})[parts[2]] = value
+    return figures
+
+
+def lost_sites(candidate, champion) -> list[str]:
+    """The sites of the champion where the candidate's recall is lower (on the same data, the same scans)."""
+    ours, theirs = site_figures(candidate), site_figures(champion)
+    return [
+        f"{site} (recall {theirs[site]['recall']:.3f} -> {ours[site]['recall']:.3f})"
+        for site in sorted(set(ours) & set(theirs))
+        if "recall" in ours[site] and "recall" in theirs[site] and ours[site]["recall"] < theirs[site]["recall"]
+    ]
 
 
 def number(version) -> int | None:

@@ -64,9 +64,22 @@ def audit_lines(path: Path) -> tuple[list[dict], int]:
     return records, torn
 
 
-def reference_of(loaded, split: Path) -> Reference:
+def reference_of(loaded, split: Path | None = None) -> Reference:
     """The reference of a loaded model (`serve.predict.load`): its answers on the test split it was evaluated
-    on (`artifacts/split/test.npz`, what `dvc repro` leaves)."""
+    on, as model.json ships them (quantiles: `evaluate.answer_reference`), else computed from `split`."""
+    shipped = loaded.info.get("reference")
+    if shipped and shipped.get("p_tumor_quantiles"):
+        levels = np.linspace(0, 1, 1000)
+        grid = np.linspace(0, 1, len(shipped["p_tumor_quantiles"]))
+        gate = shipped.get("gate_distance_quantiles") or []
+        return Reference(
+            np.interp(levels, grid, shipped["p_tumor_quantiles"]),
+            np.interp(levels, np.linspace(0, 1, len(gate)), gate) if gate else np.array([]),
+            float(shipped["refused"]),
+            float(loaded.threshold),
+        )
+    if split is None:
+        raise FileNotFoundError("the model ships no reference (model.json `reference`): give --split")
     from braintumor.data.datasets import load_split
     from braintumor.model.assessment import score
 
