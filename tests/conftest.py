@@ -32,14 +32,19 @@ def pytest_collection_modifyitems(items):
 
 @pytest.fixture(autouse=True)
 def model_cache(tmp_path_factory, monkeypatch) -> Path:
-    """Each test pulls registered models into a cache of its own, never the user's `~/.cache`, and starts
-    with no registry in the environment: MLflow's `set_tracking_uri` and `set_registry_uri` write theirs into
+    """Each test pulls registered models into a cache of its own, never the user's `~/.cache`, and leaves the
+    registry variables as it found them: MLflow's `set_tracking_uri` and `set_registry_uri` write theirs into
     `os.environ`, where the next test would find another test's server."""
+    import os
+
     from braintumor.registry.pull import CACHE_ENV
 
     for name in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
-        monkeypatch.setenv(name, "")  # recorded, so that whatever a test leaves is undone after it
-        monkeypatch.delenv(name)
+        if name in os.environ:
+            monkeypatch.setenv(name, os.environ[name])  # recorded: restored after the test
+        else:
+            monkeypatch.setenv(name, "")  # recorded as absent: removed again after the test
+            monkeypatch.delenv(name)
     folder = tmp_path_factory.mktemp("model-cache")
     monkeypatch.setenv(CACHE_ENV, str(folder))
     return folder

@@ -51,6 +51,7 @@ def registry(mlflow_server, trained_states, tmp_path_factory):
 @pytest.fixture
 def server(registry, mlflow_server, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)  # the tracking server is the registry
     registry.set_registered_model_alias("pull-model", "champion", "2")
     return registry
 
@@ -150,6 +151,8 @@ def test_the_embedded_store_is_read_without_mlflow_and_a_reused_version_number_i
 ):
     """The project's own `mlflow/mlflow.db` (what `make repro` leaves): read with SQLite. When the store is
     made again, its version 1 is another model: the cache must not answer with the old one."""
+    for variable in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):  # the project's own store, nothing else
+        monkeypatch.delenv(variable, raising=False)
     pulled = {}
     for name in ("seed_cnn", "seed_fsm"):  # each in a store of its own: version 1 both times
         monkeypatch.setenv("DVC_ROOT", str(tmp_path / name))
@@ -191,6 +194,8 @@ def test_pulled_files_that_differ_from_the_stated_digests_are_not_kept(server, m
 
 def test_no_registry_anywhere_says_what_to_set(monkeypatch, tmp_path):
     monkeypatch.setenv("DVC_ROOT", str(tmp_path))
+    for variable in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
+        monkeypatch.delenv(variable, raising=False)
     with pytest.raises(ModelLoadError, match="MLFLOW_TRACKING_URI"):
         pull(MODEL)
     assert pulling.registry_uri() is None

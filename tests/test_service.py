@@ -195,6 +195,7 @@ def test_the_page_and_its_assets_are_served_from_the_app(local_client):
 def two_versions(mlflow_server, trained_states, tmp_path, monkeypatch):
     """Both tiny states registered as versions 1 and 2 of `serve-model`, the alias on version 1."""
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)  # the tracking server is the registry
     monkeypatch.setenv("DVC_ROOT", str(tmp_path))
     for name in ("seed_fsm", "seed_cnn"):
         workspace, params = trained_states[name]
