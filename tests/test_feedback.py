@@ -167,6 +167,7 @@ def test_the_server_keeps_every_verdict_across_a_kill(trained_states, tmp_path):
     assert [v["verdict"] for v in kept] == ["tumor", "cant_tell"]
 
 
+@pytest.mark.slow  # a PostgreSQL server
 def test_two_replicas_writing_one_postgresql_lose_nothing(tmp_path):
     """Two stores (two replicas' engines) on one PostgreSQL database, each recording answers and verdicts from
     four threads at once: every row arrives."""

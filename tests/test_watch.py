@@ -137,3 +137,15 @@ def test_the_site_health_strip_alerts_on_refusals_once_a_site_has_enough_scans()
     assert len(summary["alerts"]) == 1 and "not read" in summary["alerts"][0]
     health.observe([{"status": "read"}] * 30, "site-b")
     assert health.summary("site-b", 0.01)["alerts"] == [] and health.summary("site-c", 0.01)["scans"] == 0
+
+
+def test_the_ks_statistic_is_scipy_s_on_ties_and_all():
+    from scipy.stats import ks_2samp
+
+    from braintumor.serve.watch import ks_statistic
+
+    rng = np.random.default_rng(5)
+    for _ in range(100):
+        reference = np.round(rng.random(rng.integers(5, 300)), int(rng.integers(1, 4)))  # rounded: ties too
+        sample = np.round(rng.random(rng.integers(1, 100)), int(rng.integers(1, 4)))
+        assert ks_statistic(sample, reference) == pytest.approx(ks_2samp(sample, reference).statistic, abs=1e-12)
