@@ -204,11 +204,10 @@ def run_watch(args) -> int:
     store = args.feedback_db or (f"sqlite:///{beside}" if beside.is_file() else None)
     verdicts = {}
     if store:
-        said = {}
-        for verdict in FeedbackStore(store).verdicts():  # each reader's latest; a scan only where they agree
-            said.setdefault(verdict["scan_sha256"], {})[verdict["key_id"]] = verdict["verdict"]
-        verdicts = {scan: next(iter(set(v.values()))) for scan, v in said.items() if len(set(v.values())) == 1}
-        verdicts = {scan: v for scan, v in verdicts.items() if v in ("tumor", "no_tumor")}
+        for scan, said in FeedbackStore(store).latest_by_scan().items():  # a scan only where its readers agree
+            codes = {v["verdict"] for v in said}
+            if len(codes) == 1 and codes <= {"tumor", "no_tumor"}:
+                verdicts[scan] = codes.pop()
     report = watch(audit, reference, args.period, verdicts)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

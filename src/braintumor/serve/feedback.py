@@ -162,6 +162,15 @@ class FeedbackStore:
         with self.engine.connect() as db:
             return [dict(r) for r in db.execute(select(verdicts).order_by(verdicts.c.id)).mappings()]
 
+    def latest_by_scan(self) -> dict[str, list[dict]]:
+        """{scan digest: each reader's latest verdict on it}: what export and watch count (a reader who corrected
+        a verdict counts once, with the correction)."""
+        latest = {(v["scan_sha256"], v["key_id"]): v for v in self.verdicts()}
+        by_scan: dict[str, list[dict]] = {}
+        for (scan, _), verdict in latest.items():
+            by_scan.setdefault(scan, []).append(verdict)
+        return by_scan
+
     def close(self) -> None:
         self.engine.dispose()
 

@@ -58,12 +58,7 @@ def read_table(path: Path, columns: list[str]) -> pd.DataFrame:
 
 def export(store: FeedbackStore, kept: Path | None, manifest: Path, proposals: Path, decisions: Path) -> dict:
     """Write the proposals the readers' latest verdicts support (see the module docstring); their counts."""
-    latest = {}  # (scan, reader) -> the reader's latest verdict
-    for verdict in store.verdicts():
-        latest[(verdict["scan_sha256"], verdict["key_id"])] = verdict
-    by_scan: dict[str, list[dict]] = {}
-    for (scan, _), verdict in latest.items():
-        by_scan.setdefault(scan, []).append(verdict)
+    by_scan = store.latest_by_scan()
     known = _manifest_labels(manifest)
     decided = set(read_table(decisions, DECISION_COLUMNS).id)
     counts = {"scans": len(by_scan), "disagreements": 0, "cant_tell": 0, "tumor_series": 0, "not_kept": 0}
