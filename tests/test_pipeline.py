@@ -1,5 +1,6 @@
 """End to end: `dvc repro` of the whole pipeline on a small subset of the real Kaggle mirror (tiny model)."""
 
+import hashlib
 import json
 import os
 import re
@@ -7,14 +8,20 @@ import shutil
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import mlflow
 import pandas as pd
 import pytest
+import requests
 import yaml
 from mlflow import MlflowClient
 
-from conftest import KAGGLE2018, KAGGLE2020, REPO, kaggle_cache, real_subset
+from braintumor.serve.access import add_key
+
+from conftest import KAGGLE2018, KAGGLE2020, REPO, SHARED_KAGGLE, kaggle_cache, real_subset
+from fixtures.browser import chromium_page
+from fixtures.servers import BIN, free_port, serving, tool_env
 
 pytestmark = pytest.mark.real_data
 
@@ -201,3 +208,100 @@ def test_two_queue_workers_register_into_one_server_and_the_better_run_is_champi
     champion = MlflowClient().get_model_version_by_alias("queue-model", "champion")
     metrics = MlflowClient().get_run(champion.run_id).data.metrics  # (a tie may keep either of two equals)
     assert tuple(metrics[key] for key in ranked) == tuple(best.data.metrics[key] for key in ranked)
+
+
+def site_scans(per_folder: int) -> dict[Path, str]:
+    """Real scans the pipeline has not taken (Kaggle 2020 `Testing/`, after the first 12 files of each class
+    folder that `repo` takes), each with the verdict its reader gives: its folder's class."""
+    root = SHARED_KAGGLE / "datasets" / KAGGLE2020
+    scans = {}
+    for folder in sorted(p for p in root.rglob("Testing/*") if p.is_dir()):
+        for path in sorted(folder.iterdir())[12 : 12 + per_folder]:
+            scans[path] = "no_tumor" if folder.name == "no_tumor" else "tumor"
+    return scans
+
+
+def braintumor(repo: Path, *args: str) -> str:
+    result = subprocess.run([str(BIN / "braintumor"), *args], cwd=repo, env=tool_env(), capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout
+
+
+def test_readers_verdicts_on_the_page_become_a_site_and_its_retrain_the_champion_the_page_reloads(
+    repo, mlflow_server, tmp_path
+):
+    """Issue 43's loop, whole: verdicts given on the page in Chromium, `feedback export`, a reviewer's
+    `feedback accept`, `dvc add data` and `dvc repro`, a new champion, and the page answering with it."""
+    dvc(repo, "repro")  # a champion to serve (up to date after the tests above; the whole pipeline alone)
+    client = MlflowClient()
+    before = client.get_model_version_by_alias("pipeline-model", "champion").version
+    scans = {}  # named as a careless upload would be: a patient's name in each file name
+    for k, (path, verdict) in enumerate(site_scans(per_folder=5).items()):
+        scans[shutil.copyfile(path, tmp_path / f"DOE_JANE_{k:02d}{path.suffix}")] = verdict
+    keys, kept, port = tmp_path / "keys.json", tmp_path / "kept", free_port()
+    key = add_key(keys, "ward-3", ["predict", "feedback"])
+    url = f"http://127.0.0.1:{port}"
+    args = [str(BIN / "braintumor"), "serve", "--model", "models:/pipeline-model@champion", "--poll-seconds", "1"]
+    args += ["--port", str(port), "--keys", str(keys), "--audit-log", str(tmp_path / "audit.jsonl")]
+    args += ["--keep-feedback-scans", str(kept), "--rate-limit", "100000", "--burst", "1000"]
+    with serving(args, f"{url}/readyz", tmp_path / "serve.log"), chromium_page() as page:
+        page.goto(url + "/")
+        page.fill("#key-input", key)
+        page.click("#key button")
+        page.wait_for_selector(f"#model:has-text('version {before}')")
+        assert "keeps the pixels" in page.locator("#verdict-keeps").inner_text()  # the reader is told
+        page.set_input_files("#files", [str(path) for path in scans])
+        page.wait_for_selector("#status:has-text('scans read')", timeout=120_000)
+        rows = page.locator("#queue tbody tr[data-filename]")
+        given = {}
+        for k in range(rows.count()):  # the reader's verdict on each scan read, from the keyboard
+            name = rows.nth(k).get_attribute("data-filename")
+            given[name] = scans[tmp_path / name]
+            rows.nth(k).click()
+            page.keyboard.press("t" if given[name] == "tumor" else "n")
+            page.wait_for_selector(f"#queue tbody tr[data-filename='{name}'][data-verdict='{given[name]}']")
+        assert set(given.values()) == {"tumor", "no_tumor"}, given  # the gate reads scans of both classes
+
+        feedback = ["--feedback-db", f"sqlite:///{tmp_path / 'feedback.db'}", "--kept", str(kept)]
+        exported = braintumor(repo, "feedback", "export", *feedback)
+        known = set(pd.read_csv(repo / "artifacts/fetch/manifest.csv").sha256)  # a copy of a scan in the data
+        new = {n: v for n, v in given.items() if hashlib.sha256((tmp_path / n).read_bytes()).hexdigest() not in known}
+        assert f"{len(given)} scans with verdicts: {len(new)} to add, 0 to relabel" in exported
+        assert not (repo / "data/site-ward-3").exists()  # nothing reaches the data before a reviewer accepts
+        braintumor(repo, "feedback", "accept", "--all", "--reviewer", "Reviewer A", *feedback)
+        added = {c: len(list((repo / "data/site-ward-3" / c).iterdir())) for c in ("tumor", "no_tumor")}
+        assert added == {c: list(new.values()).count(c) for c in ("tumor", "no_tumor")}
+        decisions = pd.read_csv(repo / "labels/feedback_decisions.csv")
+        assert len(decisions) == len(new) and set(decisions.reviewer) == {"Reviewer A"}
+        assert set(decisions.decision) == {"accepted"} and set(decisions.site) == {"ward-3"}
+        written = list((repo / "data").rglob("*")) + list((repo / "labels").iterdir())
+        assert not [p for p in written if "DOE" in p.name or (p.is_file() and b"DOE_JANE" in p.read_bytes())]
+
+        dvc(repo, "add", "data")
+        stages = ran(dvc(repo, "repro"))
+        assert stages[0] == "fetch" and stages[-1] == "register"
+        fetched = pd.read_csv(repo / "artifacts/fetch/manifest.csv", keep_default_na=False)
+        site_rows = fetched[fetched.original.str.startswith("site-ward-3/")]
+        assert len(site_rows) == len(new)  # every accepted scan taken, in its site's folder
+        assert sorted(site_rows.label) == sorted(int(v == "tumor") for v in new.values())
+        split = pd.read_csv(repo / "artifacts/split/manifest.csv", keep_default_na=False)
+        tested = split[(split.split == "test") & split.original.str.startswith("site-ward-3/")]
+        evaluated = json.loads((repo / "metrics/evaluate.json").read_text())
+        assert set(evaluated["per_site"]) == ({"site-ward-3"} if len(tested) else set())
+        decision = json.loads((repo / "metrics/register.json").read_text())
+        after = client.get_model_version_by_alias("pipeline-model", "champion").version
+        assert int(after) > int(before), decision
+        assert decision["champion"]["run_id"] == client.get_model_version("pipeline-model", after).run_id
+
+        deadline = time.monotonic() + 60  # the server looks at the alias every second and loads what it names
+        while (
+            requests.get(f"{url}/v1/model", headers={"X-API-Key": key}, timeout=10).json()["model"]["version"] != after
+        ):
+            assert time.monotonic() < deadline, (tmp_path / "serve.log").read_text()[-2000:]
+            time.sleep(1)
+        page.reload()
+        page.wait_for_selector(f"#model:has-text('version {after}')")
+        page.set_input_files("#files", [str(tmp_path / next(iter(given)))])  # a scan read again: by the new model
+        page.wait_for_selector("#status:has-text('scans read')", timeout=60_000)
+        page.locator("#queue tbody tr[data-filename]").first.click()
+        assert f"(model version {after};" in page.locator("#detail-reading").inner_text()

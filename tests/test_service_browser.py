@@ -23,10 +23,9 @@ from braintumor.serve.feedback import FeedbackStore
 from braintumor.serve.predict import load, predict, predict_series
 
 from conftest import save
+from fixtures.browser import chromium_page
 from fixtures.dicom import dicom_bytes, mr_dataset
 from fixtures.servers import BIN, free_port, serving
-
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 
 
 @pytest.fixture(scope="module")
@@ -126,23 +125,7 @@ def server(trained_states, scans, tmp_path_factory):
 
 
 def test_the_page_ranks_scans_lists_bad_files_and_shows_the_overlay(server, scans):
-    if not Path(CHROMIUM).is_file():
-        pytest.fail(f"Chromium not found at {CHROMIUM}: install Debian's `chromium` package (.ci/run does)")
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        browser = p.chromium.launch(
-            executable_path=CHROMIUM,
-            args=[
-                "--no-sandbox",
-                "--disable-gpu",
-                "--disable-background-networking",
-                "--disable-component-update",
-                "--no-first-run",
-                "--disable-sync",
-            ],
-        )
-        page = browser.new_page(viewport={"width": 1280, "height": 900})
+    with chromium_page() as page:
         page.goto(server.url + "/")
         page.wait_for_selector("#model:has-text('API key')")  # the server asks for a key first
         page.fill("#key-input", server.key)
@@ -213,7 +196,6 @@ def test_the_page_ranks_scans_lists_bad_files_and_shows_the_overlay(server, scan
         page.wait_for_function(
             "n => document.querySelector('#queue tbody tr.selected').dataset.filename !== n", arg=name
         )
-        browser.close()
 
 
 def panel_shown(page) -> np.ndarray:
