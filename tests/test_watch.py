@@ -139,6 +139,24 @@ def test_the_site_health_strip_alerts_on_refusals_once_a_site_has_enough_scans()
     assert health.summary("site-b", 0.01)["alerts"] == [] and health.summary("site-c", 0.01)["scans"] == 0
 
 
+def test_the_site_health_strip_alerts_on_drift_of_p_tumor_from_the_reference():
+    from braintumor.serve.watch import SiteHealth
+
+    rng = np.random.default_rng(3)
+    ref = reference(rng)
+    health = SiteHealth()
+    health.observe([{"status": "read", "probability": v} for v in rng.choice(ref.probability, 15)], "like")
+    assert "p_tumor_ks" not in health.summary("like", 0.02, ref)  # 15 scans: too few to say
+    health.observe([{"status": "read", "probability": v} for v in rng.choice(ref.probability, 185)], "like")
+    like = health.summary("like", 0.02, ref)
+    assert like["alerts"] == [] and like["p_tumor_ks"] <= like["p_tumor_ks_limit"]
+    shifted = np.clip(rng.choice(ref.probability, 200) * 0.6 + 0.3, 0, 1)  # an unseen scanner: unsure answers
+    health.observe([{"status": "read", "probability": float(v)} for v in shifted], "shifted")
+    alerts = health.summary("shifted", 0.02, ref)["alerts"]
+    assert len(alerts) == 1 and alerts[0].startswith("drift: this week's P(tumor)")
+    assert health.summary("shifted", 0.02)["alerts"] == []  # a model that ships no reference: no drift figure
+
+
 def test_the_ks_statistic_is_scipy_s_on_ties_and_all():
     from scipy.stats import ks_2samp
 

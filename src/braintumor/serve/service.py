@@ -50,7 +50,7 @@ from braintumor.serve.access import KEY_HEADER, ApiKey, AuditLog, RateLimit, fin
 from braintumor.serve.feedback import FeedbackStore, KeptScans, feedback_routes
 from braintumor.serve.metrics import ServiceMetrics
 from braintumor.serve.predict import LoadedModel, from_mlflow_folder, load, series_results
-from braintumor.serve.watch import SiteHealth
+from braintumor.serve.watch import SiteHealth, shipped_reference
 
 log = logging.getLogger(__name__)
 
@@ -516,8 +516,9 @@ def create_app(
     @app.get("/v1/site-health")
     def site_health(key_id: str = Depends(access.caller("health"))):
         """This week's volume, refusal and uncertain rates of the caller's site (its key id), and any alert."""
-        gate = followed.current.served.loaded.info.get("gate") or {}
-        return health.summary(key_id, gate.get("out_of_fold_refused"))
+        loaded = followed.current.served.loaded
+        gate = loaded.info.get("gate") or {}
+        return health.summary(key_id, gate.get("out_of_fold_refused"), shipped_reference(loaded))
 
     @app.post("/v1/reload")
     def reload(key_id: str = Depends(access.caller("reload"))):

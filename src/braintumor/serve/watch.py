@@ -64,20 +64,28 @@ def audit_lines(path: Path) -> tuple[list[dict], int]:
     return records, torn
 
 
-def reference_of(loaded, split: Path | None = None) -> Reference:
-    """The reference of a loaded model (`serve.predict.load`): its answers on the test split it was evaluated
-    on, as model.json ships them (quantiles: `evaluate.answer_reference`), else computed from `split`."""
+def shipped_reference(loaded) -> Reference | None:
+    """The reference a loaded model (`serve.predict.load`) ships in model.json: its answers on the test split
+    it was evaluated on, as quantiles (`evaluate.answer_reference`); None for a model without one."""
     shipped = loaded.info.get("reference")
-    if shipped and shipped.get("p_tumor_quantiles"):
-        levels = np.linspace(0, 1, 1000)
-        grid = np.linspace(0, 1, len(shipped["p_tumor_quantiles"]))
-        gate = shipped.get("gate_distance_quantiles") or []
-        return Reference(
-            np.interp(levels, grid, shipped["p_tumor_quantiles"]),
-            np.interp(levels, np.linspace(0, 1, len(gate)), gate) if gate else np.array([]),
-            float(shipped["refused"]),
-            float(loaded.threshold),
-        )
+    if not (shipped and shipped.get("p_tumor_quantiles")):
+        return None
+    levels = np.linspace(0, 1, 1000)
+    grid = np.linspace(0, 1, len(shipped["p_tumor_quantiles"]))
+    gate = shipped.get("gate_distance_quantiles") or []
+    return Reference(
+        np.interp(levels, grid, shipped["p_tumor_quantiles"]),
+        np.interp(levels, np.linspace(0, 1, len(gate)), gate) if gate else np.array([]),
+        float(shipped["refused"]),
+        float(loaded.threshold),
+    )
+
+
+def reference_of(loaded, split: Path | None = None) -> Reference:
+    """The reference of a loaded model: the one it ships, else its answers on the test split `split`."""
+    shipped = shipped_reference(loaded)
+    if shipped is not None:
+        return shipped
     if split is None:
         raise FileNotFoundError("the model ships no reference (model.json `reference`): give --split")
     from braintumor.data.datasets import load_split
@@ -256,26 +264,35 @@ def watch(
 
 class SiteHealth:
     """This week's answers per site (key id), counted as the service gives them, for the page's strip: volume,
-    refusal and uncertain rates, and a refusal alert against the share of the model's own held-out images its
-    gate refused (`model.json` gate `out_of_fold_refused`), once a site has MIN_SCANS scans this week."""
+    refusal and uncertain rates; a refusal alert against the share of the model's own held-out images its gate
+    refused (`model.json` gate `out_of_fold_refused`); and a drift alert when this week's calibrated P(tumor)
+    differ from the model's reference (`model.json` reference) by more than samples of the reference itself
+    do at the FALSE_ALARM rate -- each once a site has MIN_SCANS scans this week."""
+
+    KEPT = 5000  # P(tumor) kept per site and week: enough for the KS statistic, bounded in memory
 
     def __init__(self):
         self.counts: dict[tuple[str, str], list[int]] = {}  # (key id, week): [scans, refused, uncertain]
+        self.read: dict[tuple[str, str], list[float]] = {}  # (key id, week): P(tumor) of the scans read
         self.lock = threading.Lock()
 
     def observe(self, results: list[dict], key_id: str) -> None:
         week = period_of(datetime.datetime.now(datetime.UTC).isoformat(), "week")
         with self.lock:
             counts = self.counts.setdefault((key_id, week), [0, 0, 0])
+            read = self.read.setdefault((key_id, week), [])
             for result in results:
                 counts[0] += 1
                 counts[1] += result.get("status") not in READ
                 counts[2] += result.get("status") == "uncertain"
+                if result.get("status") in READ and result.get("probability") is not None and len(read) < self.KEPT:
+                    read.append(float(result["probability"]))
 
-    def summary(self, key_id: str, reference_refused: float | None) -> dict:
+    def summary(self, key_id: str, reference_refused: float | None, reference: Reference | None = None) -> dict:
         week = period_of(datetime.datetime.now(datetime.UTC).isoformat(), "week")
         with self.lock:
             scans, refused, uncertain = self.counts.get((key_id, week), [0, 0, 0])
+            p = np.array(self.read.get((key_id, week), []))
         out = {
             "site": key_id,
             "week": week,
@@ -291,5 +308,14 @@ class SiteHealth:
                 out["alerts"].append(
                     f"refusals: {refused / scans:.0%} of this week's scans not read, against "
                     f"{reference_refused:.1%} of the model's held-out images"
+                )
+        if reference is not None and len(reference.probability) and len(p) >= MIN_SCANS:
+            statistic = ks_statistic(p, reference.probability)
+            limit = ks_threshold(reference.probability, len(p), np.random.default_rng(0))
+            out["p_tumor_ks"], out["p_tumor_ks_limit"] = round(statistic, 4), round(limit, 4)
+            if statistic > limit:
+                out["alerts"].append(
+                    f"drift: this week's P(tumor) unlike the model's test scans' (KS {statistic:.2f} above "
+                    f"{limit:.2f}, which {FALSE_ALARM:.0%} of samples like them exceed)"
                 )
         return out
