@@ -82,6 +82,26 @@ def test_each_piece_of_a_skull_s_evidence_decides():
     assert "head radii" in answer.evidence()
 
 
+def test_the_serving_path_answers_as_the_full_check_and_skips_measuring_what_cannot_make_a_skull():
+    from nilearn.datasets import load_mni152_template
+
+    phantom = shepp_logan_phantom()
+    template = np.asarray(load_mni152_template().dataobj, dtype=np.float32)
+    open_ring = ct_slice()
+    open_ring[:128] = np.where(open_ring[:128] > 200, 100, open_ring[:128])
+    slices = [window(phantom, 0, phantom.max()), ct_slice(), ct_slice(seed=3), mr_slice(), open_ring]
+    slices += [head_slice(ring=0.09, ring_level=0.9, ring_noise=0.15, gap=0.04, brain=0.4)]  # thick, dark band
+    slices += [window(np.rot90(template[:, :, z]), 0, np.percentile(template[:, :, z], 99.5)) for z in (70, 100)]
+    for k, pixels in enumerate(slices):
+        full, quick = modality_of(pixels), modality_of(pixels, evidence=False)
+        assert quick.modality == full.modality, k
+        if full.modality == "ct":  # a refusal names all of its evidence
+            assert quick == full
+    thin_skull = head_slice(ring=0.015, ring_level=1.2, ring_noise=0.1, gap=0.0, brain=0.4)
+    assert np.isnan(modality_of(thin_skull, evidence=False).inside_ring)  # the thin ring settled it
+    assert not np.isnan(modality_of(thin_skull).inside_ring)
+
+
 @pytest.fixture
 def params():
     return local_only_params()

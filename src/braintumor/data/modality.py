@@ -58,8 +58,10 @@ class Modality:
         )
 
 
-def modality_of(gray: np.ndarray) -> Modality:
-    """Brain MR or head CT, read from an 8-bit grayscale slice of any size."""
+def modality_of(gray: np.ndarray, evidence: bool = True) -> Modality:
+    """Brain MR or head CT, read from an 8-bit grayscale slice of any size. Without `evidence`, a slice whose
+    bright ring is too thin, too thick or too open for a skull is answered MR at once, its ring's evenness and
+    what lies inside it left unmeasured (NaN): the same answer, in about half the time (what serving needs)."""
     thumb = Image.fromarray(gray)
     thumb.thumbnail((SIDE, SIDE), Image.Resampling.BILINEAR)
     pixels = np.asarray(thumb)
@@ -77,6 +79,9 @@ def modality_of(gray: np.ndarray) -> Modality:
     centre_row, centre_col = ndimage.center_of_mass(head)
     sectors = np.floor((np.arctan2(rows - centre_row, cols - centre_col) + np.pi) / (2 * np.pi) * 36)
     cover = len(np.unique(np.minimum(sectors, 35))) / 36
+    skull_like = cover >= MIN_COVER and MIN_RING <= thickness < MAX_RING
+    if not skull_like and not evidence:
+        return Modality(MR, thickness, cover, float("nan"), float("nan"))
     spread = float(np.subtract(*np.percentile(relative[ring], [75, 25])))
     core = relative[depth > CORE_RADII * radius]
     near_ring = ndimage.distance_transform_edt(~ring) <= INSIDE_RADII * radius
@@ -86,11 +91,7 @@ def modality_of(gray: np.ndarray) -> Modality:
         if inside.sum() > 10 and core.size
         else 1.0
     )
-    is_ct = (
-        cover >= MIN_COVER
-        and MIN_RING <= thickness < MAX_RING
-        and (spread <= EVEN_RING or (spread <= UNEVEN_RING and inside_ring >= BRAIN_INSIDE))
-    )
+    is_ct = skull_like and (spread <= EVEN_RING or (spread <= UNEVEN_RING and inside_ring >= BRAIN_INSIDE))
     return Modality(CT if is_ct else MR, thickness, cover, spread, inside_ring)
 
 
@@ -100,7 +101,7 @@ def reading_refusal(img: Image.Image, gray: np.ndarray) -> str | None:
     refusal = colour_refusal(img)
     if refusal is not None:
         return refusal
-    answer = modality_of(gray)
+    answer = modality_of(gray, evidence=False)
     if answer.modality == MR:
         return None
     return f"a head CT slice by its pixels ({answer.evidence()}); only brain MR is read"
