@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pytest
 import requests
-from mlflow import MlflowClient
 
 from braintumor.errors import ModelLoadError
 from braintumor.registry import pull as pulling
@@ -24,7 +23,7 @@ from braintumor.registry.register import register
 from braintumor.serve.predict import load, predict
 
 from conftest import save
-from fixtures.servers import tool_env
+from fixtures.servers import register_states, tool_env
 from fixtures.split import synthetic_scan
 
 MODEL = "models:/pull-model@champion"
@@ -34,17 +33,8 @@ MODEL = "models:/pull-model@champion"
 def registry(mlflow_server, trained_states, tmp_path_factory):
     """seed_fsm as version 1 and seed_cnn (whose gate reads the synthetic scans) as version 2 of `pull-model` on
     the session's tracking server."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
-        patch.setenv("DVC_ROOT", str(tmp_path_factory.mktemp("pull-root")))
-        for name in ("seed_fsm", "seed_cnn"):
-            workspace, params = trained_states[name]
-            params = copy.deepcopy(params)
-            params["register"].update(experiment="pull", model_name="pull-model", champion_on_new_data="replace")
-            with contextlib.chdir(workspace):
-                register(params)
-        client = MlflowClient(mlflow_server)
-        client.set_registered_model_alias("pull-model", "champion", "2")
+    client = register_states(trained_states, "pull", "pull-model", mlflow_server, tmp_path_factory.mktemp("pull-root"))
+    client.set_registered_model_alias("pull-model", "champion", "2")
     return client
 
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import copy
 import hashlib
 import io
 import json
@@ -13,13 +11,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
-from mlflow import MlflowClient
 from PIL import Image
 
 from braintumor import cli
 from braintumor.data.images import prepare
 from braintumor.errors import AccessError
-from braintumor.registry.register import CHAMPION, register
+from braintumor.registry.register import CHAMPION
 from braintumor.serve.access import (
     ApiKey,
     AuditLog,
@@ -35,6 +32,7 @@ from braintumor.serve.predict import load, predict
 from braintumor.serve.service import Access, Limits, create_app
 
 from conftest import EPS, bomb_png, brain_image, save
+from fixtures.servers import register_states
 from fixtures.split import synthetic_scan
 
 
@@ -196,14 +194,7 @@ def two_versions(mlflow_server, trained_states, tmp_path, monkeypatch):
     """Both tiny states registered as versions 1 and 2 of `serve-model`, the alias on version 1."""
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
     monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)  # the tracking server is the registry
-    monkeypatch.setenv("DVC_ROOT", str(tmp_path))
-    for name in ("seed_fsm", "seed_cnn"):
-        workspace, params = trained_states[name]
-        params = copy.deepcopy(params)
-        params["register"].update(experiment="serve", model_name="serve-model", champion_on_new_data="replace")
-        with contextlib.chdir(workspace):
-            register(params)
-    client = MlflowClient()
+    client = register_states(trained_states, "serve", "serve-model", mlflow_server, tmp_path)
     client.set_registered_model_alias("serve-model", CHAMPION, "1")
     return client
 
