@@ -137,7 +137,7 @@ def test_series_are_grouped_by_uid_not_folder_and_non_mr_is_refused():
     assert not errors and len(series) == len(uids) > 1  # one folder, several series
     assert sum(s.files for s in series) == len(entries)
     ct, _ = read_scans([("ct", "ct.dcm", Path(get_testdata_file("CT_small.dcm")).read_bytes())], None)
-    assert ct[0].refusal.startswith("a CT series") and not ct[0].slices == []
+    assert ct[0].refusal.text.startswith("a CT series") and not ct[0].slices == []
 
 
 @pytest.mark.parametrize(

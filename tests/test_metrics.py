@@ -4,6 +4,7 @@ answers given, the scope is checked, and no label holds a file name, a digest or
 from __future__ import annotations
 
 import io
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,7 +13,7 @@ from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
 from braintumor.serve.access import add_key, read_keys
-from braintumor.serve.metrics import answer_kind, refusal_code
+from braintumor.serve.metrics import answer_kind
 from braintumor.serve.service import Access, create_app
 
 from fixtures.split import synthetic_scan
@@ -73,6 +74,7 @@ def test_metrics_count_the_answers_by_kind_and_reason_and_name_nothing(served):
     assert count("braintumor_answers_total", answer=first) == 1
     assert count("braintumor_answers_total", answer="not_read") == 2
     assert count("braintumor_answers_total", answer="unreadable") == 1
+    assert [r.get("refusal") for r in results[1:3]] == ["gate", "colour"]  # the answers name their codes
     assert count("braintumor_refusals_total", reason="gate") == 1
     assert count("braintumor_refusals_total", reason="colour") == 1
     assert count("braintumor_refusals_total", reason=results[3]["error"].split(":")[0]) == 1
@@ -86,22 +88,27 @@ def test_metrics_count_the_answers_by_kind_and_reason_and_name_nothing(served):
     assert not any(r["scan_sha256"] in scraped.text for r in results if "scan_sha256" in r)
 
 
-def test_every_refusal_the_product_writes_has_a_code():
-    from braintumor.data.images import colour_refusal
-    from braintumor.model.series_verdict import series_answer
+def test_every_refusal_carries_the_code_its_maker_gave_it():
+    """Each way the product refuses an input, made for real, names its code beside its sentence: the metrics and
+    the audit log count by the code, never by reading the sentence back."""
+    from pydicom.data import get_testdata_file
+    from skimage.data import shepp_logan_phantom
 
-    colour = colour_refusal(
-        Image.fromarray(np.dstack([np.full((8, 8), 255), np.zeros((8, 8)), np.zeros((8, 8))]).astype(np.uint8))
-    )
-    none_read = series_answer([{"status": "out_of_distribution", "label": None}] * 2)["reason"]
-    reasons = {
-        colour: "colour",
-        "does not look like a brain MR slice (gate distance 1.40, refused above 1.00)": "gate",
-        none_read: "gate",
-        "a head CT slice by its pixels (bright ring …); only brain MR is read": "head_ct",
-        "a CT series (DICOM Modality); only MR series are read": "not_mr_modality",
-    }
-    assert {reason: refusal_code(reason) for reason in reasons} == reasons
+    from braintumor.data.scans import read_scans
+    from braintumor.model.series_verdict import series_answer
+    from braintumor.serve.predict import refused
+
+    rng = np.random.default_rng(0)
+    photo = np.stack([rng.integers(0, 256, (64, 64)), np.zeros((64, 64)), rng.integers(0, 256, (64, 64))], -1)
+    phantom = (shepp_logan_phantom() / shepp_logan_phantom().max() * 255).astype(np.uint8)
+    ct = Path(get_testdata_file("CT_small.dcm", download=False)).read_bytes()
+    entries = [("photo.png", "photo.png", png(photo.astype(np.uint8), "RGB")), ("h.png", "h.png", png(phantom))]
+    series, errors = read_scans(entries + [("ct.dcm", "ct.dcm", ct)], max_pixels=None)
+    assert errors == [] and [s.refusal.code for s in series] == ["colour", "head_ct", "not_mr_modality"]
+    assert [refused(s.refusal)["refusal"] for s in series] == ["colour", "head_ct", "not_mr_modality"]
+    assert all(refused(s.refusal)["reason"] == s.refusal.text for s in series)
+    none_read = series_answer([{"status": "out_of_distribution", "label": None, "refusal": "gate"}] * 2)
+    assert none_read["refusal"] == "no_slice_read"
 
 
 def test_no_metrics_when_switched_off(trained_states):

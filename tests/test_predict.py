@@ -259,7 +259,8 @@ def test_what_is_no_brain_mr_slice_is_answered_not_read_and_never_scored(trained
     series, errors = read_scans([("upload", name, path.read_bytes()) for name, path in files.items()], None)
     refusals = {one.name: one.refusal for one in series}
     assert not errors and refusals["mr.png"] is None  # the server's path refuses alike
-    assert "colour" in refusals["photo.png"] and "head CT" in refusals["head_ct.png"]
+    assert refusals["photo.png"].code == "colour" and refusals["head_ct.png"].code == "head_ct"
+    assert (results["photo.png"]["refusal"], results["head_ct.png"]["refusal"]) == ("colour", "head_ct")
 
 
 def test_blank_noise_and_text_are_answered_not_read(trained_states, tmp_path):

@@ -259,8 +259,8 @@ def series_candidates(
         for one in series:
             where = f"{folder}/{one.name}"
             if one.refusal is not None:
-                reason = "colour_image" if one.refusal.startswith("a colour") else "not_mr"
-                skipped.append(_skip(name, where, reason, one.refusal))
+                reason = "colour_image" if one.refusal.code == "colour" else "not_mr"
+                skipped.append(_skip(name, where, reason, one.refusal.text))
                 continue
             areas = [int(foreground(pixels).sum()) for pixels in one.slices]
             first, last = brain_run_of(areas) if one.kind == "dicom" else (0, len(one.slices) - 1)

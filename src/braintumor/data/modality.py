@@ -14,6 +14,7 @@ and wins over the check (`fetch.modality_review`).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 from PIL import Image
@@ -95,16 +96,23 @@ def modality_of(gray: np.ndarray, evidence: bool = True) -> Modality:
     return Modality(CT if is_ct else MR, thickness, cover, spread, inside_ring)
 
 
-def reading_refusal(img: Image.Image, gray: np.ndarray) -> str | None:
+class Refusal(NamedTuple):
+    """Why an input is not read: a code to count by (metrics, audit log) and a sentence for the reader."""
+
+    code: str  # colour | head_ct | not_mr_modality (a DICOM series), or the model's: gate | no_slice_read
+    text: str
+
+
+def reading_refusal(img: Image.Image, gray: np.ndarray) -> Refusal | None:
     """Why an image file is not read as a brain MR slice (its colour, or a head CT's skull), or None. `predict`
     and `serve` answer such a file "not read" without scoring it, as fetch leaves it out of the data."""
-    refusal = colour_refusal(img)
-    if refusal is not None:
-        return refusal
+    colour = colour_refusal(img)
+    if colour is not None:
+        return Refusal("colour", colour)
     answer = modality_of(gray, evidence=False)
     if answer.modality == MR:
         return None
-    return f"a head CT slice by its pixels ({answer.evidence()}); only brain MR is read"
+    return Refusal("head_ct", f"a head CT slice by its pixels ({answer.evidence()}); only brain MR is read")
 
 
 def _largest_blob(mask: np.ndarray) -> np.ndarray:

@@ -29,7 +29,7 @@ import numpy as np
 
 from braintumor.data.dicom import DicomImage, is_dicom, read_dicom
 from braintumor.data.images import MAX_COLOURFULNESS, open_image, to_grayscale
-from braintumor.data.modality import reading_refusal
+from braintumor.data.modality import Refusal, reading_refusal
 from braintumor.data.volumes import brain_slices, read_nifti
 from braintumor.errors import ImageReadError, VolumeTooLarge
 
@@ -51,7 +51,7 @@ class Series:
     kind: str  # "image", "dicom" or "nifti"
     source: str  # the argument or upload it came with
     slices: list[np.ndarray] = field(default_factory=list)  # 8-bit grayscale, in series order
-    refusal: str | None = None  # why the whole series is no brain MR (colour, modality): answered unscored
+    refusal: Refusal | None = None  # why the whole series is no brain MR (colour, modality): answered unscored
     study: str | None = None  # DICOM: "study-<salted hash>"
     patient: str | None = None  # DICOM: "patient-<salted hash>" of PatientID (what keeps a patient in one split)
     files: int = 1
@@ -223,9 +223,12 @@ def order_dicom_series(series: Series, images: list[DicomImage]) -> None:
     modalities = sorted({image.modality for image in images if image.modality})
     colour = max(image.colourfulness for image in images)
     if modalities and modalities != ["MR"]:
-        series.refusal = f"a {'/'.join(modalities)} series (DICOM Modality); only MR series are read"
+        series.refusal = Refusal(
+            "not_mr_modality", f"a {'/'.join(modalities)} series (DICOM Modality); only MR series are read"
+        )
     elif colour >= MAX_COLOURFULNESS:
-        series.refusal = (
+        series.refusal = Refusal(
+            "colour",
             f"a colour series (colourfulness {colour:.0f}, refused from {MAX_COLOURFULNESS:.0f}); MR slices are "
-            "grayscale"
+            "grayscale",
         )

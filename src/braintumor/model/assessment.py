@@ -111,6 +111,7 @@ class Assessor:
                     status=OUT_OF_DISTRIBUTION,
                     label=None,
                     reason=f"does not look like a brain MR slice (gate distance {distance[k]:.2f}, refused above 1.00)",
+                    refusal="gate",
                 )
                 del answer["probability"]
             elif self.band is not None and self.band[0] <= p < self.band[1]:

@@ -26,10 +26,11 @@ def series_answer(slices: list[dict]) -> dict:
             "status": OUT_OF_DISTRIBUTION,
             "label": None,
             "reason": f"none of its {len(slices)} slices looks like a brain MR slice",
+            "refusal": "no_slice_read",
             "driving_slices": [],
         }
     if len(slices) == 1:
-        answer = {k: v for k, v in slices[0].items() if k in ("status", "label", "probability", "reason")}
+        answer = {k: v for k, v in slices[0].items() if k in ("status", "label", "probability", "reason", "refusal")}
         return {**answer, "driving_slices": [0]}
     runs = [
         list(range(k, k + RUN))

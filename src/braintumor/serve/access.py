@@ -179,5 +179,5 @@ def scan_record(inputs: list[bytes], result: dict) -> dict:
         record["status"] = "error"
         record["error"] = result["error"].split(":", 1)[0]  # the reason code; the detail may echo the name
     else:
-        record.update({k: result[k] for k in ("status", "probability", "gate_distance") if k in result})
+        record.update({k: result[k] for k in ("status", "refusal", "probability", "gate_distance") if k in result})
     return record

@@ -16,19 +16,6 @@ from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 READ_STATUSES = {"read", "uncertain"}
-# What a refusal's reason says, as a code: the pieces of text the refusing code writes (data/images.py,
-# data/modality.py, data/scans.py, model/assessment.py, model/series_verdict.py).
-REFUSAL_CODES = (
-    ("looks like a brain MR slice", "gate"),
-    ("look like a brain MR slice", "gate"),
-    ("head CT", "head_ct"),
-    ("colour", "colour"),
-    ("(DICOM Modality)", "not_mr_modality"),
-)
-
-
-def refusal_code(reason: str) -> str:
-    return next((code for text, code in REFUSAL_CODES if text in reason), "other")
 
 
 def answer_kind(result: dict) -> str:
@@ -99,7 +86,7 @@ class ServiceMetrics:
                 self.refusals.labels(result["error"].split(":", 1)[0], key_id, version).inc()
                 continue
             if result["status"] not in READ_STATUSES:
-                self.refusals.labels(refusal_code(result.get("reason", "")), key_id, version).inc()
+                self.refusals.labels(result.get("refusal", "other"), key_id, version).inc()
             if result.get("gate_distance") is not None:
                 self.gate.labels(key_id, version).observe(result["gate_distance"])
             if result.get("probability") is not None:

@@ -23,7 +23,7 @@ import numpy as np
 
 from braintumor.data.images import DEFAULT_MAX_PIXELS, open_image, prepare, to_grayscale
 from braintumor.data.listing import walk_files
-from braintumor.data.modality import reading_refusal
+from braintumor.data.modality import Refusal, reading_refusal
 from braintumor.data.scans import Series, kind_suffix, read_scans
 from braintumor.errors import ImageReadError, ModelLoadError
 
@@ -299,11 +299,11 @@ def predict(
     return results, shown
 
 
-def refused(reason: str) -> dict:
-    """The answer for an input refused before scoring (colour, modality): not read, and why."""
+def refused(refusal: Refusal) -> dict:
+    """The answer for an input refused before scoring (colour, modality): not read, why, and its code."""
     from braintumor.model.assessment import OUT_OF_DISTRIBUTION
 
-    return {"status": OUT_OF_DISTRIBUTION, "label": None, "reason": reason}
+    return {"status": OUT_OF_DISTRIBUTION, "label": None, "reason": refusal.text, "refusal": refusal.code}
 
 
 def series_results(

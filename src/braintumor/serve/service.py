@@ -309,7 +309,7 @@ def explained_slice(uploads: list[tuple[str, bytes]], series: str | None, index:
         raise ImageReadError(names, "no_single_scan", f"{wanted} among the uploads")
     (scan,) = found
     if scan.refusal is not None:
-        raise ImageReadError(names, "not_read", scan.refusal)
+        raise ImageReadError(names, "not_read", scan.refusal.text)
     if not 0 <= index < len(scan.slices):
         raise ImageReadError(names, "no_such_slice", f"slice {index} of {len(scan.slices)} (numbered from 0)")
     return prepare(scan.slices[index], size)
