@@ -30,8 +30,8 @@ repro: env ## run the pipeline (dvc repro) on the sources in params.yaml
 	dvc checkout data.dvc 2>/dev/null || dvc pull data.dvc 2>/dev/null || mkdir -p data
 	dvc repro
 
-test: env ## the whole test suite (what CI runs)
-	$(BIN)/python -m pytest -q
+test: env ## the whole test suite (what CI runs); ends with its 15 slowest tests, to keep CI short
+	$(BIN)/python -m pytest -q --durations=15
 
 # The inner loop: everything but the tests marked slow (servers, subprocesses, several backends, real data).
 test-fast: env ## the tests not marked slow: the inner loop
