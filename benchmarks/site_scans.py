@@ -1,0 +1,320 @@
+"""How many of a new site's own scans the model needs (issue 43 §3): a held-out collection plays a site whose
+scans arrive with reader verdicts (their labels); N of them enter training, the rest of the site is scored.
+
+Per seed (= per draw of which scans arrive): the site's clusters leave the train+val pool; the site's brain-MR
+scans are put in a seeded random order and the first N arrive (nested: the 25 include the 10). Arrivals enter
+training as `braintumor feedback accept` puts them there: a `data/site-<name>/` folder of the local source,
+so `train.class_weight: balanced_by_source` weighs the site's classes as it weighs any source's. Two ways to use
+them, each a screen-sized fit (one model on half the pool, early-stopped on the other half, as
+`collection_screen.py`: cheaper than the shipped five folds by about 10 x):
+
+- `retrain`: a new model from scratch with the arrivals in its fitting half;
+- `update`: the N = 0 model (the one in use) fine-tuned for a few epochs on the arrivals with its own fitting
+  half replayed beside them, at a tenth of the learning rate.
+
+Scored for every (way, seed, N): the site's scans that did not arrive (ROC AUC; specificity at recall 0.98), and
+the test split without the site (in distribution: what an update must not lose). Differences are paired with
+N = 0 of the same seed on the same images; intervals are 95 % bootstrap over images of the seed-averaged figure.
+
+    KERAS_BACKEND=jax python benchmarks/site_scans.py --way update --seeds 1          # N = 0 and every update
+    KERAS_BACKEND=jax python benchmarks/site_scans.py --way retrain --seeds 1 --arrivals 25
+    python benchmarks/site_scans.py --summary --seeds 1 2 3                           # table + plot from the runs
+
+Each run saves its scores under --out; a run already there is reused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from pathlib import Path
+
+import keras
+import matplotlib
+import numpy as np
+from sklearn.metrics import roc_auc_score
+
+from braintumor.atomic import atomic_path, write_json
+from braintumor.data.datasets import load_split
+from braintumor.labels import class_names
+from braintumor.model.inference import average_of, tumor_probability
+from braintumor.model.train import compile_model, cross_validation_pool, fit, folds_of, output_names, sample_weights
+from braintumor.params import load_params, validate_train
+from braintumor.quality.evaluate import binary_metrics, threshold_for_recall
+from braintumor.quality.generalize import HOLD_OUTS, every_image, held_out
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+ARRIVALS = (0, 10, 25, 50, 100, 200)
+RECALL = 0.98
+log = logging.getLogger("site_scans")
+
+
+def rows_of(data: dict, rows: np.ndarray) -> dict:
+    return {key: (np.asarray(value[rows]) if key == "x" else value[rows]) for key, value in data.items()}
+
+
+def joined(a: dict, b: dict) -> dict:
+    return {key: np.concatenate([a[key], b[key]]) for key in a}
+
+
+class Site:
+    """The site's scans, the pool without them, its fitting/stopping halves and the in-distribution test scans."""
+
+    def __init__(self, params: dict, split_dir: str, name: str):
+        source, collection = HOLD_OUTS[name]
+        everything = every_image(split_dir)
+        rows = held_out(everything, source, collection) & everything["representative"]
+        rows &= everything["modality"] == "mr"
+        self.scans = rows_of(everything, np.flatnonzero(rows))
+        self.scans["source"] = np.full(len(self.scans["y"]), "local", dtype=object)  # a data/site-*/ folder
+        self.scans["collection"] = np.full(len(self.scans["y"]), f"site-{name}", dtype=object)
+        self.scans["path"] = np.array([f"data/site-{name}/{p.rsplit('/', 1)[-1]}" for p in self.scans["path"]])
+        task = validate_train(params)["task"]
+        pool = cross_validation_pool(split_dir, task)
+        pool = rows_of(pool, ~np.isin(pool["group"], everything["group"][rows]))
+        self.pool = pool
+        test = load_split(split_dir, "test", "binary")
+        keep = test["representative"] & ~np.isin(test["group"], everything["group"][rows])
+        self.test_x, self.test_y = np.asarray(test["x"][keep]), test["label"][keep]
+
+    def halves(self, seed: int) -> tuple[dict, dict]:
+        fit_rows, stop_rows = folds_of(self.pool, 2, seed)[0]
+        return rows_of(self.pool, fit_rows), rows_of(self.pool, stop_rows)
+
+    def order(self, seed: int) -> np.ndarray:
+        return np.random.default_rng(seed).permutation(len(self.scans["y"]))
+
+    def arrivals(self, seed: int, n: int) -> dict:
+        return rows_of(self.scans, self.order(seed)[:n])
+
+
+def scores(model, config: dict, site: Site) -> dict:
+    shipped = average_of([model], mirrored=True) if config["mirror_average"] else model
+    names = output_names(config)
+    return {
+        "p_site": tumor_probability(shipped, site.scans["x"], names),
+        "p_test": tumor_probability(shipped, site.test_x, names),
+    }
+
+
+def save(out_file: Path, result: dict) -> None:
+    with atomic_path(out_file) as partial:
+        np.savez(partial, **result)
+
+
+def retrain(params: dict, site: Site, seed: int, n: int, out_file: Path) -> keras.Model:
+    """A model from scratch with the first `n` arrivals in its fitting half."""
+    fit_half, stop_half = site.halves(seed)
+    started = time.perf_counter()
+    model, summary = fit({**params, "seed": seed}, joined(fit_half, site.arrivals(seed, n)), stop_half, verbose=0)
+    seconds = time.perf_counter() - started
+    result = scores(model, validate_train(params), site)
+    save(out_file, {**result, "seconds": seconds, "epochs": [summary["epochs_run"], summary["best_epoch"]]})
+    log.info("retrain seed %d N=%d: %.0f s, %d epochs", seed, n, seconds, summary["epochs_run"])
+    return model
+
+
+def update(params: dict, site: Site, seed: int, out: Path, epochs: int, lr_factor: float) -> None:
+    """N = 0 (the model in use), then each N > 0: that model fine-tuned on the arrivals with its fitting half
+    replayed, from the same N = 0 weights each time."""
+    config = validate_train(params)
+    base_file = out / f"retrain.{seed}.0.npz"
+    if base_file.exists():
+        raise SystemExit(f"{base_file} exists without its model: remove it to run the updates of seed {seed}")
+    model = retrain(params, site, seed, 0, base_file)
+    start, optimizer = model.get_weights(), model.optimizer.__class__.__name__
+    fit_half, _ = site.halves(seed)
+    for n in ARRIVALS[1:]:
+        out_file = out / f"update.{seed}.{n}.npz"
+        if out_file.exists():
+            continue
+        data = joined(fit_half, site.arrivals(seed, n))
+        weights, _ = sample_weights(data, class_names(config["task"]), config["class_weight"], config["member_weight"])
+        keras.utils.set_random_seed(seed)
+        model.set_weights(start)
+        compile_model(model, optimizer, config["learning_rate"] * lr_factor, config)
+        started = time.perf_counter()
+        model.fit(
+            np.asarray(data["x"], dtype="float32"),
+            data["y"],
+            sample_weight=weights,
+            batch_size=config["batch_size"],
+            epochs=epochs,
+            shuffle=True,
+            verbose=0,
+        )
+        seconds = time.perf_counter() - started
+        save(out_file, {**scores(model, config, site), "seconds": seconds, "epochs": [epochs, epochs]})
+        log.info("update seed %d N=%d: %.0f s", seed, n, seconds)
+
+
+def figures(y: np.ndarray, p: np.ndarray) -> tuple[float, float]:
+    """ROC AUC and specificity at the threshold that finds RECALL of the tumors."""
+    return roc_auc_score(y, p), binary_metrics(y, p, threshold_for_recall(y, p, RECALL))["specificity"]
+
+
+def interval(values: list[float]) -> list[float]:
+    return [round(float(q), 4) for q in np.percentile(values, [2.5, 97.5])]
+
+
+def summarise(site: Site, out: Path, seeds: list[int], resamples: int) -> dict:
+    """Per way and N: the seed-averaged figures on the site's rest and the test split, and their paired
+    differences with N = 0, with bootstrap intervals over images (resampled within each seed's rest)."""
+    rng = np.random.default_rng(0)
+    y_site, y_test = site.scans["y"], site.test_y
+    found = {}
+    for path in out.glob("*.npz"):
+        way, seed, n = path.stem.split(".")
+        found[way, int(seed), int(n)] = dict(np.load(path))
+
+    def on_site(runs: dict, rows: dict) -> np.ndarray:  # (AUC, specificity at RECALL), averaged over seeds
+        return np.mean([figures(y_site[rows[s]], runs[s]["p_site"][rows[s]]) for s in seeds], axis=0)
+
+    def on_test(runs: dict, rows: np.ndarray) -> float:
+        return float(np.mean([roc_auc_score(y_test[rows], runs[s]["p_test"][rows]) for s in seeds]))
+
+    table = {}
+    base = {s: found.get(("retrain", s, 0)) for s in seeds}
+    if any(run is None for run in base.values()):
+        return table
+    every_test = np.arange(len(y_test))
+    for way in ("retrain", "update"):
+        for n in ARRIVALS:
+            runs = {s: found.get(("retrain" if n == 0 else way, s, n)) for s in seeds}
+            if any(run is None for run in runs.values()):
+                continue
+            rests = {s: site.order(s)[n:] for s in seeds}
+            now, then = on_site(runs, rests), on_site(base, rests)
+            test_now, test_then = on_test(runs, every_test), on_test(base, every_test)
+            boot_site, boot_diff, boot_test, boot_test_diff = [], [], [], []
+            while len(boot_site) < resamples:
+                drawn = {s: rng.choice(rests[s], len(rests[s])) for s in seeds}
+                if any(y_site[rows].min() == y_site[rows].max() for rows in drawn.values()):
+                    continue
+                test_rows = rng.integers(0, len(y_test), len(y_test))
+                boot_site.append(on_site(runs, drawn))
+                boot_diff.append(boot_site[-1] - on_site(base, drawn))
+                boot_test.append(on_test(runs, test_rows))
+                boot_test_diff.append(boot_test[-1] - on_test(base, test_rows))
+            boot_site, boot_diff = np.array(boot_site), np.array(boot_diff)
+            table.setdefault(way, {})[n] = {
+                "scored": int(np.mean([len(rests[s]) for s in seeds])),
+                "site_auc": round(float(now[0]), 4),
+                "site_auc_ci95": interval(boot_site[:, 0]),
+                "site_auc_minus_n0": round(float(now[0] - then[0]), 4),
+                "site_auc_minus_n0_ci95": interval(boot_diff[:, 0]),
+                f"site_specificity_at_recall_{RECALL}": round(float(now[1]), 4),
+                "site_specificity_ci95": interval(boot_site[:, 1]),
+                "test_auc": round(test_now, 4),
+                "test_auc_ci95": interval(boot_test),
+                "test_auc_minus_n0": round(test_now - test_then, 4),
+                "test_auc_minus_n0_ci95": interval(boot_test_diff),
+                "site_auc_per_seed": [
+                    round(float(roc_auc_score(y_site[rests[s]], runs[s]["p_site"][rests[s]])), 4) for s in seeds
+                ],
+                "seconds_per_run": round(float(np.mean([runs[s]["seconds"] for s in seeds])), 1),
+            }
+    for n in ARRIVALS[1:]:  # the two ways side by side: the same seeds, the same scored scans
+        retrained = {s: found.get(("retrain", s, n)) for s in seeds}
+        updated = {s: found.get(("update", s, n)) for s in seeds}
+        if any(run is None for run in [*retrained.values(), *updated.values()]):
+            continue
+        rests = {s: site.order(s)[n:] for s in seeds}
+        diffs, test_diffs = [], []
+        while len(diffs) < resamples:
+            drawn = {s: rng.choice(rests[s], len(rests[s])) for s in seeds}
+            if any(y_site[rows].min() == y_site[rows].max() for rows in drawn.values()):
+                continue
+            test_rows = rng.integers(0, len(y_test), len(y_test))
+            diffs.append(on_site(updated, drawn) - on_site(retrained, drawn))
+            test_diffs.append(on_test(updated, test_rows) - on_test(retrained, test_rows))
+        point = on_site(updated, rests) - on_site(retrained, rests)
+        table.setdefault("update_minus_retrain", {})[n] = {
+            "site_auc": round(float(point[0]), 4),
+            "site_auc_ci95": interval(np.array(diffs)[:, 0]),
+            f"site_specificity_at_recall_{RECALL}": round(float(point[1]), 4),
+            "site_specificity_ci95": interval(np.array(diffs)[:, 1]),
+            "test_auc": round(on_test(updated, every_test) - on_test(retrained, every_test), 4),
+            "test_auc_ci95": interval(test_diffs),
+        }
+    return table
+
+
+def plot(table: dict, path: Path, title: str) -> None:
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    keys = [
+        ("site_auc", "site_auc_ci95", "ROC AUC, the site's other scans"),
+        (f"site_specificity_at_recall_{RECALL}", "site_specificity_ci95", f"specificity at recall {RECALL}"),
+        ("test_auc", "test_auc_ci95", "ROC AUC, test split (in distribution)"),
+    ]
+    for ax, (key, ci, label) in zip(axes, keys, strict=True):
+        for way, style in (("retrain", "o-"), ("update", "s--")):
+            rows = table.get(way, {})
+            ns = sorted(rows)
+            ax.plot(ns, [rows[n][key] for n in ns], style, label=way)
+            ax.fill_between(ns, [rows[n][ci][0] for n in ns], [rows[n][ci][1] for n in ns], alpha=0.15)
+        ax.set_xscale("symlog", linthresh=10)
+        ax.set_xticks(ARRIVALS, [str(n) for n in ARRIVALS])
+        ax.set_xlabel("site scans with verdicts in training (N)")
+        ax.set_title(label, fontsize=10)
+        ax.grid(alpha=0.3)
+    axes[0].legend()
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    with atomic_path(path) as partial:
+        fig.savefig(partial, format="png", dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--split-dir", default="artifacts/split")
+    parser.add_argument("--site", default="kaggle2020_testing", choices=sorted(HOLD_OUTS))
+    parser.add_argument("--way", choices=["retrain", "update"])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
+    parser.add_argument("--arrivals", nargs="+", type=int, default=list(ARRIVALS[1:]))
+    parser.add_argument("--epochs", type=int, default=30, help="at most, for a model from scratch")
+    parser.add_argument("--patience", type=int, default=8)
+    parser.add_argument("--update-epochs", type=int, default=5)
+    parser.add_argument("--update-lr-factor", type=float, default=0.1)
+    parser.add_argument("--summary", action="store_true", help="the table and plot of the runs under --out")
+    parser.add_argument("--bootstrap", type=int, default=1000)
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/data/site_scans"))
+    parser.add_argument("--plot", type=Path, default=Path("plots/site_scans.png"))
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    params = load_params(args.params)
+    params["train"].update(epochs=args.epochs, early_stopping_patience=args.patience)
+    out = args.out / args.site
+    out.mkdir(parents=True, exist_ok=True)
+    site = Site(params, args.split_dir, args.site)
+    log.info(
+        "site %s: %d brain-MR scans (%d healthy); pool without it %d; test split without it %d",
+        args.site,
+        len(site.scans["y"]),
+        int((site.scans["y"] == 0).sum()),
+        len(site.pool["y"]),
+        len(site.test_y),
+    )
+    if args.summary:
+        table = summarise(site, out, args.seeds, args.bootstrap)
+        write_json(out / "summary.json", {"site": args.site, "seeds": args.seeds, "table": table})
+        plot(table, args.plot, f"{args.site} as a new site: seeds {args.seeds}, screen-sized fits")
+        print(json.dumps(table, indent=1))
+        return
+    for seed in args.seeds:
+        if args.way == "update":
+            update(params, site, seed, out, args.update_epochs, args.update_lr_factor)
+        else:
+            for n in args.arrivals:
+                if not (out / f"retrain.{seed}.{n}.npz").exists():
+                    retrain(params, site, seed, n, out / f"retrain.{seed}.{n}.npz")
+
+
+if __name__ == "__main__":
+    main()
