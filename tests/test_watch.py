@@ -167,3 +167,15 @@ def test_the_ks_statistic_is_scipy_s_on_ties_and_all():
         reference = np.round(rng.random(rng.integers(5, 300)), int(rng.integers(1, 4)))  # rounded: ties too
         sample = np.round(rng.random(rng.integers(1, 100)), int(rng.integers(1, 4)))
         assert ks_statistic(sample, reference) == pytest.approx(ks_2samp(sample, reference).statistic, abs=1e-12)
+
+
+def test_the_refusal_alert_fires_at_the_stated_false_alarm_rate():
+    from braintumor.serve.watch import FALSE_ALARM, too_many_refusals
+
+    rng = np.random.default_rng(4)
+    for reference_refused, scans in ((0.0139, 200), (0.05, 60), (0.0, 500)):
+        like = rng.binomial(scans, reference_refused, 4000)  # weeks of a site refusing as the reference did
+        alarms = np.mean([too_many_refusals(int(k), scans, reference_refused) for k in like])
+        assert alarms <= FALSE_ALARM
+        worse = rng.binomial(scans, max(reference_refused, 0.01) * 5, 400)  # five times the reference's rate
+        assert np.mean([too_many_refusals(int(k), scans, reference_refused) for k in worse]) > 0.5

@@ -5,8 +5,8 @@ the gate distances of the scans read still look like the model's reference (its 
 as a Kolmogorov-Smirnov statistic with a threshold placed by resampling the reference (a site that looks like
 the reference alerts at the stated false-alarm rate); recall, specificity and the positive rate estimated from
 the calibrated probabilities alone (confidence-based performance estimation, the form NannyML calls CBPE), with
-intervals; and the measured ones where readers' verdicts exist. A refusal rate above the reference's by more
-than its resampled spread is an alert too.
+intervals; and the measured ones where readers' verdicts exist. A refusal count that a site refusing like the
+reference reaches with probability below the same false-alarm rate is an alert too.
 
 The log is read as it is being written: a torn last line (or any line that is not JSON) is skipped and counted,
 never fatal; rotated logs (`audit.jsonl.1`, ...) are read whole beside the current one. Nothing identifying is
@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import datetime
 import json
-import math
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -155,6 +154,14 @@ def ks_statistic(sample: np.ndarray, reference: np.ndarray) -> float:
     return float(ks_statistics(sample[None, :], reference)[0]) if len(sample) else 0.0
 
 
+def too_many_refusals(refused: int, scans: int, reference_refused: float) -> bool:
+    """Whether `refused` of `scans` is more than a site refused like the reference (at `reference_refused`,
+    floored at 0.1 %: a reference that refused nothing) reaches with probability FALSE_ALARM (binomial tail)."""
+    from scipy.stats import binom
+
+    return bool(binom.sf(refused - 1, scans, max(reference_refused, 1e-3)) < FALSE_ALARM)
+
+
 def ks_threshold(reference: np.ndarray, size: int, rng: np.random.Generator, draws: int = 400) -> float:
     """The KS statistic that samples of `size` drawn from the reference itself exceed with probability
     FALSE_ALARM."""
@@ -213,7 +220,6 @@ def watch(
         for scan in record["scans"]:
             scan = {**scan, "scan": scan.get("scan_sha256") or scan.get("input_sha256")}
             groups.setdefault(key, []).append(scan)
-    refused_spread = lambda n: 3 * math.sqrt(reference.refused * (1 - reference.refused) / max(n, 1))  # noqa: E731
     sites = []
     for (site, when), scans in sorted(groups.items()):
         read = [s for s in scans if s.get("status") in READ and s.get("probability") is not None]
@@ -229,7 +235,7 @@ def watch(
             "uncertain_rate": round(sum(s.get("status") == "uncertain" for s in scans) / len(scans), 4),
         }
         alerts = []
-        if entry["refusal_rate"] > reference.refused + refused_spread(len(scans)):
+        if too_many_refusals(refused, len(scans), reference.refused):
             alerts.append("refusals")
         for name, values, ref in (
             ("p_tumor", p, reference.probability),
@@ -303,8 +309,7 @@ class SiteHealth:
             "alerts": [],
         }
         if reference_refused is not None and scans >= MIN_SCANS:
-            spread = 3 * math.sqrt(max(reference_refused * (1 - reference_refused), 1e-4) / scans)
-            if refused / scans > reference_refused + spread:
+            if too_many_refusals(refused, scans, reference_refused):
                 out["alerts"].append(
                     f"refusals: {refused / scans:.0%} of this week's scans not read, against "
                     f"{reference_refused:.1%} of the model's held-out images"
