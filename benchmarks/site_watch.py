@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 import requests
+from sklearn.metrics import roc_auc_score
 
 from braintumor.atomic import write_json
 from braintumor.data.datasets import load_split
@@ -136,6 +137,8 @@ def main() -> None:
                 posted.raise_for_status()
                 verdicts[result["scan_sha256"]] = verdict
             send(url, keys["site-c"], [("x.png", data) for data in site_c])
+        read_b = [k for k, r in enumerate(answered_b) if r.get("probability") is not None]
+        auc_b = roc_auc_score(labels_b[read_b], [answered_b[k]["probability"] for k in read_b])
         weekly = args.out / "weekly_audit.jsonl"
         weekly_log(root / "audit.jsonl", weekly, args.weeks, args.size, args.seed)
 
@@ -173,6 +176,8 @@ def main() -> None:
             ]
             row["measured_inside_estimate_ci95"] = round(float(np.mean(inside)), 4)
         summary[site] = row
+    summary["site-b"]["roc_auc_on_scans_read"] = round(float(auc_b), 4)
+    summary["site-b"]["scans_read"] = len(read_b)
     write_json(args.out / "summary.json", {"weeks": args.weeks, "size": args.size, "sites": summary})
     print(json.dumps(summary, indent=1))
 

@@ -62,6 +62,8 @@ def test_a_reference_like_site_rarely_alerts_a_shifted_one_always_and_refusals_a
         report = watch(tmp_path / "audit.jsonl", ref, seed=draw)
         for entry in report["sites"]:
             flagged[entry["site"]] += bool(entry["alerts"])
+            drifted = any(alert.endswith("_drift") for alert in entry["alerts"])
+            assert ("caution" in entry["estimated"]) == drifted  # no confidence-based estimate taken on trust
     assert flagged["B"] == 20 and flagged["A"] <= 1  # 2 statistics at 1 % and the refusal check: ~3 % expected
 
     write(tmp_path / "audit.jsonl", records("C", ref.probability[:100], ref.gate_distance[:100], refused=40))

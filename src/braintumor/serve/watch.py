@@ -248,6 +248,11 @@ def watch(
                     alerts.append(f"{name}_drift")
         if len(p):
             entry["estimated"] = estimated_performance(p, reference.threshold, rng)
+            if any(alert.endswith("_drift") for alert in alerts):  # CBPE holds only where calibration does
+                entry["estimated"]["caution"] = (
+                    "the answers drifted from the reference: the estimate assumes the model's calibration holds "
+                    "here, which drift puts in doubt; trust the measured figures (readers' verdicts)"
+                )
         measured = measured_performance(read, verdicts or {}, reference.threshold)
         if measured:
             entry["measured"] = measured
