@@ -205,6 +205,7 @@ def summarise(site: Site, out: Path, seeds: list[int], resamples: int) -> dict:
                 "scored": int(np.mean([len(rests[s]) for s in seeds])),
                 "site_auc": round(float(now[0]), 4),
                 "site_auc_ci95": interval(boot_site[:, 0]),
+                "site_auc_of_n0_on_these_scans": round(float(then[0]), 4),
                 "site_auc_minus_n0": round(float(now[0] - then[0]), 4),
                 "site_auc_minus_n0_ci95": interval(boot_diff[:, 0]),
                 f"site_specificity_at_recall_{RECALL}": round(float(now[1]), 4),
@@ -245,24 +246,36 @@ def summarise(site: Site, out: Path, seeds: list[int], resamples: int) -> dict:
 
 
 def plot(table: dict, path: Path, title: str) -> None:
+    """The site's other scans (AUC, and the N = 0 model's AUC on the same scans: the scored set shrinks as N
+    grows), the paired gain over N = 0, and the in-distribution test split's paired change."""
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
-    keys = [
-        ("site_auc", "site_auc_ci95", "ROC AUC, the site's other scans"),
-        (f"site_specificity_at_recall_{RECALL}", "site_specificity_ci95", f"specificity at recall {RECALL}"),
-        ("test_auc", "test_auc_ci95", "ROC AUC, test split (in distribution)"),
-    ]
-    for ax, (key, ci, label) in zip(axes, keys, strict=True):
-        for way, style in (("retrain", "o-"), ("update", "s--")):
-            rows = table.get(way, {})
-            ns = sorted(rows)
-            ax.plot(ns, [rows[n][key] for n in ns], style, label=way)
-            ax.fill_between(ns, [rows[n][ci][0] for n in ns], [rows[n][ci][1] for n in ns], alpha=0.15)
+    for way, style, colour in (("retrain", "o-", "C0"), ("update", "s--", "C1")):
+        rows = table.get(way, {})
+        ns = sorted(rows)
+        if not ns:
+            continue
+        axes[0].plot(ns, [rows[n]["site_auc"] for n in ns], style, color=colour, label=way)
+        axes[0].fill_between(ns, *zip(*[rows[n]["site_auc_ci95"] for n in ns], strict=True), color=colour, alpha=0.15)
+        for ax, key in ((axes[1], "site_auc_minus_n0"), (axes[2], "test_auc_minus_n0")):
+            ax.plot(ns, [rows[n][key] for n in ns], style, color=colour, label=way)
+            ax.fill_between(ns, *zip(*[rows[n][f"{key}_ci95"] for n in ns], strict=True), color=colour, alpha=0.15)
+    base = table.get("update", table.get("retrain", {}))
+    ns = sorted(base)
+    axes[0].plot(ns, [base[n]["site_auc_of_n0_on_these_scans"] for n in ns], ":", color="gray", label="N = 0 model")
+    titles = (
+        "ROC AUC on the site's scans not used",
+        "ROC AUC gain over N = 0, same scans (paired)",
+        "test split (in distribution): AUC change, paired",
+    )
+    for ax, label in zip(axes, titles, strict=True):
         ax.set_xscale("symlog", linthresh=10)
         ax.set_xticks(ARRIVALS, [str(n) for n in ARRIVALS])
         ax.set_xlabel("site scans with verdicts in training (N)")
         ax.set_title(label, fontsize=10)
         ax.grid(alpha=0.3)
-    axes[0].legend()
+    for ax in axes[1:]:
+        ax.axhline(0, color="black", linewidth=0.8)
+    axes[0].legend(fontsize=8)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     with atomic_path(path) as partial:
