@@ -285,6 +285,7 @@ class SiteHealth:
     def __init__(self):
         self.counts: dict[tuple[str, str], list[int]] = {}  # (key id, week): [scans, refused, uncertain]
         self.read: dict[tuple[str, str], list[float]] = {}  # (key id, week): P(tumor) of the scans read
+        self.limits: dict[tuple[int, int], float] = {}  # (reference, grid size): KS limit
         self.lock = threading.Lock()
 
     def observe(self, results: list[dict], key_id: str) -> None:
@@ -298,6 +299,20 @@ class SiteHealth:
                 counts[2] += result.get("status") == "uncertain"
                 if result.get("status") in READ and result.get("probability") is not None and len(read) < self.KEPT:
                     read.append(float(result["probability"]))
+
+    def limit(self, reference: np.ndarray, size: int) -> float:
+        """The KS limit at the largest size of a doubling grid (MIN_SCANS, 2 x, 4 x, ...) not above `size`:
+        the limit falls as the size grows, so this errs towards fewer alarms, and each (reference, grid size)
+        is resampled once, not on every call of the page (400 resamples of 5,000 scans took 1 s)."""
+        grid = MIN_SCANS * 2 ** int(np.log2(size / MIN_SCANS))
+        key = (hash(reference.tobytes()), grid)
+        with self.lock:
+            known = self.limits.get(key)
+        if known is None:  # resampled outside the lock: answers keep being counted meanwhile
+            known = ks_threshold(reference, grid, np.random.default_rng(0))
+            with self.lock:
+                self.limits[key] = known
+        return known
 
     def summary(self, key_id: str, reference_refused: float | None, reference: Reference | None = None) -> dict:
         week = period_of(datetime.datetime.now(datetime.UTC).isoformat(), "week")
@@ -321,7 +336,7 @@ class SiteHealth:
                 )
         if reference is not None and len(reference.probability) and len(p) >= MIN_SCANS:
             statistic = ks_statistic(p, reference.probability)
-            limit = ks_threshold(reference.probability, len(p), np.random.default_rng(0))
+            limit = self.limit(reference.probability, len(p))
             out["p_tumor_ks"], out["p_tumor_ks_limit"] = round(statistic, 4), round(limit, 4)
             if statistic > limit:
                 out["alerts"].append(
