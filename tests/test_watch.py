@@ -16,7 +16,7 @@ from PIL import Image
 from braintumor import cli
 from braintumor.serve.access import AuditLog
 from braintumor.serve.service import Access, create_app
-from braintumor.serve.watch import Reference, watch
+from braintumor.serve.watch import PLATT_C, Reference, logit, platt_fits, watch
 
 from fixtures.split import synthetic_scan
 
@@ -31,11 +31,16 @@ def reference(rng: np.random.Generator) -> Reference:
 
 def records(site: str, p: np.ndarray, gate: np.ndarray, refused: int = 0, week: int = 0) -> list[dict]:
     scans = [
-        {"input_sha256": f"{site}{k:060d}", "status": "read", "probability": float(v), "gate_distance": float(g)}
+        {
+            "input_sha256": f"{site}{week:03d}{k:057d}",
+            "status": "read",
+            "probability": float(v),
+            "gate_distance": float(g),
+        }
         for k, (v, g) in enumerate(zip(p, gate, strict=True))
     ]
     scans += [
-        {"input_sha256": f"{site}r{k:059d}", "status": "out_of_distribution", "gate_distance": 3.0}
+        {"input_sha256": f"{site}{week:03d}r{k:056d}", "status": "out_of_distribution", "gate_distance": 3.0}
         for k in range(refused)
     ]
     time = (START + datetime.timedelta(weeks=week)).isoformat()
@@ -85,6 +90,59 @@ def test_estimated_specificity_matches_the_measured_one_on_a_shifted_site(tmp_pa
     assert low <= site["measured"]["specificity"] <= high
     assert abs(site["estimated"]["specificity"] - site["measured"]["specificity"]) <= 0.10
     assert site["measured"]["verdicts"] == 400
+
+
+def test_a_site_s_own_verdicts_recalibrate_an_estimate_its_drift_made_optimistic(tmp_path):
+    """An unseen collection: the model is confidently wrong there (a scan it calls 0.95 is a tumor 3 times in
+    4). CBPE, trusting the model's calibration, overstates specificity; recalibrated on the site's verdicts of
+    earlier weeks, the estimate for a week without verdicts lands on what that week measures, inside its
+    interval. A period's own verdicts never enter its own estimate."""
+    rng = np.random.default_rng(3)
+    ref = reference(rng)
+    p = np.clip(rng.beta(0.6, 0.6, 1200), 1e-4, 1 - 1e-4)  # confident answers
+    tumor = rng.random(1200) < 1 / (1 + np.exp(-0.4 * np.log(p / (1 - p))))  # what they are: far less sure
+    rows = []  # 400 scans a week; readers judged those of the first two weeks only
+    for week in range(3):
+        rows += records("B", p[400 * week : 400 * (week + 1)], ref.gate_distance[:400], week=week)
+    write(tmp_path / "audit.jsonl", rows)
+    digests = [r["scans"][0]["input_sha256"] for r in rows]
+    verdicts = {d: "tumor" if t else "no_tumor" for d, t in zip(digests[:800], tumor[:800], strict=True)}
+
+    plain = watch(tmp_path / "audit.jsonl", ref)["sites"][2]["estimated"]
+    judged = watch(tmp_path / "audit.jsonl", ref, verdicts=verdicts)["sites"]
+    last = judged[2]["estimated"]
+    healthy, called = ~tumor[800:], p[800:] >= ref.threshold
+    measured = (healthy & ~called).sum() / healthy.sum()
+    assert plain["specificity"] - measured > 0.10 and "recalibrated_on" not in plain
+    assert abs(last["specificity"] - measured) <= 0.05
+    assert last["specificity_ci95"][0] <= measured <= last["specificity_ci95"][1]
+    assert last["recalibrated_on"]["verdicts"] == 800
+    assert judged[0]["estimated"]["recalibrated_on"]["verdicts"] == 400  # weeks 0 and 1: each the other's
+
+    only_own = dict(list(verdicts.items())[:400])  # week 0's
+    first = watch(tmp_path / "audit.jsonl", ref, verdicts=only_own)["sites"][0]
+    assert "recalibrated_on" not in first["estimated"] and first["measured"]["verdicts"] == 400
+
+
+def test_the_batched_platt_fit_is_scikit_learn_s_fit():
+    """The watch refits a site's calibration hundreds of times a period, all rows at once; each row's fit must be
+    the one LogisticRegression(C=PLATT_C) finds, on easy, skewed, small and perfectly separable verdicts."""
+    from scipy.special import expit
+    from sklearn.linear_model import LogisticRegression
+
+    rng = np.random.default_rng(4)
+    cases = []
+    for _ in range(60):
+        n = int(rng.integers(30, 300))
+        z = logit(np.clip(rng.beta(*rng.uniform(0.3, 3, 2), n), 1e-5, 1 - 1e-5))
+        tumor = rng.random(n) < expit(rng.uniform(-0.5, 4) * z + rng.uniform(-3, 3))
+        cases.append((z, tumor))
+    z = np.linspace(-4, 4, 40)
+    cases.append((z, z > 0))  # separable: only the penalty keeps the slope finite
+    for z, tumor in cases:
+        ((slope, intercept),) = platt_fits(z[None], tumor[None])
+        theirs = LogisticRegression(C=PLATT_C, tol=1e-10, max_iter=10_000).fit(z[:, None], tumor)
+        assert np.abs(expit(slope * z + intercept) - theirs.predict_proba(z[:, None])[:, 1]).max() < 1e-5
 
 
 def test_a_torn_last_line_is_skipped_and_rotated_logs_are_read_whole(tmp_path):

@@ -222,9 +222,11 @@ def run_watch(args) -> int:
         figures = ""
         if estimated:
             recall, specificity = estimated["recall_ci95"], estimated["specificity_ci95"]
+            basis = estimated.get("recalibrated_on")
             figures = (
                 f", est. recall {estimated['recall']:.2f} ({recall[0]:.2f}-{recall[1]:.2f}), specificity "
                 f"{estimated['specificity']:.2f} ({specificity[0]:.2f}-{specificity[1]:.2f})"
+                + (f" recalibrated on {basis['verdicts']} verdicts" if basis else "")
             )
         print(
             f"watch: site {site}, {last['period']}: {last['scans']} scans, refused {last['refusal_rate']:.0%}, "
