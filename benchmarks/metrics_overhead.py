@@ -11,10 +11,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import threading
@@ -25,35 +21,18 @@ import numpy as np
 import pandas as pd
 import requests
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from fixtures.servers import BIN, free_port, serving  # noqa: E402
 
 
 @contextlib.contextmanager
 def server(model: str, extra: list[str], folder: Path):
     port = free_port()
-    command = [str(Path(sys.executable).with_name("braintumor")), "serve", "--model", model, "--port", str(port)]
-    with open(folder / f"serve-{port}.log", "w") as log:
-        process = subprocess.Popen(
-            [*command, "--audit-log", str(folder / f"audit-{port}.jsonl"), "--rate-limit", "1000000", *extra],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
     url = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(600):
-            with contextlib.suppress(requests.RequestException):
-                if requests.get(f"{url}/readyz", timeout=1).ok:
-                    break
-            time.sleep(0.2)
+    command = [str(BIN / "braintumor"), "serve", "--model", model, "--port", str(port)]
+    command += ["--audit-log", str(folder / f"audit-{port}.jsonl"), "--rate-limit", "1000000", *extra]
+    with serving(command, f"{url}/readyz", folder / f"serve-{port}.log"):
         yield url
-    finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        process.wait(timeout=60)
 
 
 def main() -> None:

@@ -15,9 +15,8 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
-import subprocess
 import sys
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -27,12 +26,8 @@ import pandas as pd
 import requests
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from fixtures.servers import BIN, free_port, serving  # noqa: E402
 
 
 def ms(values) -> str:
@@ -85,40 +80,11 @@ def main() -> None:
 
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    server = subprocess.Popen(
-        [
-            str(Path(sys.executable).with_name("braintumor")),
-            "serve",
-            "--model",
-            args.model,
-            "--port",
-            str(port),
-            "--poll-seconds",
-            "0",
-            "--runtime",
-            args.runtime,
-            "--rate-limit",  # this measures the model's path, not the per-key limit (benchmarks/rate_limit.py does)
-            "1000000",
-            "--burst",
-            "100000",
-            "--audit-log",
-            os.devnull,
-            "--batch-wait-ms",
-            args.batch_wait_ms,
-        ],
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        deadline = time.monotonic() + 300
-        while True:
-            try:
-                if requests.get(f"{url}/readyz", timeout=2).ok:
-                    break
-            except requests.RequestException:
-                pass
-            if time.monotonic() > deadline or server.poll() is not None:
-                raise SystemExit("the server did not come up")
-            time.sleep(0.5)
+    command = [str(BIN / "braintumor"), "serve", "--model", args.model, "--port", str(port), "--poll-seconds", "0"]
+    command += ["--runtime", args.runtime, "--audit-log", os.devnull, "--batch-wait-ms", args.batch_wait_ms]
+    # this measures the model's path, not the per-key limit (benchmarks/rate_limit.py does)
+    command += ["--rate-limit", "1000000", "--burst", "100000"]
+    with tempfile.TemporaryDirectory() as folder, serving(command, f"{url}/readyz", Path(folder) / "serve.log"):
         session = requests.Session()
 
         def one(k: int = 0) -> None:
@@ -167,9 +133,6 @@ def main() -> None:
         explain()
         cams = timed(explain, 20)
         print(f"HTTP, /v1/explain: {ms(cams)}; {np.median(cams) / np.median(single):.1f}x a prediction")
-    finally:
-        server.terminate()
-        server.wait(30)
 
 
 if __name__ == "__main__":

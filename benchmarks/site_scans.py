@@ -43,7 +43,7 @@ from braintumor.model.inference import average_of, tumor_probability
 from braintumor.model.train import compile_model, cross_validation_pool, fit, folds_of, output_names, sample_weights
 from braintumor.params import load_params, validate_train
 from braintumor.quality.evaluate import binary_metrics, threshold_for_recall
-from braintumor.quality.generalize import HOLD_OUTS, every_image, held_out
+from braintumor.quality.generalize import HOLD_OUTS, every_image, scored_rows
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -65,10 +65,8 @@ class Site:
     """The site's scans, the pool without them, its fitting/stopping halves and the in-distribution test scans."""
 
     def __init__(self, params: dict, split_dir: str, name: str):
-        source, collection = HOLD_OUTS[name]
         everything = every_image(split_dir)
-        rows = held_out(everything, source, collection) & everything["representative"]
-        rows &= everything["modality"] == "mr"
+        rows = scored_rows(everything, name) & (everything["modality"] == "mr")
         self.scans = rows_of(everything, np.flatnonzero(rows))
         self.scans["source"] = np.full(len(self.scans["y"]), "local", dtype=object)  # a data/site-*/ folder
         self.scans["collection"] = np.full(len(self.scans["y"]), f"site-{name}", dtype=object)

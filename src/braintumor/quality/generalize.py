@@ -64,6 +64,11 @@ def held_out(data: dict, source: str, collection: str | None) -> np.ndarray:
     return rows & (data["collection"] == collection) if collection else rows
 
 
+def scored_rows(data: dict, name: str) -> np.ndarray:
+    """Rows of `data` that hold-out `name` scores: its collection's images, one per dedup cluster."""
+    return held_out(data, *HOLD_OUTS[name]) & data["representative"]
+
+
 def every_image(split_dir: str | Path) -> dict[str, np.ndarray]:
     """All three splits as one set (binary task), the images left in their files until scored: a hold-out
     takes its images from each split."""
@@ -74,10 +79,9 @@ def leave_out(params: dict, split_dir: str | Path, name: str, verbose: int = 0) 
     """Train on the train+val pool without hold-out `name`'s clusters; score its images (representatives).
     Returns the metrics and one row per held-out image (path, label, P(tumor))."""
     train_config, evaluate_config = validate_train(params), validate_evaluate(params)
-    source, collection = HOLD_OUTS[name]
+    source = HOLD_OUTS[name][0]
     everything = every_image(split_dir)
-    target_rows = held_out(everything, source, collection) & everything["representative"]
-    target = {key: value[target_rows] for key, value in everything.items()}
+    target = {key: value[scored_rows(everything, name)] for key, value in everything.items()}
     mr_labels = target["label"][target["modality"] == MR]
     if not len(mr_labels) or mr_labels.min() == mr_labels.max():
         raise ParamError(f"hold-out {name}: needs tumor and healthy brain MR images of {source} in {split_dir}")
@@ -192,10 +196,7 @@ def generalize(
         staging.mkdir()
         write_csv(staging / "predictions.csv", predictions.drop(columns="image"))
     everything = every_image(split_dir)
-    images = {
-        name: np.asarray(everything["x"][held_out(everything, *HOLD_OUTS[name]) & everything["representative"]])
-        for name in config["hold_outs"]
-    }
+    images = {name: np.asarray(everything["x"][scored_rows(everything, name)]) for name in config["hold_outs"]}
     worst_errors(predictions, images, config["gallery"], Path(gallery_path))
     write_json(metrics_path, metrics)
     log.info("generalize: worst held-out collection %s, ROC AUC %.4f on brain MR", worst, metrics["worst_roc_auc"])
