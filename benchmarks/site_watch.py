@@ -15,7 +15,9 @@ and `serve.watch.watch` reads it with the verdicts: the share of weeks each site
 refusals for C), and how far site B's estimated specificity is from the measured one, week by week -- estimated
 from the model's own calibration (CBPE, the watch without verdicts) and recalibrated on the site's verdicts of
 scans outside the week (the watch with them). Beside them, the noise floor: how often the collection's own
-specificity (all its scans) lands within 0.10 of a week's measured one.
+specificity (all its scans) lands within 0.10 of a week's measured one. With `--judged N`, readers judge only N
+of site B's scans, sent first in a week of their own; the weeks after draw from its other scans, so each week's
+estimate stands on those N verdicts alone (how many a site needs), its measured figures from all labels.
 
     python benchmarks/site_watch.py --model runs/without/models --split-dir runs/without/split
 """
@@ -70,8 +72,9 @@ def send(url: str, key: str, files: list[tuple[str, bytes]]) -> list[dict]:
     return results
 
 
-def weekly_log(audit: Path, out: Path, weeks: int, size: int, seed: int) -> None:
-    """`weeks` weeks per site, each `size` scans drawn with replacement from what the site sent (audit lines)."""
+def weekly_log(audit: Path, out: Path, weeks: int, size: int, seed: int, judged: set[str]) -> None:
+    """`weeks` weeks per site, each `size` scans drawn with replacement from what the site sent (audit lines).
+    Scans in `judged` come first, once each, in a week of their own (week 0), and are not drawn again."""
     scans: dict[str, list[dict]] = {}
     for line in audit.read_text().splitlines():
         record = json.loads(line)
@@ -79,12 +82,20 @@ def weekly_log(audit: Path, out: Path, weeks: int, size: int, seed: int) -> None
             scans.setdefault(record["key_id"], []).extend(record["scans"])
     rng = random.Random(seed)
     start = datetime.datetime(2026, 1, 5, 9, tzinfo=datetime.UTC)  # a Monday
+
+    def line(week: int, site: str, drawn: list[dict]) -> str:
+        when = (start + datetime.timedelta(weeks=week)).isoformat()
+        return json.dumps({"time": when, "key_id": site, "endpoint": "predict", "scans": drawn}) + "\n"
+
     with open(out, "w") as log_file:
-        for week in range(weeks):
-            when = (start + datetime.timedelta(weeks=week)).isoformat()
+        for site, sent in sorted(scans.items()):
+            first = [s for s in sent if s.get("scan_sha256", s["input_sha256"]) in judged]
+            if first:
+                log_file.write(line(0, site, first))
+            scans[site] = [s for s in sent if s.get("scan_sha256", s["input_sha256"]) not in judged]
+        for week in range(1, weeks + 1):
             for site, sent in sorted(scans.items()):
-                drawn = [rng.choice(sent) for _ in range(size)]
-                log_file.write(json.dumps({"time": when, "key_id": site, "endpoint": "predict", "scans": drawn}) + "\n")
+                log_file.write(line(week, site, [rng.choice(sent) for _ in range(size)]))
 
 
 def main() -> None:
@@ -96,6 +107,13 @@ def main() -> None:
     parser.add_argument("--weeks", type=int, default=100)
     parser.add_argument("--size", type=int, default=200)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--judged",
+        type=int,
+        default=0,
+        help="readers judge only the first N of site B's scans (a seeded order), sent in a week of their own "
+        "before the others; 0: every scan is judged, each week's estimate from the verdicts outside it",
+    )
     parser.add_argument("--out", type=Path, default=Path("benchmarks/data/site_watch"))
     args = parser.parse_args()
     quiet_libraries()
@@ -131,8 +149,13 @@ def main() -> None:
         with serving(command, f"{url}/readyz", root / "serve.log"):
             send(url, keys["site-a"], files_of(site_a))
             answered_b = send(url, keys["site-b"], files_of(site_b))
+            truth = {
+                r["scan_sha256"]: "tumor" if label else "no_tumor"
+                for r, label in zip(answered_b, labels_b, strict=True)
+            }
+            judging = np.random.default_rng(args.seed).permutation(len(answered_b))[: args.judged or None]
             verdicts = {}
-            for result, label in zip(answered_b, labels_b, strict=True):
+            for result, label in ((answered_b[k], labels_b[k]) for k in judging):
                 verdict = "tumor" if label else "no_tumor"
                 body = {"request_id": result["request_id"], "scan_sha256": result["scan_sha256"], "verdict": verdict}
                 posted = requests.post(
@@ -144,17 +167,24 @@ def main() -> None:
         read_b = [k for k, r in enumerate(answered_b) if r.get("probability") is not None]
         auc_b = roc_auc_score(labels_b[read_b], [answered_b[k]["probability"] for k in read_b])
         weekly = args.out / "weekly_audit.jsonl"
-        weekly_log(root / "audit.jsonl", weekly, args.weeks, args.size, args.seed)
+        weekly_log(
+            root / "audit.jsonl", weekly, args.weeks, args.size, args.seed, set(verdicts) if args.judged else set()
+        )
 
     reference = reference_of(load(str(args.model / "model.keras")))
     report = watch(weekly, reference, "week", verdicts, seed=args.seed)
     plain = {(e["site"], e["period"]): e for e in watch(weekly, reference, "week", None, seed=args.seed)["sites"]}
+    measured_by = {  # each week's measured figures on all its scans, whichever the readers judged
+        (e["site"], e["period"]): e.get("measured", {})
+        for e in watch(weekly, reference, "week", truth, seed=args.seed)["sites"]
+    }
     called_b = np.array([answered_b[k]["probability"] >= reference.threshold for k in read_b])
     healthy_b = labels_b[read_b] == 0
     collection_specificity = float((healthy_b & ~called_b).sum() / healthy_b.sum())
+    first_week = min(e["period"] for e in report["sites"])
     summary = {}
     for site in SITES:
-        weeks = [e for e in report["sites"] if e["site"] == site]
+        weeks = [e for e in report["sites"] if e["site"] == site and not (args.judged and e["period"] == first_week)]
         row = {
             "weeks": len(weeks),
             "alerted": sum(bool(e["alerts"]) for e in weeks),
@@ -162,9 +192,9 @@ def main() -> None:
             "refusal_alerts": sum("refusals" in e["alerts"] for e in weeks),
             "refusal_rate_mean": round(float(np.mean([e["refusal_rate"] for e in weeks])), 4),
         }
-        judged = [e for e in weeks if "estimated" in e and "specificity" in e.get("measured", {})]
-        if judged:
-            measured = np.array([e["measured"]["specificity"] for e in judged])
+        judged = [e for e in weeks if "estimated" in e and "specificity" in measured_by[site, e["period"]]]
+        if judged and site == "site-b":
+            measured = np.array([measured_by[site, e["period"]]["specificity"] for e in judged])
             row["specificity_measured_mean"] = round(float(measured.mean()), 4)
             for name, estimates in (
                 ("cbpe", [plain[(site, e["period"])]["estimated"] for e in judged]),
@@ -189,7 +219,11 @@ def main() -> None:
     summary["site-b"]["roc_auc_on_scans_read"] = round(float(auc_b), 4)
     summary["site-b"]["scans_read"] = len(read_b)
     summary["site-b"]["collection_specificity"] = round(collection_specificity, 4)
-    write_json(args.out / "summary.json", {"weeks": args.weeks, "size": args.size, "sites": summary})
+    summary["site-b"]["verdicts"] = len(verdicts)
+    write_json(
+        args.out / (f"summary-judged{args.judged}-seed{args.seed}.json" if args.judged else "summary.json"),
+        {"weeks": args.weeks, "size": args.size, "judged": args.judged, "sites": summary},
+    )
     print(json.dumps(summary, indent=1))
 
 
