@@ -332,7 +332,7 @@ def test_concurrent_requests_share_model_calls_and_get_their_own_rows(workers):
 
     import numpy as np
 
-    from braintumor.serve.service import MicroBatcher
+    from braintumor.serve.runner import MicroBatcher
 
     calls, gate = [], threading.Barrier(8)
 
@@ -369,7 +369,7 @@ def test_the_workers_of_a_micro_batcher_run_their_batches_side_by_side():
 
     import numpy as np
 
-    from braintumor.serve.service import MicroBatcher
+    from braintumor.serve.runner import MicroBatcher
 
     running, most, counting = [0], [0], threading.Lock()
 

@@ -14,17 +14,26 @@ bytes, no client address: a file name is where a hand export puts a patient's na
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import ipaddress
 import json
+import math
 import secrets
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+from fastapi import HTTPException, Security
+from fastapi.security import APIKeyHeader
 
 from braintumor.atomic import atomic_path
 from braintumor.errors import AccessError
+
+if TYPE_CHECKING:
+    from braintumor.serve.runner import ServedModel
 
 SCOPES = ("predict", "explain", "reload", "feedback", "metrics", "health")
 KEY_HEADER = "X-API-Key"
@@ -181,3 +190,64 @@ def scan_record(inputs: list[bytes], result: dict) -> dict:
     else:
         record.update({k: result[k] for k in ("status", "refusal", "probability", "gate_distance") if k in result})
     return record
+
+
+@dataclass
+class Access:
+    """Who may call what, how often, and where each call is recorded. No keys: every
+    caller is "anonymous" (the loopback default); no rate limit or audit log: none is applied or kept."""
+
+    keys: list[ApiKey] | None = None
+    rate: RateLimit | None = None
+    audit: AuditLog | None = None
+
+    def caller(self, scope: str):
+        """A FastAPI dependency: the id of the key the request carries, 401 without a known key, 403 when the
+        key lacks `scope`."""
+        header = APIKeyHeader(name=KEY_HEADER, auto_error=False, description="an API key from `braintumor keys add`")
+
+        def check(presented: str | None = Security(header)) -> str:
+            return self.identify(presented, scope)
+
+        return check
+
+    def identify(self, presented: str | None, scope: str) -> str:
+        """The id of the key `presented`; 401 without a known key, 403 when the key lacks `scope`."""
+        if self.keys is None:
+            return "anonymous"
+        key = find_key(self.keys, presented)
+        if key is None:
+            raise HTTPException(
+                401,
+                f"missing or unknown API key: send yours in the {KEY_HEADER} header",
+                headers={"WWW-Authenticate": "APIKey"},
+            )
+        if scope not in key.scopes:
+            raise HTTPException(403, f"key {key.id!r} may not {scope} (its scopes: {', '.join(key.scopes)})")
+        return key.id
+
+    def spend(self, key_id: str, scans: int) -> None:
+        """Count `scans` against the key's rate; 429 with Retry-After when it is spent."""
+        wait = self.rate.wait(key_id, scans) if self.rate else 0.0
+        if wait:
+            raise HTTPException(
+                429,
+                f"rate limit of {self.rate.per_minute:g} scans a minute for key {key_id!r}: retry in {wait:.1f} s",
+                headers={"Retry-After": str(math.ceil(wait))},
+            )
+
+    def record(self, request_id: str, key_id: str, endpoint: str, served: ServedModel, started: float, scans):
+        """One audit line (no file names, no client address); `scans`: [(the bytes of its uploads, result)]."""
+        if self.audit is None:
+            return
+        self.audit.write(
+            {
+                "request_id": request_id,
+                "time": datetime.datetime.now(datetime.UTC).isoformat(timespec="milliseconds"),
+                "key_id": key_id,
+                "endpoint": endpoint,
+                "model": {k: served.describe()[k] for k in ("name", "version", "model_sha256")},
+                "latency_ms": round(1000 * (time.perf_counter() - started), 2),
+                "scans": [scan_record(data, result) for data, result in scans],
+            }
+        )
