@@ -245,12 +245,6 @@ def platt_fits(z: np.ndarray, tumor: np.ndarray, iterations: int = 100) -> np.nd
     return np.stack([slope, intercept], axis=1)
 
 
-def enough_verdicts(tumor: np.ndarray) -> np.ndarray:
-    """Per row of (fits, scans) verdicts: enough of them, and of each class, to fit a site's calibration."""
-    tumor = np.atleast_2d(tumor)
-    return (tumor.shape[1] >= MIN_VERDICTS) & (np.minimum(tumor.sum(1), (~tumor).sum(1)) >= MIN_CLASS)
-
-
 def recalibrated_performance(
     p: np.ndarray, threshold: float, known_p: np.ndarray, known_tumor: np.ndarray, rng: np.random.Generator, draws=400
 ) -> dict | None:
@@ -260,11 +254,12 @@ def recalibrated_performance(
     enough verdicts."""
     from scipy.special import expit
 
-    if not enough_verdicts(known_tumor)[0]:
+    if len(known_tumor) < MIN_VERDICTS or min(known_tumor.sum(), (~known_tumor).sum()) < MIN_CLASS:
         return None
     known_z, z, called = logit(known_p), logit(p), p >= threshold
     pick = np.vstack([np.arange(len(known_p)), rng.integers(0, len(known_p), (draws, len(known_p)))])
-    usable = enough_verdicts(known_tumor[pick])  # the first row, the verdicts as they are, always is
+    drawn_tumors = known_tumor[pick].sum(1)  # a resample of one class only has no calibration to fit
+    usable = (drawn_tumors > 0) & (drawn_tumors < len(known_tumor))  # the first row, the verdicts as they are, is
     fits = platt_fits(known_z[pick[usable]], known_tumor[pick[usable]])
     q = expit(fits[:, :1] * z + fits[:, 1:])
     y = rng.random(q[1:].shape) < q[1:]
