@@ -28,23 +28,30 @@ from pathlib import Path
 import numpy as np
 from sklearn.metrics import roc_auc_score
 
-from braintumor.atomic import atomic_path, write_json
-from braintumor.model.inference import average_of, tumor_probability
-from braintumor.model.train import cross_validation_pool, fit, folds_of, output_names
-from braintumor.params import load_params, validate_train
-from braintumor.quality.generalize import HOLD_OUTS, every_image, held_out
+from braintumor.stage import quiet_native_output
+
+if __name__ == "__main__":
+    quiet_native_output()  # TensorFlow's start-up and optimiser lines, before the imports below load it
+from braintumor.atomic import atomic_path, write_json  # noqa: E402
+from braintumor.data.split import split  # noqa: E402
+from braintumor.model.inference import average_of, tumor_probability  # noqa: E402
+from braintumor.model.train import cross_validation_pool, fit, folds_of, output_names  # noqa: E402
+from braintumor.params import load_params, validate_train  # noqa: E402
+from braintumor.quality.generalize import HOLD_OUTS, every_image, scored_rows  # noqa: E402
 
 INTENSITY = {"bias_field": 0.5, "gamma": 0.3, "blur": 0.5, "noise": 0.03}
-# name -> overrides of params["train"] (nested dicts merge)
+# name -> overrides of params.yaml (nested dicts merge). An arm that changes `split` trains on a split of the
+# same images made for it under --out (the split stage's code, the shipped seed: the same images in each split).
 ARMS = {
     "baseline": {},
-    "standardize": {"standardize": True},
-    "intensity_aug": {"augment": INTENSITY},
-    "robust": {"standardize": True, "augment": INTENSITY},
-    "style_balanced": {"class_weight": "balanced_by_style"},
-    "contrast_map": {"augment": {"contrast_map": 0.5}},
-    "subtypes": {"subtypes": True},  # the binary task through the four-way head
-    "robust_style": {"standardize": True, "augment": INTENSITY, "class_weight": "balanced_by_style"},
+    "standardize": {"train": {"standardize": True}},
+    "intensity_aug": {"train": {"augment": INTENSITY}},
+    "robust": {"train": {"standardize": True, "augment": INTENSITY}},
+    "style_balanced": {"train": {"class_weight": "balanced_by_style"}},
+    "contrast_map": {"train": {"augment": {"contrast_map": 0.5}}},
+    "subtypes": {"train": {"subtypes": True}},  # the binary task through the four-way head
+    "robust_style": {"train": {"standardize": True, "augment": INTENSITY, "class_weight": "balanced_by_style"}},
+    "px128": {"split": {"image_size": 128}},
 }
 
 
@@ -55,13 +62,22 @@ def merged(base: dict, changes: dict) -> dict:
     return out
 
 
+def split_for(base: dict, arm: str, split_dir: str, dedup_dir: str, out: Path) -> str:
+    """The split an arm trains on: the given one, or (an arm that changes `split`) one made for it once."""
+    if "split" not in ARMS[arm]:
+        return split_dir
+    made = out / f"split-{arm}"
+    if not made.exists():
+        split(merged(base, {"split": ARMS[arm]["split"]}), dedup_dir, made, out / f"split-{arm}.json")
+    return str(made)
+
+
 def run(params: dict, split_dir: str, name: str, out_file: Path) -> dict:
     """One screening model without hold-out `name`: its held-out P(tumor) (saved to `out_file`)."""
     if out_file.exists():
         return dict(np.load(out_file))
-    source, collection = HOLD_OUTS[name]
     everything = every_image(split_dir)
-    rows = held_out(everything, source, collection) & everything["representative"]
+    rows = scored_rows(everything, name)
     pool = cross_validation_pool(split_dir, params["train"]["task"])
     keep = ~np.isin(pool["group"], everything["group"][rows])
     pool = {key: value[keep] for key, value in pool.items()}
@@ -106,6 +122,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--split-dir", default="artifacts/split")
+    parser.add_argument("--dedup-dir", default="artifacts/dedup", help="what an arm's own split is made from")
     parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2])
     parser.add_argument("--hold-out", nargs="+", default=sorted(HOLD_OUTS), choices=sorted(HOLD_OUTS))
@@ -121,10 +138,11 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     results = {}
     for arm in args.arms:
+        split_dir = split_for(base, arm, args.split_dir, args.dedup_dir, out)
         for seed in args.seeds:
-            params = {**base, "seed": seed, "train": merged(base["train"], ARMS[arm])}
+            params = {**merged(base, ARMS[arm]), "seed": seed}
             for name in args.hold_out:
-                found = run(params, args.split_dir, name, out / f"{arm}.{seed}.{name}.npz")
+                found = run(params, split_dir, name, out / f"{arm}.{seed}.{name}.npz")
                 results[arm, seed, name] = found
                 logging.info(
                     "%s seed %d without %s: AUC %.4f (%d epochs, best %d, %.0f s)",
@@ -142,6 +160,10 @@ def main() -> None:
             row = {"auc_per_seed": [round(a, 4) for a in aucs], "auc_mean": round(float(np.mean(aucs)), 4)}
             if arm != baseline:
                 label = results[arm, args.seeds[0], name]["label"]
+                assert all(  # paired image by image: the same held-out images in the same order
+                    np.array_equal(results[arm, s, name]["path"], results[baseline, s, name]["path"])
+                    for s in args.seeds
+                )
                 arm_p = [results[arm, s, name]["p"] for s in args.seeds]
                 base_p = [results[baseline, s, name]["p"] for s in args.seeds]
                 row["minus_baseline"] = round(row["auc_mean"] - table[name][baseline]["auc_mean"], 4)
