@@ -14,7 +14,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from braintumor import cli
-from braintumor.serve.access import AuditLog
+from braintumor.serve.access import AuditLog, read_keys
 from braintumor.serve.service import Access, create_app
 from braintumor.serve.watch import PLATT_C, Reference, logit, platt_fits, watch
 
@@ -181,6 +181,49 @@ def test_the_command_watches_what_the_service_logged(trained_states, tmp_path):
     assert "Doe_" not in (tmp_path / "watch/watch.json").read_text()
 
 
+def png(pixels: np.ndarray) -> bytes:
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, format="PNG")
+    return out.getvalue()
+
+
+@pytest.mark.slow
+def test_three_sites_through_the_api_alert_as_they_differ_from_the_reference(tmp_path):
+    """A model trained as the pipeline trains it (on the scans as the split stage prepares their files) serves
+    three keys in one week: site A sends scans like its test split, site B the same kind of scan nine in ten of
+    them tumors (its answers move: drift), site C colour photographs and noise (a refusal alert). The watch reads
+    the audit log against the reference the model ships: only B drifts, only C alerts on refusals."""
+    from braintumor.serve.access import add_key
+    from braintumor.serve.predict import load
+    from braintumor.serve.watch import reference_of
+
+    from fixtures.servers import trained_state
+    from fixtures.split import make_split
+
+    workspace, _ = trained_state(tmp_path / "state", "seed_cnn", make_split(tmp_path / "split", prepared=True))
+    model = str(workspace / "models/model.keras")
+    keys = tmp_path / "keys.json"
+    tokens = {site: add_key(keys, site, ["predict"]) for site in ("site-a", "site-b", "site-c")}
+    noise = np.random.default_rng(5)
+    scans = {
+        "site-a": [synthetic_scan(30_000 + k, k % 2 == 0, 48) for k in range(200)],
+        "site-b": [synthetic_scan(40_000 + k, k % 10 != 0, 48) for k in range(200)],
+        "site-c": [noise.integers(0, 256, (48, 48, 3), dtype=np.uint8) for _ in range(100)],
+    }
+    scans["site-c"] += [np.stack([s[..., 0], s[..., 0] // 2, 255 - s[..., 0]], axis=2) for s in scans["site-a"][:100]]
+    access = Access(keys=read_keys(keys), audit=AuditLog(tmp_path / "audit.jsonl"))
+    with TestClient(create_app(model, access=access)) as client:
+        for site, images in scans.items():
+            for start in range(0, len(images), 50):
+                files = [("files", (f"Doe_{k}.png", png(i))) for k, i in enumerate(images[start : start + 50])]
+                answer = client.post("/v1/predict", files=files, headers={"X-API-Key": tokens[site]})
+                assert answer.status_code == 200, answer.text
+    sites = {e["site"]: e for e in watch(tmp_path / "audit.jsonl", reference_of(load(model)))["sites"]}
+    assert sites["site-a"]["alerts"] == []
+    assert "p_tumor_drift" in sites["site-b"]["alerts"] and "refusals" not in sites["site-b"]["alerts"]
+    assert "refusals" in sites["site-c"]["alerts"] and sites["site-c"]["refusal_rate"] > 0.9
+
+
 def test_the_site_health_strip_alerts_on_refusals_once_a_site_has_enough_scans():
     from braintumor.serve.watch import SiteHealth
 
@@ -227,6 +270,34 @@ def test_the_ks_statistic_is_scipy_s_on_ties_and_all():
         reference = np.round(rng.random(rng.integers(5, 300)), int(rng.integers(1, 4)))  # rounded: ties too
         sample = np.round(rng.random(rng.integers(1, 100)), int(rng.integers(1, 4)))
         assert ks_statistic(sample, reference) == pytest.approx(ks_2samp(sample, reference).statistic, abs=1e-12)
+
+
+def test_the_batched_two_sample_ks_is_scipy_s_row_by_row():
+    from scipy.stats import ks_2samp
+
+    from braintumor.serve.watch import two_sample_ks
+
+    rng = np.random.default_rng(6)
+    for _ in range(30):
+        n, m, digits = int(rng.integers(1, 60)), int(rng.integers(1, 200)), int(rng.integers(1, 4))
+        a, b = np.round(rng.random((8, n)), digits), np.round(rng.random((8, m)) ** 1.3, digits)  # ties, shifted
+        expected = [ks_2samp(x, y).statistic for x, y in zip(a, b, strict=True)]
+        np.testing.assert_allclose(two_sample_ks(a, b), expected, atol=1e-12)
+
+
+def test_a_small_reference_is_a_sample_too():
+    """Sites drawn from the population a 32-scan reference was drawn from: a limit that takes the reference as
+    exact fires far above its stated rate; the two-sample limit keeps to it."""
+    from braintumor.serve.watch import FALSE_ALARM, ks_statistic, ks_threshold
+
+    rng = np.random.default_rng(7)
+    exact, sampled, trials = 0, 0, 300
+    for _ in range(trials):
+        reference, site = rng.beta(2, 5, 32), rng.beta(2, 5, 200)
+        statistic = ks_statistic(site, reference)
+        exact += statistic > ks_threshold(reference, 200, rng, draws=200)
+        sampled += statistic > ks_threshold(reference, 200, rng, draws=200, reference_size=32)
+    assert exact / trials > 5 * FALSE_ALARM and sampled / trials <= 3 * FALSE_ALARM
 
 
 def test_the_refusal_alert_fires_at_the_stated_false_alarm_rate():
