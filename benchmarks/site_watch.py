@@ -155,8 +155,8 @@ def main() -> None:
             }
             judging = np.random.default_rng(args.seed).permutation(len(answered_b))[: args.judged or None]
             verdicts = {}
-            for result, label in ((answered_b[k], labels_b[k]) for k in judging):
-                verdict = "tumor" if label else "no_tumor"
+            for result in (answered_b[k] for k in judging):
+                verdict = truth[result["scan_sha256"]]
                 body = {"request_id": result["request_id"], "scan_sha256": result["scan_sha256"], "verdict": verdict}
                 posted = requests.post(
                     f"{url}/v1/feedback", json=body, headers={"X-API-Key": keys["site-b"]}, timeout=60
@@ -174,10 +174,9 @@ def main() -> None:
     reference = reference_of(load(str(args.model / "model.keras")))
     report = watch(weekly, reference, "week", verdicts, seed=args.seed)
     plain = {(e["site"], e["period"]): e for e in watch(weekly, reference, "week", None, seed=args.seed)["sites"]}
-    measured_by = {  # each week's measured figures on all its scans, whichever the readers judged
-        (e["site"], e["period"]): e.get("measured", {})
-        for e in watch(weekly, reference, "week", truth, seed=args.seed)["sites"]
-    }
+    on_all_labels = report if verdicts == truth else watch(weekly, reference, "week", truth, seed=args.seed)
+    # each week's measured figures on all its scans, whichever the readers judged
+    measured_by = {(e["site"], e["period"]): e.get("measured", {}) for e in on_all_labels["sites"]}
     called_b = np.array([answered_b[k]["probability"] >= reference.threshold for k in read_b])
     healthy_b = labels_b[read_b] == 0
     collection_specificity = float((healthy_b & ~called_b).sum() / healthy_b.sum())
@@ -192,13 +191,13 @@ def main() -> None:
             "refusal_alerts": sum("refusals" in e["alerts"] for e in weeks),
             "refusal_rate_mean": round(float(np.mean([e["refusal_rate"] for e in weeks])), 4),
         }
-        judged = [e for e in weeks if "estimated" in e and "specificity" in measured_by[site, e["period"]]]
-        if judged and site == "site-b":
-            measured = np.array([measured_by[site, e["period"]]["specificity"] for e in judged])
+        compared = [e for e in weeks if "estimated" in e and "specificity" in measured_by[site, e["period"]]]
+        if compared and site == "site-b":
+            measured = np.array([measured_by[site, e["period"]]["specificity"] for e in compared])
             row["specificity_measured_mean"] = round(float(measured.mean()), 4)
             for name, estimates in (
-                ("cbpe", [plain[(site, e["period"])]["estimated"] for e in judged]),
-                ("recalibrated_on_other_weeks_verdicts", [e["estimated"] for e in judged]),
+                ("cbpe", [plain[(site, e["period"])]["estimated"] for e in compared]),
+                ("recalibrated_on_other_weeks_verdicts", [e["estimated"] for e in compared]),
             ):
                 gaps = np.array([est["specificity"] for est in estimates]) - measured
                 inside = [

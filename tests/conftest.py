@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import io
 import shutil
 import zlib
 from pathlib import Path
@@ -82,6 +83,13 @@ def save(path: Path, pixels: np.ndarray, mode: str = "L", fmt: str | None = None
         img = img.convert(mode)
     img.save(path, format=fmt)
     return path
+
+
+def png_bytes(pixels: np.ndarray, mode: str = "L") -> bytes:
+    """`pixels` as a PNG file's bytes, in `mode`: what a client uploads."""
+    out = io.BytesIO()
+    Image.fromarray(pixels).convert(mode).save(out, format="PNG")
+    return out.getvalue()
 
 
 def kaggle_cache(root: Path, handle: str, files: dict[str, Path]) -> Path:

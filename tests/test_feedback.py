@@ -21,18 +21,12 @@ from braintumor.serve.access import AuditLog, add_key, read_keys
 from braintumor.serve.feedback import FeedbackStore, KeptScans, Verdict
 from braintumor.serve.service import Access, create_app
 
+from conftest import png_bytes
 from fixtures.servers import BIN, free_port, postgres, tool_env, wait_for
 from fixtures.split import synthetic_scan
 
-
-def png(pixels: np.ndarray) -> bytes:
-    out = io.BytesIO()
-    Image.fromarray(pixels).save(out, format="PNG")
-    return out.getvalue()
-
-
-SCAN = png(synthetic_scan(1, True, 120)[..., 0])  # a tumor like those the tiny model learnt: read, not refused
-NOISE = png(np.random.default_rng(0).integers(0, 256, (96, 96)).astype(np.uint8))  # refused
+SCAN = png_bytes(synthetic_scan(1, True, 120)[..., 0])  # a tumor like those the tiny model learnt: read, not refused
+NOISE = png_bytes(np.random.default_rng(0).integers(0, 256, (96, 96)).astype(np.uint8))  # refused
 
 
 @pytest.fixture

@@ -3,26 +3,19 @@ answers given, the scope is checked, and no label holds a file name, a digest or
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
-from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
 from braintumor.serve.access import add_key, read_keys
 from braintumor.serve.metrics import answer_kind
 from braintumor.serve.service import Access, create_app
 
+from conftest import png_bytes
 from fixtures.split import synthetic_scan
-
-
-def png(pixels: np.ndarray, mode: str = "L") -> bytes:
-    out = io.BytesIO()
-    Image.fromarray(pixels).convert(mode).save(out, format="PNG")
-    return out.getvalue()
 
 
 def samples(text: str) -> dict[tuple[str, tuple], float]:
@@ -50,9 +43,9 @@ def test_metrics_count_the_answers_by_kind_and_reason_and_name_nothing(served):
     rng = np.random.default_rng(0)
     photo = np.stack([rng.integers(0, 256, (64, 64)), np.zeros((64, 64)), rng.integers(0, 256, (64, 64))], -1)
     files = [
-        ("Doe_Jane_scan.png", png(synthetic_scan(1, True, 120)[..., 0])),  # read
-        ("noise.png", png(rng.integers(0, 256, (96, 96)).astype(np.uint8))),  # the gate refuses it
-        ("photo.png", png(photo.astype(np.uint8), "RGB")),  # colour: refused before scoring
+        ("Doe_Jane_scan.png", png_bytes(synthetic_scan(1, True, 120)[..., 0])),  # read
+        ("noise.png", png_bytes(rng.integers(0, 256, (96, 96)).astype(np.uint8))),  # the gate refuses it
+        ("photo.png", png_bytes(photo.astype(np.uint8), "RGB")),  # colour: refused before scoring
         ("broken.png", b"not an image"),  # unreadable
     ]
     answer = client.post("/v1/predict", files=[("files", f) for f in files], headers={"X-API-Key": keys["reader"]})
@@ -102,7 +95,10 @@ def test_every_refusal_carries_the_code_its_maker_gave_it():
     photo = np.stack([rng.integers(0, 256, (64, 64)), np.zeros((64, 64)), rng.integers(0, 256, (64, 64))], -1)
     phantom = (shepp_logan_phantom() / shepp_logan_phantom().max() * 255).astype(np.uint8)
     ct = Path(get_testdata_file("CT_small.dcm", download=False)).read_bytes()
-    entries = [("photo.png", "photo.png", png(photo.astype(np.uint8), "RGB")), ("h.png", "h.png", png(phantom))]
+    entries = [
+        ("photo.png", "photo.png", png_bytes(photo.astype(np.uint8), "RGB")),
+        ("h.png", "h.png", png_bytes(phantom)),
+    ]
     series, errors = read_scans(entries + [("ct.dcm", "ct.dcm", ct)], max_pixels=None)
     assert errors == [] and [s.refusal.code for s in series] == ["colour", "head_ct", "not_mr_modality"]
     assert [refused(s.refusal)["refusal"] for s in series] == ["colour", "head_ct", "not_mr_modality"]

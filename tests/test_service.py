@@ -31,15 +31,9 @@ from braintumor.serve.access import (
 from braintumor.serve.predict import load, predict
 from braintumor.serve.service import Access, Limits, create_app
 
-from conftest import EPS, bomb_png, brain_image, save
+from conftest import EPS, bomb_png, brain_image, png_bytes, save
 from fixtures.servers import register_states
 from fixtures.split import synthetic_scan
-
-
-def png_bytes(pixels, mode: str = "L") -> bytes:
-    out = io.BytesIO()
-    Image.fromarray(pixels).convert(mode).save(out, format="PNG")
-    return out.getvalue()
 
 
 @pytest.fixture(scope="module", params=["onnx", "keras"])

@@ -5,19 +5,19 @@ and a log read while it is being written."""
 from __future__ import annotations
 
 import datetime
-import io
 import json
 
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
-from PIL import Image
 
 from braintumor import cli
+from braintumor.model.calibration import logit
 from braintumor.serve.access import AuditLog, read_keys
 from braintumor.serve.service import Access, create_app
-from braintumor.serve.watch import PLATT_C, Reference, logit, platt_fits, watch
+from braintumor.serve.watch import PLATT_C, Reference, platt_fits, watch
 
+from conftest import png_bytes
 from fixtures.split import synthetic_scan
 
 START = datetime.datetime(2026, 11, 30, 9, tzinfo=datetime.UTC)  # a Monday
@@ -163,9 +163,8 @@ def test_the_command_watches_what_the_service_logged(trained_states, tmp_path):
     model = str(workspace / "models/model.keras")
     with TestClient(create_app(model, access=Access(audit=AuditLog(tmp_path / "audit.jsonl")))) as client:
         for k in range(30):
-            image = io.BytesIO()
-            Image.fromarray(synthetic_scan(100 + k, k % 2 == 0, 64)[..., 0]).save(image, format="PNG")
-            answer = client.post("/v1/predict", files=[("files", (f"Doe_{k}.png", image.getvalue()))])
+            image = png_bytes(synthetic_scan(100 + k, k % 2 == 0, 64)[..., 0])
+            answer = client.post("/v1/predict", files=[("files", (f"Doe_{k}.png", image))])
             assert answer.status_code == 200
         health = client.get("/v1/site-health").json()  # what the page's strip shows
         assert (health["site"], health["scans"]) == ("anonymous", 30)
@@ -179,12 +178,6 @@ def test_the_command_watches_what_the_service_logged(trained_states, tmp_path):
     assert site["site"] == "anonymous" and site["scans"] == 30 and report["reference"]["scans_read"] > 0
     assert (tmp_path / "watch/site-anonymous.png").is_file()
     assert "Doe_" not in (tmp_path / "watch/watch.json").read_text()
-
-
-def png(pixels: np.ndarray) -> bytes:
-    out = io.BytesIO()
-    Image.fromarray(pixels).save(out, format="PNG")
-    return out.getvalue()
 
 
 @pytest.mark.slow
@@ -215,7 +208,9 @@ def test_three_sites_through_the_api_alert_as_they_differ_from_the_reference(tmp
     with TestClient(create_app(model, access=access)) as client:
         for site, images in scans.items():
             for start in range(0, len(images), 50):
-                files = [("files", (f"Doe_{k}.png", png(i))) for k, i in enumerate(images[start : start + 50])]
+                files = [
+                    ("files", (f"Doe_{k}.png", png_bytes(i, "RGB"))) for k, i in enumerate(images[start : start + 50])
+                ]
                 answer = client.post("/v1/predict", files=files, headers={"X-API-Key": tokens[site]})
                 assert answer.status_code == 200, answer.text
     sites = {e["site"]: e for e in watch(tmp_path / "audit.jsonl", reference_of(load(model)))["sites"]}

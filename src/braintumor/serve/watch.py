@@ -29,6 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
+from braintumor.model.calibration import logit
+
 READ = ("read", "uncertain")
 FALSE_ALARM = 0.01  # the share of reference-like samples of a site's size that alert, per statistic
 MIN_SCANS = 20  # fewer scans read in a period: no drift statistic (too few to say)
@@ -221,11 +223,6 @@ def estimated_performance(p: np.ndarray, threshold: float, rng: np.random.Genera
         "specificity_ci95": [round(float(low[1]), 4), round(float(high[1]), 4)],
         "positive_rate": round(float(called.mean()), 4),
     }
-
-
-def logit(p: np.ndarray) -> np.ndarray:
-    p = np.clip(p, 1e-6, 1 - 1e-6)
-    return np.log(p / (1 - p))
 
 
 PLATT_C = 1e4  # inverse L2 strength on the slope, as scikit-learn's LogisticRegression(C=...) takes it
