@@ -331,7 +331,7 @@ def watch(
         for s in scans:
             if s["scan"] in (verdicts or {}) and s.get("status") in READ and s.get("probability") is not None:
                 known.setdefault(site, {})[s["scan"]] = (float(s["probability"]), verdicts[s["scan"]] == "tumor")
-    sites = []
+    sites, limits = [], {}
     for (site, when), scans in sorted(groups.items()):
         read = [s for s in scans if s.get("status") in READ and s.get("probability") is not None]
         refused = sum(s.get("status") not in READ for s in scans)
@@ -348,13 +348,15 @@ def watch(
         alerts = []
         if too_many_refusals(refused, len(scans), reference.refused):
             alerts.append("refusals")
-        for name, values, ref in (
-            ("p_tumor", p, reference.probability),
-            ("gate_distance", gate, reference.gate_distance),
+        for kind, (name, values, ref) in enumerate(
+            (("p_tumor", p, reference.probability), ("gate_distance", gate, reference.gate_distance))
         ):
             if len(values) >= MIN_SCANS and len(ref):
                 statistic = ks_statistic(values, ref)
-                limit = ks_threshold(ref, len(values), rng, reference_size=reference.scans)
+                if (name, len(values)) not in limits:  # a function of the statistic and the size alone
+                    drawn = np.random.default_rng([seed, kind, len(values)])
+                    limits[name, len(values)] = ks_threshold(ref, len(values), drawn, reference_size=reference.scans)
+                limit = limits[name, len(values)]
                 entry[f"{name}_ks"], entry[f"{name}_ks_limit"] = round(statistic, 4), round(limit, 4)
                 if statistic > limit:
                     alerts.append(f"{name}_drift")
