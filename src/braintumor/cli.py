@@ -10,6 +10,7 @@ import logging
 import os
 import re
 import sys
+import time
 from pathlib import Path
 
 from braintumor.data.images import DEFAULT_MAX_PIXELS
@@ -354,7 +355,7 @@ def run_serve(args) -> int:
     from braintumor.errors import AccessError, ModelLoadError
     from braintumor.serve.access import AuditLog, RateLimit, check_exposure, read_keys
     from braintumor.serve.feedback import FeedbackStore, KeptScans
-    from braintumor.serve.service import Access, Limits, serve
+    from braintumor.serve.service import Access, Limits, create_app, serve
 
     limits = Limits(
         max_body_bytes=args.max_body_mb << 20,
@@ -369,20 +370,20 @@ def run_serve(args) -> int:
         beside_audit = Path(args.audit_log).resolve().with_name("feedback.db")
         feedback = FeedbackStore(args.feedback_db or f"sqlite:///{beside_audit}")
         kept_scans = KeptScans(Path(args.keep_feedback_scans)) if args.keep_feedback_scans else None
-        serve(
+        started = time.perf_counter()
+        app = create_app(
             args.model,
-            args.host,
-            args.port,
             limits,
             args.poll_seconds,
             access,
-            args.dicomweb,
-            args.runtime,
-            args.batch_wait_ms,
-            feedback,
-            kept_scans,
-            not args.no_metrics,
+            dicomweb=args.dicomweb,
+            runtime=args.runtime,
+            batch_wait_ms=args.batch_wait_ms,
+            feedback=feedback,
+            kept_scans=kept_scans,
+            with_metrics=not args.no_metrics,
         )
+        serve(app, args.host, args.port, time.perf_counter() - started)
     except (ModelLoadError, AccessError) as err:
         print(f"braintumor serve: error: {err}", file=sys.stderr)
         return 2

@@ -174,48 +174,23 @@ def create_app(
     return app
 
 
-def serve(
-    reference: str,
-    host: str,
-    port: int,
-    limits: Limits,
-    poll_seconds: float,
-    access: Access,
-    dicomweb: str | None = None,
-    runtime: str = "auto",
-    batch_wait_ms: float = 4.0,
-    feedback: FeedbackStore | None = None,
-    kept_scans: KeptScans | None = None,
-    with_metrics: bool = True,
-) -> None:
-    """Load and warm the model, then answer HTTP until stopped (`braintumor serve`).
+def serve(app: FastAPI, host: str, port: int, load_seconds: float) -> None:
+    """Answer HTTP with an app of `create_app` until stopped (`braintumor serve`).
 
     Args:
-        reference: the model: a .keras path or a models:/ URI.
+        app: the app, its model loaded and warmed up.
         host: address to listen on.
         port: port to listen on.
-        limits: upload and batch limits.
-        poll_seconds: how often a registry alias is checked for a new version.
-        access: keys, rate limit and audit log.
-        dicomweb: a DICOMweb server to pull studies from (`POST /v1/studies/{uid}/predict`), or None.
-        runtime: "auto" (ONNX Runtime when the model has an export), "onnx" or "keras".
-        batch_wait_ms: how long a request waits for others to share its model call.
-        feedback: where answers and readers' verdicts are kept, or None.
-        kept_scans: where the scans that get a verdict are kept, or None.
-        with_metrics: serve `GET /metrics` (Prometheus).
+        load_seconds: how long loading and warming took, for the start-up line.
     """
     import uvicorn
 
-    started = time.perf_counter()
-    app = create_app(
-        reference, limits, poll_seconds, access, dicomweb, runtime, batch_wait_ms, feedback, kept_scans, with_metrics
-    )
-    served = app.state.followed.current.served
+    followed = app.state.followed
     log.info(
         "serve: %s (version %s) loaded and warmed up in %.1f s; http://%s:%d/",
-        reference,
-        served.version,
-        time.perf_counter() - started,
+        followed.reference,
+        followed.current.served.version,
+        load_seconds,
         host,
         port,
     )
