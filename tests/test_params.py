@@ -65,6 +65,7 @@ def test_shipped_params_are_valid(params, stage):
         ("register.min_recall", 1.5, validate_register, "register.min_recall"),
         ("train.epochs", 0, validate_train, "train.epochs"),
         ("train.model", "resnet18", validate_train, "train.model"),
+        ("train.full_weight_images", -5, validate_train, "train.full_weight_images"),
         ("evaluate.target_recall", 0.2, validate_evaluate, "evaluate.target_recall"),
         ("review.gallery", -1, validate_review, "review.gallery"),
         ("explain.lime_samples", 5, validate_explain, "explain.lime_samples"),

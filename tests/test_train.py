@@ -76,6 +76,26 @@ def test_sample_weights_by_collection_balance_each_folder_of_a_source():
     assert strata["a/Testing/no_tumor"] == pytest.approx(60 / 30, abs=1e-4)
 
 
+def test_a_site_s_few_scans_weigh_as_scans_not_as_a_whole_source():
+    # the pool: source a, 30 healthy / 60 tumor; a new site's first verdicts: 2 healthy, 8 tumor
+    y = np.array([0] * 30 + [1] * 60 + [0] * 2 + [1] * 8)
+    data = {"y": y, "source": np.array(["a"] * 90 + ["local"] * 10)}
+    names = ["no_tumor", "tumor"]
+    whole, _ = sample_weights(data, names, "balanced_by_source")
+    floored, strata = sample_weights(data, names, "balanced_by_source", full_weight_images=25)
+    site = data["source"] == "local"
+    assert whole[site & (y == 0)].sum() == pytest.approx(whole[~site & (y == 0)].sum())  # 2 scans = 30 scans
+    assert floored[site & (y == 0)].sum() == pytest.approx(whole[~site & (y == 0)].sum() * 2 / 25)
+    assert floored[site & (y == 1)].sum() == pytest.approx(whole[~site & (y == 1)].sum() * 8 / 25)
+    assert np.array_equal(floored[~site], whole[~site])  # strata of 25 or more: the very same weights
+    assert strata["local/no_tumor"] == pytest.approx(strata["a/no_tumor"] * 30 / 25, abs=1e-4)
+    # a site that has grown to 25 of each class weighs as a source again
+    y = np.array([0] * 30 + [1] * 60 + [0] * 25 + [1] * 25)
+    data = {"y": y, "source": np.array(["a"] * 90 + ["local"] * 50)}
+    grown = sample_weights(data, names, "balanced_by_source", full_weight_images=25)[0]
+    assert np.array_equal(grown, sample_weights(data, names, "balanced_by_source")[0])
+
+
 def views(count: int, tall: bool, seed: int) -> np.ndarray:
     """Heads of one look: a round one (an axial slice) or a tall narrow one (a sagittal slice's outline)."""
     rng = np.random.default_rng(seed)

@@ -65,6 +65,7 @@ KNOWN: dict = {
                 "dropout",
                 "class_weight",
                 "member_weight",
+                "full_weight_images",
                 "clean_learning",
                 "loader",
                 "early_stopping_patience",
@@ -309,6 +310,7 @@ def validate_train(params: dict) -> dict:
         ("balanced", "balanced_by_source", "balanced_by_collection", "balanced_by_style", "none"),
     )
     _choice(params, "train.member_weight", ("cluster", "image"))
+    _int(params, "train.full_weight_images", 0, 100_000)
     _bool(params, "train.clean_learning")
     _int(params, "train.early_stopping_patience", 1, 1000)
     _int(params, "train.reduce_lr_patience", 1, 1000)

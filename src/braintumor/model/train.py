@@ -64,7 +64,7 @@ def subtype_crossentropy(y_true, y_pred):
 
 
 def sample_weights(
-    data: dict, names: list[str], mode: str, member_weight: str = "image"
+    data: dict, names: list[str], mode: str, member_weight: str = "image", full_weight_images: int = 0
 ) -> tuple[np.ndarray | None, dict[str, float]]:
     """Per-image loss weights and the weight of each stratum, for `train.class_weight` and `train.member_weight`.
 
@@ -77,7 +77,12 @@ def sample_weights(
     style on its own predicts the class. `none`: no class weights.
 
     `member_weight: cluster` (for `dedup.keep: clusters`): the images of one dedup cluster share the weight of
-    one image, so that 18 slices of one patient do not outweigh a single scan 18 to 1; `image`: each its own."""
+    one image, so that 18 slices of one patient do not outweigh a single scan 18 to 1; `image`: each its own.
+
+    `full_weight_images` (`train.full_weight_images`; 0 = off): a stratum of fewer images (clusters, with
+    `member_weight: cluster`) weighs in proportion to its size. Ten verdicts from a new site (`data/site-*/`)
+    then weigh as ten scans, not as a whole source's class: at that weight they cost the other sites 0.045
+    test AUC (benchmarks/RESULTS.md, "How many of a site's own scans")."""
     base = np.ones(len(data["y"]))
     if member_weight == "cluster":
         _, members, counts = np.unique(data["cluster"], return_inverse=True, return_counts=True)
@@ -97,7 +102,10 @@ def sample_weights(
             dtype=object,
         )
     keys, index = np.unique(strata, return_inverse=True)
-    weight = base.sum() / (len(keys) * np.bincount(index, weights=base))
+    sizes = np.bincount(index, weights=base)
+    weight = base.sum() / (len(keys) * sizes)
+    if full_weight_images:
+        weight = weight * np.minimum(1.0, sizes / full_weight_images)
     return base * weight[index], {str(k): round(float(w), 4) for k, w in zip(keys, weight, strict=True)}
 
 
@@ -251,7 +259,9 @@ def fit_on_devices(
             layer.trainable = False
     compile_model(model, optimizer, config["learning_rate"], config)
     task_names = class_names(config["task"])  # the weights balance the task's classes, whatever the head
-    weights, strata = sample_weights(train, task_names, config["class_weight"], config["member_weight"])
+    weights, strata = sample_weights(
+        train, task_names, config["class_weight"], config["member_weight"], config["full_weight_images"]
+    )
     held_out_weights, _ = sample_weights(val, task_names, config["class_weight"])  # early stopping: the same loss
     if names != task_names:
         train, val = ({**data, "y": subtype_targets(data)} for data in (train, val))
