@@ -4,7 +4,8 @@ scans arrive with reader verdicts (their labels); N of them enter training, the 
 Per seed (= per draw of which scans arrive): the site's clusters leave the train+val pool; the site's brain-MR
 scans are put in a seeded random order and the first N arrive (nested: the 25 include the 10). Arrivals enter
 training as `braintumor feedback accept` puts them there: a `data/site-<name>/` folder of the local source,
-so `train.class_weight: balanced_by_source` weighs the site's classes as it weighs any source's. Two ways to use
+so `train.class_weight: balanced_by_source` weighs the site's classes as it weighs any source's, each in
+proportion to its size while under `train.full_weight_images` (`--full-weight-images` overrides it). Two ways to use
 them, each a screen-sized fit (one model on half the pool, early-stopped on the other half, as
 `collection_screen.py`: cheaper than the shipped five folds by about 10 x):
 
@@ -15,10 +16,13 @@ them, each a screen-sized fit (one model on half the pool, early-stopped on the 
 Scored for every (way, seed, N): the site's scans that did not arrive (ROC AUC; specificity at recall 0.98), and
 the test split without the site (in distribution: what an update must not lose). Differences are paired with
 N = 0 of the same seed on the same images; intervals are 95 % bootstrap over images of the seed-averaged figure.
+With `--baseline DIR` the summary also pairs each retrain with the one of the same seed and N under DIR (the runs
+of another recipe, e.g. `--full-weight-images 0`).
 
-    KERAS_BACKEND=jax python benchmarks/site_scans.py --way update --seeds 1          # N = 0 and every update
-    KERAS_BACKEND=jax python benchmarks/site_scans.py --way retrain --seeds 1 --arrivals 25
-    python benchmarks/site_scans.py --summary --seeds 1 2 3                           # table + plot from the runs
+    python benchmarks/site_scans.py --way update --seeds 1                   # N = 0 and every update
+    python benchmarks/site_scans.py --way retrain --seeds 1 --arrivals 25
+    python benchmarks/site_scans.py --summary --seeds 1 2 3                  # table + plot from the runs
+    python benchmarks/site_scans.py --site kaggle2018 --arrivals 10 25 50 100 --way retrain   # 186 scans
 
 Each run saves its scores under --out; a run already there is reused.
 """
@@ -116,7 +120,7 @@ def retrain(params: dict, site: Site, seed: int, n: int, out_file: Path) -> kera
     return model
 
 
-def update(params: dict, site: Site, seed: int, out: Path, epochs: int, lr_factor: float) -> None:
+def update(params: dict, site: Site, seed: int, out: Path, arrivals: list[int], epochs: int, lr_factor: float) -> None:
     """N = 0 (the model in use), then each N > 0: that model fine-tuned on the arrivals with its fitting half
     replayed, from the same N = 0 weights each time."""
     config = validate_train(params)
@@ -126,12 +130,18 @@ def update(params: dict, site: Site, seed: int, out: Path, epochs: int, lr_facto
     model = retrain(params, site, seed, 0, base_file)
     start, optimizer = model.get_weights(), model.optimizer.__class__.__name__
     fit_half, _ = site.halves(seed)
-    for n in ARRIVALS[1:]:
+    for n in arrivals:
         out_file = out / f"update.{seed}.{n}.npz"
         if out_file.exists():
             continue
         data = joined(fit_half, site.arrivals(seed, n))
-        weights, _ = sample_weights(data, class_names(config["task"]), config["class_weight"], config["member_weight"])
+        weights, _ = sample_weights(
+            data,
+            class_names(config["task"]),
+            config["class_weight"],
+            config["member_weight"],
+            config["full_weight_images"],
+        )
         keras.utils.set_random_seed(seed)
         model.set_weights(start)
         compile_model(model, optimizer, config["learning_rate"] * lr_factor, config)
@@ -159,22 +169,69 @@ def interval(values: list[float]) -> list[float]:
     return [round(float(q), 4) for q in np.percentile(values, [2.5, 97.5])]
 
 
-def summarise(site: Site, out: Path, seeds: list[int], resamples: int) -> dict:
-    """Per way and N: the seed-averaged figures on the site's rest and the test split, and their paired
-    differences with N = 0, with bootstrap intervals over images (resampled within each seed's rest)."""
-    rng = np.random.default_rng(0)
-    y_site, y_test = site.scans["y"], site.test_y
+def runs_in(out: Path) -> dict:
+    """(way, seed, N): the scores a run saved under `out`."""
     found = {}
     for path in out.glob("*.npz"):
         way, seed, n = path.stem.split(".")
         found[way, int(seed), int(n)] = dict(np.load(path))
+    return found
 
-    def on_site(runs: dict, rows: dict) -> np.ndarray:  # (AUC, specificity at RECALL), averaged over seeds
-        return np.mean([figures(y_site[rows[s]], runs[s]["p_site"][rows[s]]) for s in seeds], axis=0)
 
-    def on_test(runs: dict, rows: np.ndarray) -> float:
-        return float(np.mean([roc_auc_score(y_test[rows], runs[s]["p_test"][rows]) for s in seeds]))
+class Paired:
+    """Seed-averaged figures of runs on the site's scans that did not arrive and on the test split, and their
+    bootstrap over images (resampled within each seed's rest; the test split resampled alike)."""
 
+    def __init__(self, site: Site, seeds: list[int], resamples: int):
+        self.site, self.seeds, self.resamples = site, seeds, resamples
+        self.rng = np.random.default_rng(0)
+
+    def on_site(self, runs: dict, rows: dict) -> np.ndarray:  # (AUC, specificity at RECALL)
+        y = self.site.scans["y"]
+        return np.mean([figures(y[rows[s]], runs[s]["p_site"][rows[s]]) for s in self.seeds], axis=0)
+
+    def on_test(self, runs: dict, rows: np.ndarray) -> float:
+        y = self.site.test_y
+        return float(np.mean([roc_auc_score(y[rows], runs[s]["p_test"][rows]) for s in self.seeds]))
+
+    def draws(self, n: int):
+        """`resamples` times: each seed's rest after N arrivals, and the test split, drawn with replacement."""
+        y = self.site.scans["y"]
+        rests = {s: self.site.order(s)[n:] for s in self.seeds}
+        made = 0
+        while made < self.resamples:
+            drawn = {s: self.rng.choice(rests[s], len(rests[s])) for s in self.seeds}
+            if any(y[rows].min() == y[rows].max() for rows in drawn.values()):
+                continue
+            made += 1
+            yield drawn, self.rng.integers(0, len(self.site.test_y), len(self.site.test_y))
+
+    def difference(self, runs: dict, other: dict, n: int) -> dict:
+        """runs minus other, after N arrivals: site AUC, site specificity at RECALL, test AUC."""
+        rests = {s: self.site.order(s)[n:] for s in self.seeds}
+        every_test = np.arange(len(self.site.test_y))
+        site_diffs, test_diffs = [], []
+        for drawn, test_rows in self.draws(n):
+            site_diffs.append(self.on_site(runs, drawn) - self.on_site(other, drawn))
+            test_diffs.append(self.on_test(runs, test_rows) - self.on_test(other, test_rows))
+        point = self.on_site(runs, rests) - self.on_site(other, rests)
+        return {
+            "site_auc": round(float(point[0]), 4),
+            "site_auc_ci95": interval(np.array(site_diffs)[:, 0]),
+            f"site_specificity_at_recall_{RECALL}": round(float(point[1]), 4),
+            "site_specificity_ci95": interval(np.array(site_diffs)[:, 1]),
+            "test_auc": round(self.on_test(runs, every_test) - self.on_test(other, every_test), 4),
+            "test_auc_ci95": interval(test_diffs),
+        }
+
+
+def summarise(site: Site, out: Path, seeds: list[int], resamples: int, baseline: Path | None = None) -> dict:
+    """Per way and N: the seed-averaged figures on the site's rest and the test split, and their paired
+    differences with N = 0; the two ways against each other; with `baseline` (the runs of another recipe, e.g.
+    another `train.full_weight_images`), each retrain against the baseline's at the same seed and N."""
+    paired = Paired(site, seeds, resamples)
+    found = runs_in(out)
+    y_site, y_test = site.scans["y"], site.test_y
     table = {}
     base = {s: found.get(("retrain", s, 0)) for s in seeds}
     if any(run is None for run in base.values()):
@@ -186,18 +243,14 @@ def summarise(site: Site, out: Path, seeds: list[int], resamples: int) -> dict:
             if any(run is None for run in runs.values()):
                 continue
             rests = {s: site.order(s)[n:] for s in seeds}
-            now, then = on_site(runs, rests), on_site(base, rests)
-            test_now, test_then = on_test(runs, every_test), on_test(base, every_test)
+            now, then = paired.on_site(runs, rests), paired.on_site(base, rests)
+            test_now, test_then = paired.on_test(runs, every_test), paired.on_test(base, every_test)
             boot_site, boot_diff, boot_test, boot_test_diff = [], [], [], []
-            while len(boot_site) < resamples:
-                drawn = {s: rng.choice(rests[s], len(rests[s])) for s in seeds}
-                if any(y_site[rows].min() == y_site[rows].max() for rows in drawn.values()):
-                    continue
-                test_rows = rng.integers(0, len(y_test), len(y_test))
-                boot_site.append(on_site(runs, drawn))
-                boot_diff.append(boot_site[-1] - on_site(base, drawn))
-                boot_test.append(on_test(runs, test_rows))
-                boot_test_diff.append(boot_test[-1] - on_test(base, test_rows))
+            for drawn, test_rows in paired.draws(n):
+                boot_site.append(paired.on_site(runs, drawn))
+                boot_diff.append(boot_site[-1] - paired.on_site(base, drawn))
+                boot_test.append(paired.on_test(runs, test_rows))
+                boot_test_diff.append(boot_test[-1] - paired.on_test(base, test_rows))
             boot_site, boot_diff = np.array(boot_site), np.array(boot_diff)
             table.setdefault(way, {})[n] = {
                 "scored": int(np.mean([len(rests[s]) for s in seeds])),
@@ -217,38 +270,27 @@ def summarise(site: Site, out: Path, seeds: list[int], resamples: int) -> dict:
                 ],
                 "seconds_per_run": round(float(np.mean([runs[s]["seconds"] for s in seeds])), 1),
             }
-    for n in ARRIVALS[1:]:  # the two ways side by side: the same seeds, the same scored scans
+    other = runs_in(baseline) if baseline else {}
+    for n in ARRIVALS[1:]:
         retrained = {s: found.get(("retrain", s, n)) for s in seeds}
         updated = {s: found.get(("update", s, n)) for s in seeds}
-        if any(run is None for run in [*retrained.values(), *updated.values()]):
-            continue
-        rests = {s: site.order(s)[n:] for s in seeds}
-        diffs, test_diffs = [], []
-        while len(diffs) < resamples:
-            drawn = {s: rng.choice(rests[s], len(rests[s])) for s in seeds}
-            if any(y_site[rows].min() == y_site[rows].max() for rows in drawn.values()):
-                continue
-            test_rows = rng.integers(0, len(y_test), len(y_test))
-            diffs.append(on_site(updated, drawn) - on_site(retrained, drawn))
-            test_diffs.append(on_test(updated, test_rows) - on_test(retrained, test_rows))
-        point = on_site(updated, rests) - on_site(retrained, rests)
-        table.setdefault("update_minus_retrain", {})[n] = {
-            "site_auc": round(float(point[0]), 4),
-            "site_auc_ci95": interval(np.array(diffs)[:, 0]),
-            f"site_specificity_at_recall_{RECALL}": round(float(point[1]), 4),
-            "site_specificity_ci95": interval(np.array(diffs)[:, 1]),
-            "test_auc": round(on_test(updated, every_test) - on_test(retrained, every_test), 4),
-            "test_auc_ci95": interval(test_diffs),
-        }
+        before = {s: other.get(("retrain", s, n)) for s in seeds}
+        if all(run is not None for run in [*retrained.values(), *updated.values()]):  # the two ways, same scans
+            table.setdefault("update_minus_retrain", {})[n] = paired.difference(updated, retrained, n)
+        if baseline and all(run is not None for run in [*retrained.values(), *before.values()]):
+            table.setdefault("retrain_minus_baseline", {})[n] = paired.difference(retrained, before, n)
     return table
 
 
-def plot(table: dict, path: Path, title: str) -> None:
+def plot(table: dict, path: Path, title: str, baseline: dict | None = None) -> None:
     """The site's other scans (AUC, and the N = 0 model's AUC on the same scans: the scored set shrinks as N
-    grows), the paired gain over N = 0, and the in-distribution test split's paired change."""
+    grows), the paired gain over N = 0, and the in-distribution test split's paired change; with `baseline`
+    (another recipe's table), its retrains too."""
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
-    for way, style, colour in (("retrain", "o-", "C0"), ("update", "s--", "C1")):
-        rows = table.get(way, {})
+    lines = [("retrain", table.get("retrain", {}), "o-", "C0"), ("update", table.get("update", {}), "s--", "C1")]
+    if baseline:
+        lines.append(("retrain, baseline", baseline.get("retrain", {}), "^:", "C3"))
+    for way, rows, style, colour in lines:
         ns = sorted(rows)
         if not ns:
             continue
@@ -291,16 +333,20 @@ def main() -> None:
     parser.add_argument("--arrivals", nargs="+", type=int, default=list(ARRIVALS[1:]))
     parser.add_argument("--epochs", type=int, default=30, help="at most, for a model from scratch")
     parser.add_argument("--patience", type=int, default=8)
+    parser.add_argument("--full-weight-images", type=int, help="train.full_weight_images (default: params')")
     parser.add_argument("--update-epochs", type=int, default=5)
     parser.add_argument("--update-lr-factor", type=float, default=0.1)
     parser.add_argument("--summary", action="store_true", help="the table and plot of the runs under --out")
     parser.add_argument("--bootstrap", type=int, default=1000)
+    parser.add_argument("--baseline", type=Path, help="with --summary: another recipe's --out, paired with this one")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/data/site_scans"))
     parser.add_argument("--plot", type=Path, default=Path("plots/site_scans.png"))
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     params = load_params(args.params)
     params["train"].update(epochs=args.epochs, early_stopping_patience=args.patience)
+    if args.full_weight_images is not None:
+        params["train"]["full_weight_images"] = args.full_weight_images
     out = args.out / args.site
     out.mkdir(parents=True, exist_ok=True)
     site = Site(params, args.split_dir, args.site)
@@ -313,14 +359,22 @@ def main() -> None:
         len(site.test_y),
     )
     if args.summary:
-        table = summarise(site, out, args.seeds, args.bootstrap)
+        baseline = args.baseline / args.site if args.baseline else None
+        table = summarise(site, out, args.seeds, args.bootstrap, baseline)
         write_json(out / "summary.json", {"site": args.site, "seeds": args.seeds, "table": table})
-        plot(table, args.plot, f"{args.site} as a new site: seeds {args.seeds}, screen-sized fits")
+        other = None
+        if baseline:  # JSON keys are strings: N back to numbers
+            saved = json.loads((baseline / "summary.json").read_text())["table"]
+            other = {way: {int(n): row for n, row in rows.items()} for way, rows in saved.items()}
+        plot(table, args.plot, f"{args.site} as a new site: seeds {args.seeds}, screen-sized fits", other)
         print(json.dumps(table, indent=1))
         return
+    too_many = [n for n in args.arrivals if n >= len(site.scans["y"]) - 20]
+    if too_many:
+        parser.error(f"--arrivals {too_many}: site {args.site} has {len(site.scans['y'])} scans; leave 20 to score")
     for seed in args.seeds:
         if args.way == "update":
-            update(params, site, seed, out, args.update_epochs, args.update_lr_factor)
+            update(params, site, seed, out, args.arrivals, args.update_epochs, args.update_lr_factor)
         else:
             for n in args.arrivals:
                 if not (out / f"retrain.{seed}.{n}.npz").exists():
