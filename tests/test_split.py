@@ -43,17 +43,20 @@ def test_leakage_counts_near_duplicates_across_splits():
     assert leakage(Hashes(phash, dhash), split, 10, 10) == {"val_in_train": 1, "test_in_train": 0}
 
 
-def dedup_output(root, members_per_cluster: dict[int, int]) -> None:
-    """A dedup stage output of 60 clusters (every fifth healthy), with the given number of members in some."""
+def dedup_output(root, members_per_cluster: dict[int, int], site_scans: int = 0) -> None:
+    """A dedup stage output of 60 clusters (every fifth healthy), with the given number of members in some, then
+    a site's first `site_scans` scans from `data/site-a/` (the local source, a cluster each)."""
     rng = np.random.default_rng(1)
     rows = []
-    for cluster in range(60):
+    for cluster in range(60 + site_scans):
+        site = cluster >= 60
         for k in range(1 + members_per_cluster.get(cluster, 0)):
-            path = save(root.parent / f"images/c{cluster:02d}-{k}.png", brain_image(cluster * 10 + k, 64))
+            name = f"site-a-{cluster - 60:03d}" if site else f"c{cluster:02d}-{k}"
+            path = save(root.parent / f"images/{name}.png", brain_image(cluster * 10 + k, 64))
             rows.append(
                 {
                     "path": str(path),
-                    "source": "synthetic",
+                    "source": "local" if site else "synthetic",
                     "label": int(cluster % 5 != 0),
                     "subtype": "none" if cluster % 5 == 0 else "unknown",
                     "group": f"cluster-{cluster:05d}",
@@ -92,6 +95,27 @@ def test_members_follow_their_group_and_the_test_split_stays_the_same(in_tmp):
         with np.load(in_tmp / f"split-clusters/{name}.npz") as arrays:
             assert sorted(arrays["path"]) == sorted(after.path[after.split == name])  # members included
     assert metrics["cluster_members"] == 60 and metrics["images"] == 60 + 60 - test_members
+
+
+def test_a_site_s_new_scans_move_no_image_already_placed(in_tmp):
+    params = load_params(REPO / "params.yaml")
+    params["split"]["image_size"], params["split"]["workers"] = 32, 1
+    placed = {}
+    for scans in (0, 30, 80):
+        dedup_output(in_tmp / f"dedup{scans}", {3: 1}, site_scans=scans)
+        split(params, in_tmp / f"dedup{scans}", in_tmp / f"split{scans}", in_tmp / f"split{scans}.json")
+        placed[scans] = pd.read_csv(in_tmp / f"split{scans}/manifest.csv").set_index("path").split
+    public = placed[0].index
+    assert placed[30][public].equals(placed[0]) and placed[80][public].equals(placed[0])  # the public split stays
+    first = placed[30].index.difference(public)
+    assert placed[80][first].equals(placed[30][first])  # 50 more scans of the site move none of its first 30
+    site = placed[80].drop(public).value_counts()
+    assert set(site.index) == {"train", "val", "test"} and site["train"] > site["test"]  # drawn by the fractions
+    with_seed = load_params(REPO / "params.yaml") | {"seed": params["seed"] + 1}
+    with_seed["split"] = params["split"]
+    split(with_seed, in_tmp / "dedup80", in_tmp / "reseeded", in_tmp / "reseeded.json")
+    reseeded = pd.read_csv(in_tmp / "reseeded/manifest.csv").set_index("path").split
+    assert not reseeded.drop(public).equals(placed[80].drop(public))  # the seed draws the site's places too
 
 
 def test_images_are_written_a_chunk_at_a_time_in_manifest_order(in_tmp, monkeypatch):

@@ -448,3 +448,33 @@ def test_clean_learning_fits_again_without_the_images_cleanlab_flags(in_tmp):
     assert json.loads((in_tmp / "models/model.json").read_text())["threshold"] == pytest.approx(placed)
     every = binary_metrics(oof["label"], oof["probability"], placed)
     assert result["out_of_fold"]["specificity"] == every["specificity"]
+
+
+def pool_with_site(site_scans: int) -> dict:
+    """A train+val pool of 60 public scans, then a site's first `site_scans` (data/site-a/, the local source)."""
+    public = [("synthetic", f"artifacts/fetch/images/synthetic/{i:03d}.png") for i in range(60)]
+    site = [("local", f"artifacts/fetch/images/local/site-a/{i:03d}.png") for i in range(site_scans)]
+    rows = public + site
+    return {
+        "source": np.array([source for source, _ in rows], dtype=object),
+        "path": np.array([path for _, path in rows]),
+        "group": np.array([f"g-{path}" for _, path in rows], dtype=object),
+        "label": np.arange(len(rows)) % 2,
+        "representative": np.ones(len(rows), dtype=bool),
+    }
+
+
+def test_a_site_s_new_scans_move_no_image_to_another_fold():
+    folds = {}
+    for scans in (0, 20, 60):
+        pool = pool_with_site(scans)
+        fold_of = {}
+        for k, (fit_rows, held) in enumerate(folds_of(pool, 5, 7)):
+            fold_of.update(dict.fromkeys(pool["path"][held], k))
+            assert not set(pool["group"][fit_rows]) & set(pool["group"][held])
+        assert len(fold_of) == 60 + scans  # every image held out once
+        folds[scans] = fold_of
+    assert {p: folds[20][p] for p in folds[0]} == folds[0] == {p: folds[60][p] for p in folds[0]}
+    assert {p: folds[60][p] for p in folds[20]} == folds[20]  # the site's first 20 stay where they were
+    site_folds = [k for p, k in folds[60].items() if "site-a" in p]
+    assert len(set(site_folds)) == 5  # the site's scans are spread over the folds

@@ -32,6 +32,10 @@ CLASS_FOLDERS = {
 MR, CT, OTHER_MODALITY = "mr", "ct", "other"
 MODALITIES = (MR, CT, OTHER_MODALITY)
 
+# The user's own images (`data/`) and, inside them, a site's: data/site-<name>/<class>/... (`braintumor feedback
+# accept` writes them there from readers' verdicts).
+LOCAL_SOURCE, SITE_PREFIX = "local", "site-"
+
 BINARY_CLASSES = ["no_tumor", "tumor"]
 MULTICLASS_CLASSES = ["glioma", "meningioma", "no_tumor", "pituitary"]
 SUBTYPE_CLASS = {"glioma": "glioma", "meningioma": "meningioma", "none": "no_tumor", "pituitary": "pituitary"}

@@ -32,7 +32,7 @@ from braintumor.data.overrides import EXCLUDE, apply_overrides, read_modality_re
 from braintumor.data.scans import is_clinical, kind_suffix, read_scans
 from braintumor.data.volumes import brain_run_of
 from braintumor.errors import ImageReadError, SourceError
-from braintumor.labels import CLASS_FOLDERS, NO_TUMOR, TUMOR, class_folder
+from braintumor.labels import CLASS_FOLDERS, NO_TUMOR, SITE_PREFIX, TUMOR, class_folder
 from braintumor.parallel import parallel_map
 from braintumor.params import validate_fetch
 
@@ -43,7 +43,6 @@ MANIFEST_COLUMNS = [
 ]  # fmt: skip
 
 
-SITE_PREFIX = "site-"  # data/site-<name>/<class>/...: a site's scans (`braintumor feedback accept`)
 SCAN_FOLDER = re.compile(r"[0-9a-f]{64}")  # a folder of one scan's slices, named by the scan's digest
 
 

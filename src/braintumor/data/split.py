@@ -1,6 +1,8 @@
 """The `split` stage: a seeded, label-stratified, group-aware train/val/test split and model-ready arrays.
 
-Groups (a dedup cluster, or an IXI subject whose slices are separate images) never straddle two splits.
+Groups (a dedup cluster, or an IXI subject whose slices are separate images) never straddle two splits. The
+public sources' groups are drawn together; the user's `data/` is placed a group at a time (`placement.py`), so
+that a site's new verdicts never move an image already placed.
 With `dedup.keep: clusters` the splits are assigned from the clusters' representatives alone, exactly as
 without their members, and each member follows its group: so the test split is the same either way. The test
 arrays hold the representatives only (a cluster is scored once); train and val hold every member.
@@ -25,6 +27,7 @@ from braintumor.atomic import atomic_path, write_csv, write_json
 from braintumor.data.datasets import IMAGES_SUFFIX, read_manifest, representatives
 from braintumor.data.hashing import Hashes, near_pairs
 from braintumor.data.images import model_input
+from braintumor.data.placement import in_fixed_group, splits_of_groups
 from braintumor.parallel import parallel_map
 from braintumor.params import SPLIT_NAMES, validate_dedup, validate_split
 
@@ -111,10 +114,12 @@ def split(
         raise ValueError(f"{dedup_dir}: hashes.npz and manifest.csv disagree in length; re-run `dvc repro dedup`")
 
     representative = pd.Series(representatives(frame), index=frame.index)
-    reps = frame[representative]
-    frame["split"] = frame.group.map(
-        dict(zip(reps.group, assign_splits(reps, config["fractions"], params["seed"]), strict=True))
-    )
+    fixed = in_fixed_group(frame.source.to_numpy(), frame.group.to_numpy())
+    reps = frame[representative & fixed]
+    split_of = dict(zip(reps.group, assign_splits(reps, config["fractions"], params["seed"]), strict=True))
+    growing = frame[~fixed]
+    split_of |= splits_of_groups(growing.path.to_numpy(), growing.group.to_numpy(), config["fractions"], params["seed"])
+    frame["split"] = frame.group.map(split_of)
     straddling = int((frame.groupby("group")["split"].nunique() > 1).sum())
     if straddling or frame.split.isna().any():  # cannot happen by construction; leakage is the costliest bug here
         raise AssertionError(f"{straddling} groups straddle two splits, {frame.split.isna().sum()} rows have none")

@@ -21,6 +21,7 @@ from sklearn.model_selection import StratifiedGroupKFold
 from braintumor import paths
 from braintumor.atomic import atomic_path, write_csv, write_json
 from braintumor.data.datasets import SplitArrays, load_splits
+from braintumor.data.placement import folds_of_groups, in_fixed_group
 from braintumor.data.styles import style_clusters
 from braintumor.labels import BINARY_CLASSES, MULTICLASS_CLASSES, SUBTYPE_CLASS, class_names
 from braintumor.model.architectures import BACKBONES, build_model
@@ -411,12 +412,17 @@ def folds_of(pool: SplitArrays, folds: int, seed: int) -> list[tuple[np.ndarray,
     """(fit rows, held-out rows) per fold: stratified by label, grouped by dedup cluster, seeded.
 
     The folds are drawn over the representatives alone, so they are the same with and without the clusters'
-    members; a member fits with its group and is never held out."""
+    members; a member fits with its group and is never held out. The public sources' groups are drawn together,
+    the user's `data/` a group at a time (`data/placement.py`): a site's new scans never move an image to another
+    fold, so each fold model of the model in use still never saw its held-out fold."""
+    fixed = in_fixed_group(pool["source"], pool["group"])
+    reps = np.flatnonzero(pool["representative"] & fixed)
+    fold_of_group = folds_of_groups(pool["path"][~fixed], pool["group"][~fixed], folds, seed)
+    if len(reps):
+        splitter = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
+        for fold, (_, held) in enumerate(splitter.split(reps, pool["label"][reps], pool["group"][reps])):
+            fold_of_group.update(dict.fromkeys(pool["group"][reps[held]], fold))
     reps = np.flatnonzero(pool["representative"])
-    splitter = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
-    fold_of_group = {}
-    for fold, (_, held) in enumerate(splitter.split(reps, pool["label"][reps], pool["group"][reps])):
-        fold_of_group.update(dict.fromkeys(pool["group"][reps[held]], fold))
     fold_of = np.array([fold_of_group[g] for g in pool["group"]])
     return [(np.flatnonzero(fold_of != k), reps[fold_of[reps] == k]) for k in range(folds)]
 
