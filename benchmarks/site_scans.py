@@ -11,7 +11,8 @@ them, each a screen-sized fit (one model on half the pool, early-stopped on the 
 
 - `retrain`: a new model from scratch with the arrivals in its fitting half;
 - `update`: the N = 0 model (the one in use) fine-tuned for a few epochs on the arrivals with its own fitting
-  half replayed beside them, at a tenth of the learning rate.
+  half replayed beside them, at a tenth of the learning rate: `train.sites`' update of a small site, the same
+  function (`update_after_fit`), so what is measured here is what the pipeline does.
 
 Scored for every (way, seed, N): the site's scans that did not arrive (ROC AUC; specificity at recall 0.98), and
 the test split without the site (in distribution: what an update must not lose). Differences are paired with
@@ -42,9 +43,8 @@ from sklearn.metrics import roc_auc_score
 
 from braintumor.atomic import atomic_path, write_json
 from braintumor.data.datasets import load_split
-from braintumor.labels import class_names
 from braintumor.model.inference import average_of, tumor_probability
-from braintumor.model.train import compile_model, cross_validation_pool, fit, folds_of, output_names, sample_weights
+from braintumor.model.train import cross_validation_pool, fit, folds_of, output_names, update_after_fit
 from braintumor.params import load_params, validate_train
 from braintumor.quality.evaluate import binary_metrics, threshold_for_recall
 from braintumor.quality.generalize import HOLD_OUTS, every_image, scored_rows
@@ -120,44 +120,30 @@ def retrain(params: dict, site: Site, seed: int, n: int, out_file: Path) -> kera
     return model
 
 
-def update(params: dict, site: Site, seed: int, out: Path, arrivals: list[int], epochs: int, lr_factor: float) -> None:
-    """N = 0 (the model in use), then each N > 0: that model fine-tuned on the arrivals with its fitting half
-    replayed, from the same N = 0 weights each time."""
+def update(params: dict, site: Site, seed: int, out: Path, arrivals: list[int]) -> None:
+    """N = 0 (the model in use), then each N > 0: that model updated as `train.sites` updates a fold model
+    (`update_after_fit`: its fitting half replayed beside the arrivals), from the same N = 0 weights each time."""
     config = validate_train(params)
     base_file = out / f"retrain.{seed}.0.npz"
     if base_file.exists():
         raise SystemExit(f"{base_file} exists without its model: remove it to run the updates of seed {seed}")
     model = retrain(params, site, seed, 0, base_file)
-    start, optimizer = model.get_weights(), model.optimizer.__class__.__name__
-    fit_half, _ = site.halves(seed)
+    start = model.get_weights()
+    fit_half, stop_half = site.halves(seed)
+    epochs = config["sites"]["update_epochs"]
     for n in arrivals:
         out_file = out / f"update.{seed}.{n}.npz"
         if out_file.exists():
             continue
-        data = joined(fit_half, site.arrivals(seed, n))
-        weights, _ = sample_weights(
-            data,
-            class_names(config["task"]),
-            config["class_weight"],
-            config["member_weight"],
-            config["full_weight_images"],
-        )
-        keras.utils.set_random_seed(seed)
         model.set_weights(start)
-        compile_model(model, optimizer, config["learning_rate"] * lr_factor, config)
-        started = time.perf_counter()
-        model.fit(
-            np.asarray(data["x"], dtype="float32"),
-            data["y"],
-            sample_weight=weights,
-            batch_size=config["batch_size"],
-            epochs=epochs,
-            shuffle=True,
-            verbose=0,
+        data = joined(fit_half, site.arrivals(seed, n))
+        summary = update_after_fit(
+            model, {**params, "seed": seed}, config, data, stop_half, None, 0, config["batch_size"]
         )
-        seconds = time.perf_counter() - started
-        save(out_file, {**scores(model, config, site), "seconds": seconds, "epochs": [epochs, epochs]})
-        log.info("update seed %d N=%d: %.0f s", seed, n, seconds)
+        save(
+            out_file, {**scores(model, config, site), "seconds": summary["update_seconds"], "epochs": [epochs, epochs]}
+        )
+        log.info("update seed %d N=%d: %.0f s", seed, n, summary["update_seconds"])
 
 
 def figures(y: np.ndarray, p: np.ndarray) -> tuple[float, float]:
@@ -334,8 +320,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=30, help="at most, for a model from scratch")
     parser.add_argument("--patience", type=int, default=8)
     parser.add_argument("--full-weight-images", type=int, help="train.full_weight_images (default: params')")
-    parser.add_argument("--update-epochs", type=int, default=5)
-    parser.add_argument("--update-lr-factor", type=float, default=0.1)
+    parser.add_argument("--update-epochs", type=int, help="train.sites.update_epochs (default: params')")
+    parser.add_argument("--update-lr-factor", type=float, help="train.sites.update_learning_rate_factor (params')")
     parser.add_argument("--summary", action="store_true", help="the table and plot of the runs under --out")
     parser.add_argument("--bootstrap", type=int, default=1000)
     parser.add_argument("--baseline", type=Path, help="with --summary: another recipe's --out, paired with this one")
@@ -347,6 +333,10 @@ def main() -> None:
     params["train"].update(epochs=args.epochs, early_stopping_patience=args.patience)
     if args.full_weight_images is not None:
         params["train"]["full_weight_images"] = args.full_weight_images
+    if args.update_epochs is not None:
+        params["train"]["sites"]["update_epochs"] = args.update_epochs
+    if args.update_lr_factor is not None:
+        params["train"]["sites"]["update_learning_rate_factor"] = args.update_lr_factor
     out = args.out / args.site
     out.mkdir(parents=True, exist_ok=True)
     site = Site(params, args.split_dir, args.site)
@@ -374,7 +364,7 @@ def main() -> None:
         parser.error(f"--arrivals {too_many}: site {args.site} has {len(site.scans['y'])} scans; leave 20 to score")
     for seed in args.seeds:
         if args.way == "update":
-            update(params, site, seed, out, args.arrivals, args.update_epochs, args.update_lr_factor)
+            update(params, site, seed, out, args.arrivals)
         else:
             for n in args.arrivals:
                 if not (out / f"retrain.{seed}.{n}.npz").exists():

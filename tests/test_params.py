@@ -66,6 +66,8 @@ def test_shipped_params_are_valid(params, stage):
         ("train.epochs", 0, validate_train, "train.epochs"),
         ("train.model", "resnet18", validate_train, "train.model"),
         ("train.full_weight_images", -5, validate_train, "train.full_weight_images"),
+        ("train.sites.retrain_from", "fifty", validate_train, "train.sites.retrain_from"),
+        ("train.sites.update_learning_rate_factor", 2, validate_train, "train.sites.update_learning_rate_factor"),
         ("evaluate.target_recall", 0.2, validate_evaluate, "evaluate.target_recall"),
         ("review.gallery", -1, validate_review, "review.gallery"),
         ("explain.lime_samples", 5, validate_explain, "explain.lime_samples"),

@@ -227,12 +227,14 @@ def braintumor(repo: Path, *args: str) -> str:
     return result.stdout
 
 
-def test_readers_verdicts_on_the_page_become_a_site_and_its_retrain_the_champion_the_page_reloads(
+def test_readers_verdicts_on_the_page_become_a_site_the_models_update_and_the_champion_the_page_reloads(
     repo, mlflow_server, tmp_path
 ):
     """Issue 43's loop, whole: verdicts given on the page in Chromium, `feedback export`, a reviewer's
-    `feedback accept`, `dvc add data` and `dvc repro`, a new champion, and the page answering with it."""
+    `feedback accept`, `dvc add data` and `dvc repro` (the small site joins by an update of the fold models, and
+    moves no image already placed), a new champion, and the page answering with it."""
     dvc(repo, "repro")  # a champion to serve (up to date after the tests above; the whole pipeline alone)
+    placed = pd.read_csv(repo / "artifacts/split/manifest.csv").set_index("path").split
     client = MlflowClient()
     before = client.get_model_version_by_alias("pipeline-model", "champion").version
     scans = {}  # named as a careless upload would be: a patient's name in each file name
@@ -285,7 +287,13 @@ def test_readers_verdicts_on_the_page_become_a_site_and_its_retrain_the_champion
         assert len(site_rows) == len(new)  # every accepted scan taken, in its site's folder
         assert sorted(site_rows.label) == sorted(int(v == "tumor") for v in new.values())
         split = pd.read_csv(repo / "artifacts/split/manifest.csv", keep_default_na=False)
-        tested = split[(split.split == "test") & split.original.str.startswith("site-ward-3/")]
+        in_site = split.original.str.startswith("site-ward-3/")
+        assert split.set_index("path").split.reindex(placed.index).equals(placed)  # the site moved no image
+        tested = split[(split.split == "test") & in_site]
+        learnt = int((in_site & (split.split != "test")).sum())  # (dedup keeps one image a cluster)
+        trained = json.loads((repo / "metrics/train.json").read_text())
+        assert trained["sites"] == {"site-ward-3": {"scans": learnt, "way": "update"}} and learnt > 0
+        assert all(member["update_images"] > member["images"] for member in trained["members"])
         evaluated = json.loads((repo / "metrics/evaluate.json").read_text())
         assert set(evaluated["per_site"]) == ({"site-ward-3"} if len(tested) else set())
         decision = json.loads((repo / "metrics/register.json").read_text())

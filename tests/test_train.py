@@ -478,3 +478,50 @@ def test_a_site_s_new_scans_move_no_image_to_another_fold():
     assert {p: folds[60][p] for p in folds[20]} == folds[20]  # the site's first 20 stay where they were
     site_folds = [k for p, k in folds[60].items() if "site-a" in p]
     assert len(set(site_folds)) == 5  # the site's scans are spread over the folds
+
+
+@pytest.mark.slow  # three two-fold fits of a small model
+def test_a_small_site_joins_by_updating_the_fold_models_fitted_without_it(in_tmp, monkeypatch):
+    import braintumor.model.train as training
+
+    split = make_split(in_tmp / "artifacts/split", size=32, site_scans=8)
+    params = tiny_params("seed_fsm", epochs=3, early_stopping_patience=3)
+    params["split"]["image_size"] = 32
+    params["train"]["sites"].update(retrain_from=50, update_epochs=2)
+    pool = cross_validation_pool(split, "binary")
+    site = pool["source"] == "local"
+    assert site.sum() == 16
+
+    before_update, update = [], training.update_after_fit
+
+    def spied(model, params, config, data, *args, **kwargs):
+        before_update.append(([w.copy() for w in model.get_weights()], set(data["path"])))
+        return update(model, params, config, data, *args, **kwargs)
+
+    monkeypatch.setattr(training, "update_after_fit", spied)
+    metrics = train(params)
+    assert metrics["sites"] == {"site-a": {"scans": 16, "way": "update"}}
+    assert [m["update_epochs"] for m in metrics["members"]] == [2, 2]
+
+    without_site = {key: value[~site] for key, value in pool.items()}
+    members, _, _, _ = training.fit_folds(params, without_site, verbose=0)
+    folds = folds_of(pool, 2, params["seed"])
+    with np.load(in_tmp / "artifacts/train/oof.npz") as oof:
+        fold_of = dict(zip(oof["path"], oof["fold"], strict=True))
+    for fold, ((weights, updated_on), member, (fit_rows, held)) in enumerate(
+        zip(before_update, members, folds, strict=True)
+    ):
+        # the update starts from the fold model fitted without the site, and learns on its fitting rows, the
+        # site's among them; the site's held-out scans are scored by the fold model that never saw them
+        assert all(np.array_equal(a, b) for a, b in zip(weights, member.get_weights(), strict=True))
+        assert updated_on == set(pool["path"][fit_rows]) and updated_on & set(pool["path"][site])
+        assert {fold_of[p] for p in pool["path"][held]} == {fold} and set(pool["path"][held]) & set(pool["path"][site])
+    shipped = members_of(load_model(in_tmp / "artifacts/train/model.keras"))[0]
+    assert not all(
+        np.array_equal(a, b) for a, b in zip(shipped[0].get_weights(), members[0].get_weights(), strict=True)
+    )
+
+    params["train"]["sites"]["retrain_from"] = 10  # the site is large enough: in the pool from the first epoch
+    metrics = train(params)
+    assert metrics["sites"] == {"site-a": {"scans": 16, "way": "retrain"}}
+    assert not any("update_epochs" in m for m in metrics["members"])

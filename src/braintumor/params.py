@@ -93,6 +93,7 @@ KNOWN: dict = {
         ),
         "small_xception": {"widths": None},
         "transfer": dict.fromkeys(["weights", "fine_tune_layers", "fine_tune_epochs", "fine_tune_learning_rate"]),
+        "sites": dict.fromkeys(["retrain_from", "update_epochs", "update_learning_rate_factor"]),
     },
     "evaluate": dict.fromkeys(["target_recall", "uncertain_errors", "bootstrap", "gallery"]),
     "review": {"gallery": None},
@@ -341,6 +342,9 @@ def validate_train(params: dict) -> dict:
     _int(params, "train.transfer.fine_tune_layers", 0, 1000)
     _int(params, "train.transfer.fine_tune_epochs", 0, 1000)
     _number(params, "train.transfer.fine_tune_learning_rate", 1e-8, 1.0)
+    _int(params, "train.sites.retrain_from", 0, 10_000_000)
+    _int(params, "train.sites.update_epochs", 1, 1000)
+    _number(params, "train.sites.update_learning_rate_factor", 1e-4, 1.0)
     size = _int(params, "split.image_size", 32, MAX_IMAGE_SIZE)
     if size < MIN_IMAGE_SIZE.get(model, 1):
         raise ParamError(

@@ -23,7 +23,14 @@ from braintumor.atomic import atomic_path, write_csv, write_json
 from braintumor.data.datasets import SplitArrays, load_splits
 from braintumor.data.placement import folds_of_groups, in_fixed_group
 from braintumor.data.styles import style_clusters
-from braintumor.labels import BINARY_CLASSES, MULTICLASS_CLASSES, SUBTYPE_CLASS, class_names
+from braintumor.labels import (
+    BINARY_CLASSES,
+    LOCAL_SOURCE,
+    MULTICLASS_CLASSES,
+    SITE_PREFIX,
+    SUBTYPE_CLASS,
+    class_names,
+)
 from braintumor.model.architectures import BACKBONES, build_model
 from braintumor.model.distribution import batches_per_epoch, data_parallel, full_batches, process_share
 from braintumor.model.inference import average_of, save_model, tumor_probability
@@ -194,7 +201,13 @@ def compile_model(model: keras.Model, optimizer: str, learning_rate: float, conf
 
 
 def fit(
-    params: dict, train: dict, val: dict, callbacks: list | None = None, verbose: int = 2, name: str | None = None
+    params: dict,
+    train: dict,
+    val: dict,
+    callbacks: list | None = None,
+    verbose: int = 2,
+    name: str | None = None,
+    update_on: dict | None = None,
 ) -> tuple[keras.Model, dict]:
     """Build and fit the model of `params["train"]` (called `name`) on one device, or on all of them with
     `train.distribution: data_parallel`; early stopping on `val` restores the best epoch. Returns the model (which
@@ -207,17 +220,35 @@ def fit(
         callbacks: extra Keras callbacks (the stage's dvclive logger).
         verbose: Keras' fit verbosity.
         name: the model's name.
+        update_on: after the fit, `update_after_fit` on this set (`train` with a small site's scans), or None.
     """
     config = validate_train(params)
     distribution = data_parallel(config["distribution"], config["batch_size"])
     if distribution is None:
-        return fit_on_devices(params, config, train, val, callbacks, verbose, name, config["batch_size"])
+        model, summary = fit_on_devices(params, config, train, val, callbacks, verbose, name, config["batch_size"])
+        if update_on is not None:
+            summary |= update_after_fit(model, params, config, update_on, val, callbacks, verbose, config["batch_size"])
+        return model, summary
     per_process = config["batch_size"] // jax_process_count()
     steps = tuple(batches_per_epoch(len(data["y"]), per_process) for data in (train, val))
     with distribution.scope():
-        return fit_on_devices(
+        model, summary = fit_on_devices(
             params, config, process_share(train), process_share(val), callbacks, verbose, name, per_process, steps
         )
+        if update_on is not None:
+            steps = (batches_per_epoch(len(update_on["y"]), per_process), steps[1])
+            summary |= update_after_fit(
+                model,
+                params,
+                config,
+                process_share(update_on),
+                process_share(val),
+                callbacks,
+                verbose,
+                per_process,
+                steps,
+            )
+    return model, summary
 
 
 def jax_process_count() -> int:
@@ -303,6 +334,77 @@ def fit_on_devices(
         "class_weight": strata,
     }
     return model, summary
+
+
+def update_after_fit(
+    model: keras.Model,
+    params: dict,
+    config: dict,
+    data: dict,
+    val: dict,
+    callbacks: list | None,
+    verbose: int,
+    batch_size: int,
+    steps: tuple[int, int] | None = None,
+) -> dict:
+    """The update way of `train.sites`: the fitted `model`, `update_epochs` more epochs on `data` (its fitting
+    images with a small site's scans among them: the pool is replayed, so the other sites are not forgotten) at
+    `update_learning_rate_factor` of the learning rate, no early stopping. Under about 25 of a site's scans this
+    lifts the site where a retrain does not (benchmarks/RESULTS.md, "Kaggle 2018 as the new site").
+
+    Args:
+        model: the fitted model (early stopping has restored its best epoch).
+        params: the whole params.yaml (its seed); config: its validated `train` section.
+        data: the images of the update; val: the held-out fold, for the logged validation figures only.
+        callbacks: the stage's dvclive logger, or None; verbose: Keras' verbosity.
+        batch_size: rows a step in this process.
+        steps: as for `fit_inputs` (data-parallel training), or None.
+    """
+    sites, task_names = config["sites"], class_names(config["task"])
+    weights, _ = sample_weights(
+        data, task_names, config["class_weight"], config["member_weight"], config["full_weight_images"]
+    )
+    held_out_weights, _ = sample_weights(val, task_names, config["class_weight"])
+    if output_names(config) != task_names:
+        data, val = ({**part, "y": subtype_targets(part)} for part in (data, val))
+    keras.utils.set_random_seed(params["seed"])
+    optimizer = model.optimizer.__class__.__name__
+    compile_model(model, optimizer, config["learning_rate"] * sites["update_learning_rate_factor"], config)
+    fit_data, held_out = fit_inputs(
+        config["loader"], data, val, (weights, held_out_weights), batch_size, params["seed"], steps
+    )
+    started = time.perf_counter()
+    model.fit(
+        **fit_data, epochs=sites["update_epochs"], validation_data=held_out, callbacks=callbacks or [], verbose=verbose
+    )
+    return {
+        "update_epochs": sites["update_epochs"],
+        "update_images": len(data["y"]),
+        "update_seconds": round(time.perf_counter() - started, 1),
+    }
+
+
+def joining_by_update(pool: dict, retrain_from: int) -> tuple[np.ndarray, dict[str, dict]]:
+    """Per row of the pool: a scan of a site (`data/site-<name>/`) with fewer than `retrain_from` scans (cluster
+    representatives) in the pool, which `train.sites` adds by an update; and each site's scans and way."""
+    site = np.array(
+        [
+            collection if source == LOCAL_SOURCE and collection.startswith(SITE_PREFIX) else ""
+            for source, collection in zip(pool["source"], pool["collection"], strict=True)
+        ],
+        dtype=object,
+    )
+    names, index = np.unique(site, return_inverse=True)
+    scans = np.bincount(index, weights=pool["representative"], minlength=len(names)).astype(int)
+    by_update = (names != "") & (scans < retrain_from)
+    if by_update[index].all():  # nothing else to fit first: the sites are the pool
+        by_update[:] = False
+    ways = {
+        str(name): {"scans": int(n), "way": "update" if small else "retrain"}
+        for name, n, small in zip(names, scans, by_update, strict=True)
+        if name
+    }
+    return by_update[index], ways
 
 
 def without_training_state(model: keras.Model) -> keras.Model:
@@ -438,22 +540,28 @@ def fit_folds(
     config = validate_train(params)
     names = output_names(config)
     folds = folds_of(pool, config["folds"], params["seed"])
+    by_update, _ = joining_by_update(pool, config["sites"]["retrain_from"])
     members, summaries = [], []
     oof, fold_of = np.full(len(pool["x"]), np.nan), np.full(len(pool["x"]), -1, dtype=np.int8)
     for fold, (fit_rows, held_rows) in enumerate(folds):
-        fit_set, held_set = ({k: v[rows] for k, v in pool.items()} for rows in (fit_rows, held_rows))
+        # a small site's scans are out of the first fit and out of its early stopping, so that the update starts
+        # from the very fold model the pool gives without them; every held-out scan is scored
+        first_fit, stop_rows = (rows[~by_update[rows]] for rows in (fit_rows, held_rows))
+        fit_set, stop_set, held_set = ({k: v[r] for k, v in pool.items()} for r in (first_fit, stop_rows, held_rows))
+        updated = len(first_fit) < len(fit_rows)
         model, summary = fit(
             params,
             fit_set,
-            held_set,
+            stop_set,
             callbacks=callbacks_for(fold) if callbacks_for else None,
             verbose=verbose,
             name=f"{config['model']}_fold{fold}",
+            update_on={k: v[fit_rows] for k, v in pool.items()} if updated else None,
         )
         seen_as_shipped = average_of([model], mirrored=True) if config["mirror_average"] else model
         oof[held_rows], fold_of[held_rows] = tumor_probability(seen_as_shipped, held_set["x"], names), fold
         members.append(model)
-        summaries.append({"fold": fold, "images": len(fit_rows), "held_out": len(held_rows), **summary})
+        summaries.append({"fold": fold, "images": len(first_fit), "held_out": len(held_rows), **summary})
         log.info(
             "train: fold %d/%d: %d epochs (best %d), %.0f images/s",
             fold + 1,
@@ -554,6 +662,15 @@ def train(
         live.step = 0
         return [LiveMetrics(live, f"{prefix}fold{fold}/")]
 
+    _, sites = joining_by_update(pool, config["sites"]["retrain_from"])
+    for site, how in sites.items():
+        log.info(
+            "train: %s: %d scans, joins by %s (train.sites.retrain_from %d)",
+            site,
+            how["scans"],
+            how["way"],
+            config["sites"]["retrain_from"],
+        )
     excluded = None
     with Live(str(live_dir), dvcyaml=None, save_dvc_exp=False, report=None) as live:
         members, summaries, oof, fold_of = fit_folds(params, pool, live_metrics)
@@ -595,6 +712,7 @@ def train(
         "class_weight": summaries[0]["class_weight"],
         "out_of_fold_auc": round(float(roc_auc_score(pool["label"][pool["representative"]], oof)), 4),
         **({"clean_learning_excluded": len(excluded)} if config["clean_learning"] else {}),
+        **({"sites": sites} if sites else {}),
         "members": [{k: v for k, v in s.items() if k != "class_weight"} for s in summaries],
     }
     write_json(metrics_path, metrics)
