@@ -118,6 +118,13 @@ ONE_HOST_OF_TWO = textwrap.dedent("""
         model, _ = fit(params, train, val, callbacks=[history], verbose=0)
         weights = hashlib.sha256(b"".join(np.asarray(w).tobytes() for w in model.get_weights())).hexdigest()
         report[loader] = {"weights": weights, "loss": history.history["loss"]}
+    # a small site's update after the fit (train.sites): 87 images, shares of 44 and 43
+    params["train"]["sites"]["update_epochs"] = 2
+    history = keras.callbacks.History()
+    model, summary = fit(params, train, val, callbacks=[history], verbose=0,
+                         update_on={key: value[:87] for key, value in load_split(split, "train", "binary").items()})
+    weights = hashlib.sha256(b"".join(np.asarray(w).tobytes() for w in model.get_weights())).hexdigest()
+    report["update"] = {"weights": weights, "loss": history.history["loss"], "images": summary["update_images"]}
     report.update(process=jax.process_index(), processes=jax.process_count(), devices=jax.device_count(),
                   local_devices=jax.local_device_count())
     print(json.dumps(report))
@@ -128,7 +135,7 @@ ONE_HOST_OF_TWO = textwrap.dedent("""
 def test_two_processes_train_one_model_as_two_hosts_would(tmp_path):
     """Two processes joined through jax.distributed (the multi-host path, here both on this machine), one CPU
     device each: every batch is split between them and both end with the very same weights, with either
-    loader, also when the images do not share out evenly."""
+    loader, also when the images do not share out evenly, and after a small site's update."""
     from fixtures.servers import free_port
     from fixtures.split import make_split
 
@@ -156,10 +163,12 @@ def test_two_processes_train_one_model_as_two_hosts_would(tmp_path):
     first, second = (json.loads(out.strip().splitlines()[-1]) for out, _ in outputs)
     assert (first["process"], second["process"]) == (0, 1)
     assert first["processes"] == 2 and first["devices"] == 2 and first["local_devices"] == 1
-    for loader in ("arrays", "stream"):
+    for loader in ("arrays", "stream", "update"):
         one, other = first[loader], second[loader]
         assert one["weights"] == other["weights"] and one["loss"] == other["loss"]  # one model, not two
         assert one["loss"][-1] < one["loss"][0]
+    assert len(first["update"]["loss"]) == 3 + 2 and first["update"]["weights"] != first["stream"]["weights"]
+    assert first["update"]["images"] + second["update"]["images"] == 87  # each process its share of the update
 
 
 def test_data_parallel_needs_the_jax_backend():
