@@ -25,6 +25,13 @@ of another recipe, e.g. `--full-weight-images 0`).
     python benchmarks/site_scans.py --summary --seeds 1 2 3                  # table + plot from the runs
     python benchmarks/site_scans.py --site kaggle2018 --arrivals 10 25 50 100 --way retrain   # 186 scans
 
+With `--folds` a run is the train stage's own fit instead (`fit_folds`: `train.folds` models over the whole pool,
+the params' epochs and patience, the site joining by `--way` as `train.sites` makes it join), scored as their
+average: about 10 x the cost of a screen-sized run, and the figures of the model that ships.
+
+    python benchmarks/site_scans.py --site kaggle2018 --folds --way retrain --seeds 1 --arrivals 100 \
+        --out benchmarks/data/site_scans_folds
+
 Each run saves its scores under --out; a run already there is reused.
 """
 
@@ -44,7 +51,7 @@ from sklearn.metrics import roc_auc_score
 from braintumor.atomic import atomic_path, write_json
 from braintumor.data.datasets import load_split
 from braintumor.model.inference import average_of, tumor_probability
-from braintumor.model.train import cross_validation_pool, fit, folds_of, output_names, update_after_fit
+from braintumor.model.train import cross_validation_pool, fit, fit_folds, folds_of, output_names, update_after_fit
 from braintumor.params import load_params, validate_train
 from braintumor.quality.evaluate import binary_metrics, threshold_for_recall
 from braintumor.quality.generalize import HOLD_OUTS, every_image, scored_rows
@@ -94,8 +101,12 @@ class Site:
         return rows_of(self.scans, self.order(seed)[:n])
 
 
-def scores(model, config: dict, site: Site) -> dict:
-    shipped = average_of([model], mirrored=True) if config["mirror_average"] else model
+def scores(model, config: dict, site: Site, members: list | None = None) -> dict:
+    """P(tumor) of every site scan and test scan, by `model` (or the average of `members`) as it would ship."""
+    if members:
+        shipped = average_of(members, mirrored=config["mirror_average"])
+    else:
+        shipped = average_of([model], mirrored=True) if config["mirror_average"] else model
     names = output_names(config)
     return {
         "p_site": tumor_probability(shipped, site.scans["x"], names),
@@ -118,6 +129,21 @@ def retrain(params: dict, site: Site, seed: int, n: int, out_file: Path) -> kera
     save(out_file, {**result, "seconds": seconds, "epochs": [summary["epochs_run"], summary["best_epoch"]]})
     log.info("retrain seed %d N=%d: %.0f s, %d epochs", seed, n, seconds, summary["epochs_run"])
     return model
+
+
+def shipped_protocol(params: dict, site: Site, seed: int, n: int, way: str, out_file: Path) -> None:
+    """`--folds`: the train stage's own fit (`fit_folds`, `train.folds` models over the whole pool without the
+    site, params' epochs and patience) with the first `n` arrivals as a site that joins by `way` (`train.sites`:
+    retrain from 0 scans, or update whatever its size), scored as the average of the fold models."""
+    config = validate_train(params)
+    retrain_from = 0 if way == "retrain" else 10_000_000
+    run = {**params, "seed": seed, "train": {**config, "sites": {**config["sites"], "retrain_from": retrain_from}}}
+    started = time.perf_counter()
+    members, summaries, _, _ = fit_folds(run, joined(site.pool, site.arrivals(seed, n)), verbose=0)
+    seconds = time.perf_counter() - started
+    epochs = sum(s["epochs_run"] for s in summaries)
+    save(out_file, {**scores(None, config, site, members), "seconds": seconds, "epochs": [epochs, epochs]})
+    log.info("%s, %d folds, seed %d N=%d: %.0f s, %d epochs", way, len(members), seed, n, seconds, epochs)
 
 
 def update(params: dict, site: Site, seed: int, out: Path, arrivals: list[int]) -> None:
@@ -317,8 +343,9 @@ def main() -> None:
     parser.add_argument("--way", choices=["retrain", "update"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
     parser.add_argument("--arrivals", nargs="+", type=int, default=list(ARRIVALS[1:]))
-    parser.add_argument("--epochs", type=int, default=30, help="at most, for a model from scratch")
-    parser.add_argument("--patience", type=int, default=8)
+    parser.add_argument("--epochs", type=int, help="at most, for a model from scratch (screen: 30; --folds: params')")
+    parser.add_argument("--patience", type=int, help="early stopping (screen: 8; --folds: params')")
+    parser.add_argument("--folds", action="store_true", help="the shipped protocol: train.folds models a run")
     parser.add_argument("--full-weight-images", type=int, help="train.full_weight_images (default: params')")
     parser.add_argument("--update-epochs", type=int, help="train.sites.update_epochs (default: params')")
     parser.add_argument("--update-lr-factor", type=float, help="train.sites.update_learning_rate_factor (params')")
@@ -330,7 +357,12 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     params = load_params(args.params)
-    params["train"].update(epochs=args.epochs, early_stopping_patience=args.patience)
+    screen = {} if args.folds else {"epochs": 30, "early_stopping_patience": 8}
+    params["train"].update(screen)
+    if args.epochs is not None:
+        params["train"]["epochs"] = args.epochs
+    if args.patience is not None:
+        params["train"]["early_stopping_patience"] = args.patience
     if args.full_weight_images is not None:
         params["train"]["full_weight_images"] = args.full_weight_images
     if args.update_epochs is not None:
@@ -363,7 +395,12 @@ def main() -> None:
     if too_many:
         parser.error(f"--arrivals {too_many}: site {args.site} has {len(site.scans['y'])} scans; leave 20 to score")
     for seed in args.seeds:
-        if args.way == "update":
+        if args.folds:
+            for n in [0, *args.arrivals]:
+                way = "retrain" if n == 0 else args.way or "retrain"
+                if not (out / f"{way}.{seed}.{n}.npz").exists():
+                    shipped_protocol(params, site, seed, n, way, out / f"{way}.{seed}.{n}.npz")
+        elif args.way == "update":
             update(params, site, seed, out, args.arrivals)
         else:
             for n in args.arrivals:
