@@ -91,7 +91,11 @@ def test_data_parallel_splits_each_batch_and_learns_as_one_device(tmp_path):
         assert len(one["losses"]) == len(two["losses"]) == 3 * 96 // 16
         for step, (single, split) in enumerate(zip(one["losses"], two["losses"], strict=True)):
             assert split == pytest.approx(single, rel=min(1e-5 * 1.5**step, 2e-3)), (loader, step)
-        assert two["test"] == pytest.approx(one["test"], abs=1e-3)
+        # The fitted models' answers carry the same rounding: the bound is the last steps' (2e-3). On an AMD EPYC
+        # of family 26 the arrays loader's losses drew apart from step 13 (1.3e-4 relative at step 16, inside
+        # their bound) and the 33 test answers by up to 1.03e-3 (mean 3.4e-4), over the 1e-3 this check had; the
+        # stream loader stayed at 1e-7 on the same CPU (91855f9's code gave the same figures: no code change).
+        assert two["test"] == pytest.approx(one["test"], abs=2e-3)
         assert report[f"odd {loader}"] == 1
 
 
