@@ -6,7 +6,9 @@ The public sources are fixed collections: their groups are drawn into splits (`s
 test figures would move with every verdict, and the fold models trained before it would have seen images that
 are now held out. So a group that holds images of the local source only is placed on its own, by a seeded
 digest of its first path (stable while its own images stay the same), and the public groups are drawn exactly
-as they would be without `data/`. The price: a small site's split is not stratified by label.
+as they would be without `data/` (unless a scan of `data/` is a near duplicate of a public image: it then joins
+that image's group, or, labelled otherwise, takes the cluster out as a conflict). The price: a small site's split
+is not stratified by label.
 """
 
 from __future__ import annotations
