@@ -525,3 +525,23 @@ def test_a_small_site_joins_by_updating_the_fold_models_fitted_without_it(in_tmp
     metrics = train(params)
     assert metrics["sites"] == {"site-a": {"scans": 16, "way": "retrain"}}
     assert not any("update_epochs" in m for m in metrics["members"])
+
+
+def test_each_site_joins_by_its_own_size_and_a_pool_of_small_sites_alone_is_fitted_whole():
+    from braintumor.model.train import joining_by_update
+
+    rows = [("kaggle2020", "Training")] * 30 + [("local", "site-a")] * 12 + [("local", "site-b")] * 60
+    rows += [("local", "")] * 5  # the user's own class folders: not a site
+    pool = {
+        "source": np.array([source for source, _ in rows], dtype=object),
+        "collection": np.array([collection for _, collection in rows], dtype=object),
+        "representative": np.ones(len(rows), dtype=bool),
+    }
+    pool["representative"][30:34] = False  # four of site-a's images are cluster members: 8 scans
+    by_update, ways = joining_by_update(pool, retrain_from=50)
+    assert ways == {"site-a": {"scans": 8, "way": "update"}, "site-b": {"scans": 60, "way": "retrain"}}
+    assert by_update.tolist() == [False] * 30 + [True] * 12 + [False] * 65
+    assert not joining_by_update(pool, retrain_from=0)[0].any()  # 0: every site in the pool from the start
+    alone = {key: value[30:42] for key, value in pool.items()}  # site-a is the whole pool: nothing to fit first
+    by_update, ways = joining_by_update(alone, retrain_from=50)
+    assert not by_update.any() and ways == {"site-a": {"scans": 8, "way": "retrain"}}
