@@ -101,12 +101,11 @@ class Site:
         return rows_of(self.scans, self.order(seed)[:n])
 
 
-def scores(model, config: dict, site: Site, members: list | None = None) -> dict:
-    """P(tumor) of every site scan and test scan, by `model` (or the average of `members`) as it would ship."""
-    if members:
-        shipped = average_of(members, mirrored=config["mirror_average"])
-    else:
-        shipped = average_of([model], mirrored=True) if config["mirror_average"] else model
+def scores(members: list, config: dict, site: Site) -> dict:
+    """P(tumor) of every site scan and test scan, by the average of `members` (and their mirrored views) as it
+    would ship."""
+    mirrored = config["mirror_average"]
+    shipped = average_of(members, mirrored) if mirrored or len(members) > 1 else members[0]
     names = output_names(config)
     return {
         "p_site": tumor_probability(shipped, site.scans["x"], names),
@@ -125,7 +124,7 @@ def retrain(params: dict, site: Site, seed: int, n: int, out_file: Path) -> kera
     started = time.perf_counter()
     model, summary = fit({**params, "seed": seed}, joined(fit_half, site.arrivals(seed, n)), stop_half, verbose=0)
     seconds = time.perf_counter() - started
-    result = scores(model, validate_train(params), site)
+    result = scores([model], validate_train(params), site)
     save(out_file, {**result, "seconds": seconds, "epochs": [summary["epochs_run"], summary["best_epoch"]]})
     log.info("retrain seed %d N=%d: %.0f s, %d epochs", seed, n, seconds, summary["epochs_run"])
     return model
@@ -142,7 +141,7 @@ def shipped_protocol(params: dict, site: Site, seed: int, n: int, way: str, out_
     members, summaries, _, _ = fit_folds(run, joined(site.pool, site.arrivals(seed, n)), verbose=0)
     seconds = time.perf_counter() - started
     epochs = sum(s["epochs_run"] for s in summaries)
-    save(out_file, {**scores(None, config, site, members), "seconds": seconds, "epochs": [epochs, epochs]})
+    save(out_file, {**scores(members, config, site), "seconds": seconds, "epochs": [epochs, epochs]})
     log.info("%s, %d folds, seed %d N=%d: %.0f s, %d epochs", way, len(members), seed, n, seconds, epochs)
 
 
@@ -167,7 +166,8 @@ def update(params: dict, site: Site, seed: int, out: Path, arrivals: list[int]) 
             model, {**params, "seed": seed}, config, data, stop_half, None, 0, config["batch_size"]
         )
         save(
-            out_file, {**scores(model, config, site), "seconds": summary["update_seconds"], "epochs": [epochs, epochs]}
+            out_file,
+            {**scores([model], config, site), "seconds": summary["update_seconds"], "epochs": [epochs, epochs]},
         )
         log.info("update seed %d N=%d: %.0f s", seed, n, summary["update_seconds"])
 
@@ -398,8 +398,9 @@ def main() -> None:
         if args.folds:
             for n in [0, *args.arrivals]:
                 way = "retrain" if n == 0 else args.way or "retrain"
-                if not (out / f"{way}.{seed}.{n}.npz").exists():
-                    shipped_protocol(params, site, seed, n, way, out / f"{way}.{seed}.{n}.npz")
+                run_file = out / f"{way}.{seed}.{n}.npz"
+                if not run_file.exists():
+                    shipped_protocol(params, site, seed, n, way, run_file)
         elif args.way == "update":
             update(params, site, seed, out, args.arrivals)
         else:

@@ -55,3 +55,9 @@ def collection_of(source: str, original: str) -> str:
     2020's `Training` and `Testing`, gathered apart and unlike in look), or "" where there are none."""
     folders = PurePosixPath(original).parts[:-1]
     return "/".join(folders[: class_folder(folders, CLASS_FOLDERS.get(source, {})) or 0])
+
+
+def site_of(source: str, collection: str) -> str:
+    """The site a scan comes from (`site-<name>`, the folder `braintumor feedback accept` wrote it to), or "" for
+    the public sources and the user's own class folders."""
+    return collection if source == LOCAL_SOURCE and collection.startswith(SITE_PREFIX) else ""

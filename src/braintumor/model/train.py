@@ -23,14 +23,7 @@ from braintumor.atomic import atomic_path, write_csv, write_json
 from braintumor.data.datasets import SplitArrays, load_splits
 from braintumor.data.placement import folds_of_groups, in_fixed_group
 from braintumor.data.styles import style_clusters
-from braintumor.labels import (
-    BINARY_CLASSES,
-    LOCAL_SOURCE,
-    MULTICLASS_CLASSES,
-    SITE_PREFIX,
-    SUBTYPE_CLASS,
-    class_names,
-)
+from braintumor.labels import BINARY_CLASSES, MULTICLASS_CLASSES, SUBTYPE_CLASS, class_names, site_of
 from braintumor.model.architectures import BACKBONES, build_model
 from braintumor.model.distribution import batches_per_epoch, data_parallel, full_batches, process_share
 from braintumor.model.inference import average_of, save_model, tumor_probability
@@ -257,6 +250,22 @@ def jax_process_count() -> int:
     return jax.process_count()
 
 
+def weighted_targets(config: dict, train: dict, val: dict) -> tuple[dict, dict, tuple, dict[str, float]]:
+    """(train, val with the head's targets, (their loss weights), each stratum's weight): for the fit and the update.
+
+    The weights balance the task's classes, whatever the head. Early stopping's get the same balance but no floor:
+    a held-out fold's strata are a fifth of the pool's, and a floor there would reweigh Kaggle 2018's healthy scans
+    (about 12 a fold) and change the shipped model."""
+    task_names = class_names(config["task"])
+    weights, strata = sample_weights(
+        train, task_names, config["class_weight"], config["member_weight"], config["full_weight_images"]
+    )
+    held_out_weights, _ = sample_weights(val, task_names, config["class_weight"])
+    if output_names(config) != task_names:
+        train, val = ({**data, "y": subtype_targets(data)} for data in (train, val))
+    return train, val, (weights, held_out_weights), strata
+
+
 def fit_on_devices(
     params: dict,
     config: dict,
@@ -290,15 +299,7 @@ def fit_on_devices(
         for layer in model.layers[:-3]:
             layer.trainable = False
     compile_model(model, optimizer, config["learning_rate"], config)
-    task_names = class_names(config["task"])  # the weights balance the task's classes, whatever the head
-    weights, strata = sample_weights(
-        train, task_names, config["class_weight"], config["member_weight"], config["full_weight_images"]
-    )
-    # early stopping: the same balance, but no floor: a held-out fold's strata are a fifth of the pool's, and a
-    # floor there would reweigh Kaggle 2018's healthy scans (about 12 a fold) and change the shipped model
-    held_out_weights, _ = sample_weights(val, task_names, config["class_weight"])
-    if names != task_names:
-        train, val = ({**data, "y": subtype_targets(data)} for data in (train, val))
+    train, val, weights, strata = weighted_targets(config, train, val)
     schedule = [
         keras.callbacks.ReduceLROnPlateau(
             monitor="val_loss", factor=0.5, patience=config["reduce_lr_patience"], min_lr=1e-6
@@ -307,9 +308,7 @@ def fit_on_devices(
             monitor="val_loss", patience=config["early_stopping_patience"], restore_best_weights=True
         ),
     ]
-    fit_data, held_out = fit_inputs(
-        config["loader"], train, val, (weights, held_out_weights), batch_size, params["seed"], steps
-    )
+    fit_data, held_out = fit_inputs(config["loader"], train, val, weights, batch_size, params["seed"], steps)
     started = time.perf_counter()
     history = model.fit(
         **fit_data,
@@ -360,26 +359,19 @@ def update_after_fit(
         batch_size: rows a step in this process.
         steps: as for `fit_inputs` (data-parallel training), or None.
     """
-    sites, task_names = config["sites"], class_names(config["task"])
-    weights, _ = sample_weights(
-        data, task_names, config["class_weight"], config["member_weight"], config["full_weight_images"]
-    )
-    held_out_weights, _ = sample_weights(val, task_names, config["class_weight"])
-    if output_names(config) != task_names:
-        data, val = ({**part, "y": subtype_targets(part)} for part in (data, val))
+    sites, images = config["sites"], len(data["y"])
+    data, val, weights, _ = weighted_targets(config, data, val)
     keras.utils.set_random_seed(params["seed"])
     optimizer = model.optimizer.__class__.__name__
     compile_model(model, optimizer, config["learning_rate"] * sites["update_learning_rate_factor"], config)
-    fit_data, held_out = fit_inputs(
-        config["loader"], data, val, (weights, held_out_weights), batch_size, params["seed"], steps
-    )
+    fit_data, held_out = fit_inputs(config["loader"], data, val, weights, batch_size, params["seed"], steps)
     started = time.perf_counter()
     model.fit(
         **fit_data, epochs=sites["update_epochs"], validation_data=held_out, callbacks=callbacks or [], verbose=verbose
     )
     return {
         "update_epochs": sites["update_epochs"],
-        "update_images": len(data["y"]),
+        "update_images": images,
         "update_seconds": round(time.perf_counter() - started, 1),
     }
 
@@ -387,13 +379,7 @@ def update_after_fit(
 def joining_by_update(pool: dict, retrain_from: int) -> tuple[np.ndarray, dict[str, dict]]:
     """Per row of the pool: a scan of a site (`data/site-<name>/`) with fewer than `retrain_from` scans (cluster
     representatives) in the pool, which `train.sites` adds by an update; and each site's scans and way."""
-    site = np.array(
-        [
-            collection if source == LOCAL_SOURCE and collection.startswith(SITE_PREFIX) else ""
-            for source, collection in zip(pool["source"], pool["collection"], strict=True)
-        ],
-        dtype=object,
-    )
+    site = np.array([site_of(s, c) for s, c in zip(pool["source"], pool["collection"], strict=True)], dtype=object)
     names, index = np.unique(site, return_inverse=True)
     scans = np.bincount(index, weights=pool["representative"], minlength=len(names)).astype(int)
     by_update = (names != "") & (scans < retrain_from)
@@ -518,12 +504,12 @@ def folds_of(pool: SplitArrays, folds: int, seed: int) -> list[tuple[np.ndarray,
     the user's `data/` a group at a time (`data/placement.py`): a site's new scans never move an image to another
     fold, so each fold model of the model in use still never saw its held-out fold."""
     fixed = in_fixed_group(pool["source"], pool["group"])
-    reps = np.flatnonzero(pool["representative"] & fixed)
+    drawn = np.flatnonzero(pool["representative"] & fixed)  # the public groups, drawn together
     fold_of_group = folds_of_groups(pool["path"][~fixed], pool["group"][~fixed], folds, seed)
-    if len(reps):
+    if len(drawn):
         splitter = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
-        for fold, (_, held) in enumerate(splitter.split(reps, pool["label"][reps], pool["group"][reps])):
-            fold_of_group.update(dict.fromkeys(pool["group"][reps[held]], fold))
+        for fold, (_, held) in enumerate(splitter.split(drawn, pool["label"][drawn], pool["group"][drawn])):
+            fold_of_group.update(dict.fromkeys(pool["group"][drawn[held]], fold))
     reps = np.flatnonzero(pool["representative"])
     fold_of = np.array([fold_of_group[g] for g in pool["group"]])
     return [(np.flatnonzero(fold_of != k), reps[fold_of[reps] == k]) for k in range(folds)]
@@ -547,7 +533,8 @@ def fit_folds(
         # a small site's scans are out of the first fit and out of its early stopping, so that the update starts
         # from the very fold model the pool gives without them; every held-out scan is scored
         first_fit, stop_rows = (rows[~by_update[rows]] for rows in (fit_rows, held_rows))
-        fit_set, stop_set, held_set = ({k: v[r] for k, v in pool.items()} for r in (first_fit, stop_rows, held_rows))
+        fit_set, held_set = ({k: v[r] for k, v in pool.items()} for r in (first_fit, held_rows))
+        stop_set = held_set if len(stop_rows) == len(held_rows) else {k: v[stop_rows] for k, v in pool.items()}
         updated = len(first_fit) < len(fit_rows)
         model, summary = fit(
             params,

@@ -31,7 +31,7 @@ from sklearn import metrics as skm
 from braintumor import paths
 from braintumor.atomic import atomic_path, write_csv, write_json
 from braintumor.data.datasets import load_split, load_splits
-from braintumor.labels import LOCAL_SOURCE, SITE_PREFIX, collection_of
+from braintumor.labels import collection_of, site_of
 from braintumor.model import calibration as cal
 from braintumor.model.assessment import (
     OUT_OF_DISTRIBUTION,
@@ -289,13 +289,10 @@ def per_site(manifest: pd.DataFrame, paths: np.ndarray, y: np.ndarray, p: np.nda
     """Test metrics of each site whose scans are in the test split: the user's `data/site-<name>/` folders
     (what `braintumor feedback accept` writes), by the collection their path names."""
     rows = manifest.set_index("path").loc[paths.astype(object)]
-    sites = np.array(
-        [collection_of(s, o) if s == LOCAL_SOURCE else "" for s, o in zip(rows.source, rows.original, strict=True)]
-    )
+    sites = np.array([site_of(s, collection_of(s, o)) for s, o in zip(rows.source, rows.original, strict=True)])
     return {
         site: {"images": int((sites == site).sum()), **binary_metrics(y[sites == site], p[sites == site], threshold)}
-        for site in sorted(set(sites))
-        if site.startswith(SITE_PREFIX)
+        for site in sorted(set(sites) - {""})
     }
 
 

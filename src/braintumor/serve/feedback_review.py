@@ -31,6 +31,7 @@ from braintumor.atomic import write_csv
 from braintumor.data.overrides import COLUMNS as OVERRIDE_COLUMNS
 from braintumor.data.overrides import read_overrides
 from braintumor.errors import SourceError
+from braintumor.labels import SITE_PREFIX
 from braintumor.serve.feedback import FeedbackStore
 
 PROPOSAL_COLUMNS = ["id", "kind", "image", "label", "site", "readers", "model_answer", "kept", "proposed"]
@@ -40,7 +41,7 @@ CLASS_OF = {"tumor": 1, "no_tumor": 0}
 
 def site_folder(site: str) -> str:
     """`site-<key id>`, reduced to characters that are safe in a folder name."""
-    return "site-" + (re.sub(r"[^A-Za-z0-9_.-]", "_", site) or "unnamed")
+    return SITE_PREFIX + (re.sub(r"[^A-Za-z0-9_.-]", "_", site) or "unnamed")
 
 
 def proposal_id(kind: str, image: str, label: str) -> str:
