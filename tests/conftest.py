@@ -5,7 +5,9 @@ from __future__ import annotations
 import copy
 import io
 import shutil
+import sys
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +34,7 @@ def pytest_collection_modifyitems(items):
 
 
 @pytest.fixture(autouse=True)
-def model_cache(tmp_path_factory, monkeypatch) -> Path:
+def model_cache(tmp_path_factory, monkeypatch) -> Iterator[Path]:
     """Each test pulls registered models into a cache of its own, never the user's `~/.cache`, and leaves the
     registry variables as it found them: MLflow's `set_tracking_uri` and `set_registry_uri` write theirs into
     `os.environ`, where the next test would find another test's server."""
@@ -48,7 +50,15 @@ def model_cache(tmp_path_factory, monkeypatch) -> Path:
             monkeypatch.delenv(name)
     folder = tmp_path_factory.mktemp("model-cache")
     monkeypatch.setenv(CACHE_ENV, str(folder))
-    return folder
+    yield folder
+    # ... and in MLflow's own globals, which win over the variables: a test that registered in-process (`configure`
+    # calls `set_tracking_uri`) left the next test of its worker talking to its server
+    tracking = sys.modules.get("mlflow.tracking._tracking_service.utils")
+    registry = sys.modules.get("mlflow.tracking._model_registry.utils")
+    if tracking is not None:
+        tracking._tracking_uri = None
+    if registry is not None:
+        registry._registry_uri = None
 
 
 def brain_image(seed: int, size: int = 96) -> np.ndarray:
